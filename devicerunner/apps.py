@@ -1,0 +1,306 @@
+"""App lifecycle and the scheduler.
+
+What this module owns: turning module bytes + a grant into a running app
+(instantiate, ``dr_init``), per-app counters, and the single scheduler
+thread that runs every app's ticks and health checks on time.
+
+Invariants:
+- Only the scheduler thread calls into Wasm once an app is running. Other
+  threads hand work over with ``Scheduler.submit`` (a queue, no polling).
+- A tick's failure (trap, overrun, non-zero) is counted and logged against
+  that app only; it never stops the scheduler or another app.
+- ``swap`` replaces an app's instance *between* two ticks: the new instance
+  is created and initialised before the switch, so no tick is missed or run
+  twice; the old one is returned to the caller, still warm.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from devicerunner.errors import AppInitError
+from devicerunner.sandbox import AppInstance, CallResult, Limits, Outcome, Sandbox
+from firmware_shims.base import Actuator, Clock, Sensor
+from hostfuncs.context import AppContext, LogSink
+from hostfuncs.kv import KvStore
+from hostfuncs.ratelimit import TokenBucket
+from hostfuncs.telemetry import Outbox, TelemetryGrant
+
+log = logging.getLogger(__name__)
+
+LATENCY_WINDOW = 4096
+
+
+@dataclass
+class Counters:
+    ticks: int = 0
+    traps: int = 0
+    overruns: int = 0
+    errors: int = 0
+    missed: int = 0
+    throttled: int = 0
+    health_checks: int = 0
+    health_failures: int = 0
+    last_error: str | None = None
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def record(self, r: CallResult, budget_s: float) -> None:
+        self.ticks += 1
+        self.latencies_s.append(r.duration_s)
+        if r.outcome is Outcome.TRAP:
+            self.traps += 1
+        elif r.outcome is Outcome.OVERRUN:
+            self.overruns += 1
+        elif r.outcome is Outcome.ERROR:
+            self.errors += 1
+        elif r.duration_s > budget_s:
+            self.overruns += 1
+            r = CallResult(
+                Outcome.OVERRUN,
+                0,
+                f"dr_tick took {r.duration_s * 1000:.1f} ms (budget {budget_s * 1000:.0f} ms)",
+                r.duration_s,
+            )
+        if not r.ok:
+            self.last_error = r.message
+
+    def percentile_us(self, p: float) -> float:
+        if not self.latencies_s:
+            return 0.0
+        data = sorted(self.latencies_s)
+        k = min(len(data) - 1, max(0, round(p / 100 * (len(data) - 1))))
+        return data[k] * 1e6
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ticks": self.ticks,
+            "traps": self.traps,
+            "overruns": self.overruns,
+            "errors": self.errors,
+            "missed": self.missed,
+            "throttled": self.throttled,
+            "health_checks": self.health_checks,
+            "health_failures": self.health_failures,
+            "last_error": self.last_error,
+            "tick_p50_us": round(self.percentile_us(50), 1),
+            "tick_p99_us": round(self.percentile_us(99), 1),
+        }
+
+
+@dataclass
+class DeviceResources:
+    """What the device offers apps; shared by every app and every instance."""
+
+    clock: Clock
+    sensors: Mapping[str, Sensor] = field(default_factory=dict)
+    actuators: Mapping[str, Actuator] = field(default_factory=dict)
+    outbox: Outbox = field(default_factory=Outbox)
+    log_sink: LogSink | None = None
+
+
+@dataclass
+class AppSpec:
+    """Everything needed to instantiate one version of one app."""
+
+    name: str
+    wasm: bytes
+    grant: frozenset[str]
+    limits: Limits
+    tick_interval_ms: int = 100
+    health_interval_ms: int = 1000
+    sensors: tuple[str, ...] | None = None
+    actuators: tuple[str, ...] | None = None
+    telemetry_rate_per_s: float = 5.0
+    telemetry_burst: int = 20
+    version: str = "local"
+    sequence: int = 0
+
+
+def _pick(all_: Mapping[str, Any], names: tuple[str, ...] | None) -> dict[str, Any]:
+    return dict(all_) if names is None else {n: all_[n] for n in names if n in all_}
+
+
+def start_instance(sandbox: Sandbox, spec: AppSpec, res: DeviceResources, kv: KvStore | None) -> AppInstance:
+    """Compile, link, instantiate and run ``dr_init``. Raises SandboxError subclasses."""
+    compiled = sandbox.compile(spec.wasm)
+    telemetry = None
+    if "telemetry" in spec.grant:
+        bucket = TokenBucket(spec.telemetry_rate_per_s, spec.telemetry_burst, res.clock.monotonic_s())
+        telemetry = TelemetryGrant(res.outbox, bucket)
+    ctx = AppContext(
+        app=spec.name,
+        clock=res.clock,
+        sensors=_pick(res.sensors, spec.sensors) if "sensors" in spec.grant else {},
+        actuators=_pick(res.actuators, spec.actuators) if "actuators" in spec.grant else {},
+        kv=kv if "kv" in spec.grant else None,
+        telemetry=telemetry,
+        log_sink=res.log_sink,
+    )
+    inst = sandbox.instantiate(compiled, ctx, spec.grant, spec.limits)
+    r = inst.call("dr_init")
+    if not r.ok:
+        raise AppInitError(f"dr_init failed: {r.message}")
+    return inst
+
+
+class App:
+    """A named app slot on the scheduler: one live instance at a time."""
+
+    def __init__(self, spec: AppSpec, instance: AppInstance) -> None:
+        self.spec = spec
+        self.instance = instance
+        self.name = spec.name
+        self.counters = Counters()
+        self.interval_s = spec.tick_interval_ms / 1000.0
+        self.budget_s = spec.limits.tick_budget_ms / 1000.0
+        self.health_every = max(1, round(spec.health_interval_ms / spec.tick_interval_ms))
+        self.next_due = 0.0
+        self.penalty = 0
+        """Intervals to skip after a tick was cut for CPU: doubles per cut, so a
+        runaway app cannot keep taking 50 ms slices from the others."""
+        self.running = True
+        self.on_tick: Callable[[App, CallResult], None] | None = None
+
+    def tick(self) -> CallResult:
+        r = self.instance.call("dr_tick")
+        self.counters.record(r, self.budget_s)
+        if r.outcome is Outcome.OVERRUN:
+            self.penalty = min(64, max(1, self.penalty * 2))
+        elif r.ok:
+            self.penalty = 0
+        if not r.ok:
+            log.warning("app %s: %s", self.name, r.message)
+        if self.counters.ticks % self.health_every == 0:
+            self.health()
+        if self.on_tick is not None:
+            self.on_tick(self, r)
+        return r
+
+    def health(self) -> CallResult | None:
+        if not self.instance.has("dr_health"):
+            return None
+        r = self.instance.call("dr_health")
+        self.counters.health_checks += 1
+        if not r.ok:
+            self.counters.health_failures += 1
+            self.counters.last_error = f"unhealthy: {r.message}"
+        return r
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "app": self.name,
+            "version": self.spec.version,
+            "sequence": self.spec.sequence,
+            "running": self.running,
+            "memory_bytes": self.instance.memory_bytes(),
+            **self.counters.summary(),
+        }
+
+
+class Scheduler:
+    """Runs every app's ticks on one thread, on time, and work handed to it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.apps: dict[str, App] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._q: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- called from any thread ------------------------------------------
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the scheduler thread between ticks; its result via the Future."""
+        fut: Future[Any] = Future()
+        if self._thread is None or threading.current_thread() is self._thread:
+            _run_into(fn, fut)
+        else:
+            self._q.put((fn, fut))
+        return fut
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._q.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # -- called on the scheduler thread (or before start) ----------------
+
+    def add(self, app: App) -> None:
+        app.next_due = self.clock.monotonic_s()
+        self.apps[app.name] = app
+        heapq.heappush(self._heap, (app.next_due, next(self._seq), app.name))
+
+    def remove(self, name: str) -> App | None:
+        return self.apps.pop(name, None)  # its heap entry is dropped lazily
+
+    def swap(self, name: str, instance: AppInstance, spec: AppSpec) -> AppInstance:
+        """Switch ``name`` to ``instance`` between two ticks; returns the old instance."""
+        app = self.apps[name]
+        old = app.instance
+        app.instance = instance
+        app.spec = spec
+        return old
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            timeout = None
+            while self._heap:
+                due, _, name = self._heap[0]
+                if name not in self.apps or not self.apps[name].running:
+                    heapq.heappop(self._heap)
+                    continue
+                timeout = max(0.0, due - self.clock.monotonic_s())
+                break
+            try:
+                item = self._q.get(timeout=timeout) if timeout != 0.0 else self._q.get_nowait()
+            except queue.Empty:
+                item = None
+            else:
+                if item is None:
+                    continue
+                _run_into(*item)
+                continue
+            self._run_due()
+
+    def _run_due(self) -> None:
+        now = self.clock.monotonic_s()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, name = heapq.heappop(self._heap)
+            app = self.apps.get(name)
+            if app is None or not app.running:
+                continue
+            app.tick()
+            app.next_due += app.interval_s
+            if app.penalty:
+                app.counters.throttled += app.penalty
+                app.next_due += app.penalty * app.interval_s
+            after = self.clock.monotonic_s()
+            if app.next_due < after:
+                # Late by more than a whole interval: skip, don't burst to catch up.
+                skipped = int((after - app.next_due) / app.interval_s) + 1
+                app.counters.missed += skipped
+                app.next_due += skipped * app.interval_s
+            heapq.heappush(self._heap, (app.next_due, next(self._seq), name))
+
+
+def _run_into(fn: Callable[[], Any], fut: Future[Any]) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as e:
+        fut.set_exception(e)

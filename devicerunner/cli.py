@@ -1,0 +1,299 @@
+"""``devicerunner`` command line.
+
+Exit statuses: 0 success; 1 a verification or operation failed (the reason
+on stderr); 2 bad usage, bad config or a module that cannot link/init;
+3 an app ran but some ticks trapped or overran. Errors are one line on
+stderr naming the cause, never a traceback (``--debug`` shows one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from devicerunner import __version__, logfmt
+from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
+
+log = logging.getLogger("devicerunner")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_APP_FAULTS = 3
+
+DEFAULT_SENSORS = {
+    "temp": {
+        "driver": "sim",
+        "waveform": "sine",
+        "base": 21.0,
+        "amplitude": 3.0,
+        "period_s": 20.0,
+        "noise": 0.05,
+        "unit": "C",
+    },
+    "humidity": {"driver": "sim", "waveform": "random_walk", "base": 45.0, "walk_step": 0.2, "unit": "%"},
+}
+DEFAULT_ACTUATORS = {"fan": {"driver": "sim"}, "led": {"driver": "sim"}}
+ALL_CAPS = "log,clock,sensors,actuators,kv,telemetry,wasi"
+
+
+class UsageError(DeviceRunnerError):
+    pass
+
+
+def _num(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_device_spec(arg: str, kind: str = "sensor") -> tuple[str, dict[str, Any]]:
+    """``NAME=SPEC``: ``21.5`` (a constant sensor, or an actuator's initial
+    value), ``sine:base=21,amplitude=3`` (waveform:options), ``base=20,fault=offline``."""
+    name, sep, spec = arg.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--sensor/--actuator {arg!r}: expected NAME=SPEC")
+    table: dict[str, Any] = {"driver": "sim"}
+    head, colon, rest = spec.partition(":")
+    if not colon and "=" not in spec:
+        value = _num(spec) if spec else None
+        if isinstance(value, int | float):
+            if kind == "sensor":
+                table.update(waveform="constant", base=float(value))
+            else:
+                table["initial"] = float(value)
+        elif spec:
+            table["waveform"] = spec
+        return name, table
+    if colon:
+        table["waveform"] = head
+    else:
+        rest = spec
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise UsageError(f"{name}: option {item!r} is not KEY=VALUE")
+        table[k.strip()] = _num(v.strip())
+    return name, table
+
+
+def _caps(text: str) -> frozenset[str]:
+    from devicerunner.config import parse_capabilities
+
+    caps = [c.strip() for c in text.split(",") if c.strip()]
+    try:
+        return parse_capabilities("--grant", caps)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+
+
+# -- app run -------------------------------------------------------------
+
+
+def cmd_app_run(args: argparse.Namespace) -> int:
+    from devicerunner.apps import App, DeviceResources, start_instance
+    from devicerunner.daemon import build_hardware
+    from devicerunner.kvfile import open_store
+    from devicerunner.sandbox import Limits, Sandbox, load_module_bytes
+    from firmware_shims.base import RealClock, VirtualClock
+    from hostfuncs.telemetry import Outbox
+
+    sensors_cfg = dict(parse_device_spec(s) for s in args.sensor) if args.sensor else DEFAULT_SENSORS
+    act_cfg = (
+        dict(parse_device_spec(s, "actuator") for s in args.actuator) if args.actuator else DEFAULT_ACTUATORS
+    )
+    clock = RealClock() if args.realtime else VirtualClock()
+    out = sys.stderr if args.json else sys.stdout
+    names = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error"}
+
+    def sink(app: str, level: int, msg: str) -> None:
+        if not args.quiet:
+            print(f"[{app}] {names.get(level, level)}: {msg}", file=out, flush=True)
+
+    sensors, actuators = build_hardware(sensors_cfg, act_cfg, clock)
+    outbox = Outbox()
+    res = DeviceResources(clock, sensors, actuators, outbox, sink)
+    wasm = load_module_bytes(Path(args.module))
+    app_name = Path(args.module).stem.lower().replace(".", "-")[:63] or "app"
+    tmp = None
+    state = Path(args.state) if args.state else Path(tmp := tempfile.mkdtemp(prefix="dr-app-"))
+    from devicerunner.apps import AppSpec
+
+    spec = AppSpec(
+        name=app_name,
+        wasm=wasm,
+        grant=_caps(args.grant),
+        limits=Limits(memory_bytes=args.memory_limit, tick_budget_ms=args.budget_ms),
+        tick_interval_ms=args.interval_ms,
+    )
+    kv = open_store(state / "kv" / app_name, args.kv_quota)
+    sandbox = Sandbox(cache_dir=state / "cache")
+    try:
+        inst = start_instance(sandbox, spec, res, kv)
+        app = App(spec, inst)
+        stop = threading.Event()
+        _on_signals(stop.set)
+        for _ in range(args.ticks):
+            if stop.is_set():
+                break
+            if isinstance(clock, VirtualClock):
+                clock.advance(args.interval_ms / 1000.0)
+            elif stop.wait(args.interval_ms / 1000.0):
+                break
+            app.tick()
+            for m in outbox.drain():
+                sink(m.app, logging.INFO, f"telemetry {m.name} {m.payload.decode('utf-8', 'replace')}")
+        app.health()
+        kv.flush()
+        summary = app.status()
+        summary["kv_bytes"] = kv.used_bytes
+        summary["actuators"] = {n: a.value for n, a in actuators.items()}
+    finally:
+        sandbox.close()
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        c = summary
+        print(
+            f"{c['ticks']} ticks, {c['traps']} traps, {c['overruns']} overruns, "
+            f"{c['errors']} errors; tick p50 {c['tick_p50_us']} us, p99 {c['tick_p99_us']} us"
+        )
+    faults = summary["traps"] or summary["overruns"] or summary["errors"]
+    return EXIT_APP_FAULTS if faults else EXIT_OK
+
+
+# -- run (daemon) --------------------------------------------------------
+
+
+def _on_signals(handler: Callable[[], None]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: handler())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from devicerunner import config
+    from devicerunner.daemon import Daemon
+
+    cfg = config.load(Path(args.config))
+    logfmt.setup(logging.DEBUG if args.debug else logging.INFO, cfg.log_format)
+    daemon = Daemon(cfg)
+    stop = threading.Event()
+    _on_signals(stop.set)
+    daemon.start()
+    log.info("device %s running %d app(s)", cfg.id, len(daemon.scheduler.apps))
+    try:
+        stop.wait(args.for_s)
+    finally:
+        daemon.stop()
+    status = daemon.status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        for name, a in status["apps"].items():
+            print(
+                f"{name}: ticks={a.get('ticks', 0)} traps={a.get('traps', 0)} "
+                f"overruns={a.get('overruns', 0)} last_error={a.get('last_error')}"
+            )
+    return EXIT_OK
+
+
+# -- parser --------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="devicerunner", description="Sandboxed Wasm apps on edge devices, updated over the air."
+    )
+    p.add_argument("--version", action="version", version=f"devicerunner {__version__}")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    app = sub.add_parser("app", help="tools for app authors")
+    app_sub = app.add_subparsers(dest="app_cmd", required=True)
+    r = app_sub.add_parser("run", help="run one module on simulated sensors")
+    r.add_argument("module", help=".wasm or .wat file")
+    r.add_argument("--grant", default=ALL_CAPS, help=f"capabilities (default: {ALL_CAPS})")
+    r.add_argument(
+        "--sensor",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="simulated sensor, e.g. temp=sine:base=21,amplitude=3 (default: temp, humidity)",
+    )
+    r.add_argument(
+        "--actuator",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="simulated actuator (default: fan, led)",
+    )
+    r.add_argument("--ticks", type=int, default=10)
+    r.add_argument(
+        "--interval-ms", type=int, default=100, help="tick interval (virtual time unless --realtime)"
+    )
+    r.add_argument("--budget-ms", type=float, default=10.0, help="tick CPU budget")
+    r.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024, help="bytes")
+    r.add_argument("--kv-quota", type=int, default=64 * 1024, help="bytes")
+    r.add_argument("--state", help="directory for kv data and the compile cache (default: temporary)")
+    r.add_argument("--realtime", action="store_true", help="tick on the wall clock instead of virtual time")
+    r.add_argument("--quiet", action="store_true", help="do not print the app's log")
+    r.add_argument("--json", action="store_true", help="print a JSON summary on stdout (log to stderr)")
+    r.set_defaults(func=cmd_app_run)
+
+    run = sub.add_parser("run", help="run the device daemon")
+    run.add_argument("--config", required=True, help="device.toml")
+    run.add_argument(
+        "--for",
+        dest="for_s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: until SIGTERM/SIGINT)",
+    )
+    run.add_argument("--json", action="store_true", help="print final status as JSON")
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logfmt.setup(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except (UsageError, ConfigError) as e:
+        print(f"devicerunner: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SandboxError as e:
+        print(f"devicerunner: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DeviceRunnerError as e:
+        if args.debug:
+            raise
+        print(f"devicerunner: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

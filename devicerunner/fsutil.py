@@ -1,0 +1,77 @@
+"""Crash-safe file writes.
+
+Invariant: after ``atomic_write(path, data)`` returns, ``path`` holds exactly
+``data`` and survives a power cut; if it raises or the power fails first,
+``path`` holds its previous content (or does not exist). The sequence is the
+one every state write in this project uses: temp file in the same
+directory, write, fsync, rename, fsync the directory.
+
+Temp files are named ``.<name>.tmp-<pid>-<n>`` so boot recovery can find
+and remove leftovers with ``clean_temp_files``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from pathlib import Path
+
+_counter = itertools.count()
+TMP_MARK = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def clean_temp_files(directory: Path) -> int:
+    """Remove temp files a crash left behind in ``directory``; how many."""
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for p in directory.iterdir():
+        if p.name.startswith(".") and TMP_MARK in p.name:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
+
+
+def makedirs(path: Path, mode: int = 0o755) -> None:
+    """mkdir -p, fsyncing each directory created, so the tree survives a power cut."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, mode)
+        fsync_dir(d.parent)

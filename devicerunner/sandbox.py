@@ -1,0 +1,496 @@
+"""The wasmtime sandbox: one Engine per daemon, one Store per app instance.
+
+What this module owns:
+- the Engine and its configuration (epoch interruption on, so any call
+  into an app can be cut off; a fixed config so the compile cache is valid);
+- the epoch ticker: a thread that advances the engine's epoch every
+  ``EPOCH_PERIOD_S`` *only while some call into Wasm is under way*, so an
+  idle daemon costs no wake-ups;
+- the AOT compile cache, keyed by wasmtime version, engine config and the
+  module's sha256, holding only artifacts this process compiled itself:
+  each file carries an HMAC under a device-local key, and a file whose HMAC
+  does not match is never deserialized (deserializing foreign bytes would
+  run foreign machine code);
+- link-time capability enforcement: a module importing anything outside
+  its grant fails here, naming every offending ``module.function`` and the
+  capability it would need, before any of its code runs;
+- calls into an app, with a CPU deadline and classification of whatever
+  comes back (ok, non-zero code, trap, overrun).
+
+It never: blocks on I/O inside a call, lets an exception from a call
+escape to the caller unclassified, or shares wasmtime type objects between
+engines (that aborts the process).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import importlib.metadata
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError
+from devicerunner.fsutil import atomic_write, makedirs
+from hostfuncs.context import AppContext
+from hostfuncs.memory import GuestMemoryError, check_range
+from hostfuncs.registry import CAPABILITIES, NAMESPACE_TO_CAPABILITY, REGISTRY, HostFunc
+from hostfuncs.wasi import AppExit
+
+log = logging.getLogger(__name__)
+
+EPOCH_PERIOD_S = 0.005
+MIN_HARD_LIMIT_S = 0.050
+WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+ENGINE_CONFIG = "epoch=1;opt=speed;v1"
+"""Every engine setting that changes compiled code; part of the cache key."""
+
+ABI_EXPORTS: dict[str, bool] = {"dr_init": True, "dr_tick": True, "dr_health": False}
+"""ABI v1 exports: name -> required. Each is () -> i32."""
+
+
+def hard_limit_s(tick_budget_ms: float) -> float:
+    """How long one call may run before it is cut: max(2 x budget, 50 ms).
+
+    The epoch ticker adds up to one period of lateness, so the deadline is
+    set one period early to keep the promise.
+    """
+    return max(2 * tick_budget_ms / 1000.0, MIN_HARD_LIMIT_S) - EPOCH_PERIOD_S
+
+
+class _EpochTicker:
+    """Advances the engine epoch every period while any call is active."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._active = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="epoch-ticker", daemon=True)
+        self._thread.start()
+
+    def enter(self) -> None:
+        with self._cond:
+            self._active += 1
+            if self._active == 1:
+                self._cond.notify()
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._active == 0:
+                    self._cond.wait()
+                    continue
+                self._cond.wait(EPOCH_PERIOD_S)
+                if self._active:
+                    self._engine.increment_epoch()
+
+
+class Outcome(Enum):
+    OK = "ok"
+    ERROR = "error"  # the export returned non-zero
+    TRAP = "trap"
+    OVERRUN = "overrun"  # cut by the CPU deadline
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    outcome: Outcome
+    code: int
+    message: str
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class StockMemory:
+    """GuestMemory over a wasmtime Memory, re-reading base and size every call
+    (so ``memory.grow`` moving the buffer can never leave a stale pointer)."""
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        self._store = store
+        self._memory = memory
+
+    def size(self) -> int:
+        return self._memory.data_len(self._store)
+
+    def _base(self) -> int:
+        return ctypes.addressof(self._memory.data_ptr(self._store).contents)
+
+    def read(self, ptr: int, length: int) -> bytes:
+        ptr, length = check_range(ptr, length, self._memory.data_len(self._store))
+        return ctypes.string_at(self._base() + ptr, length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        ptr, _ = check_range(ptr, len(data), self._memory.data_len(self._store))
+        ctypes.memmove(self._base() + ptr, data, len(data))
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    sha256: str
+    module: wasmtime.Module
+    imports: tuple[tuple[str, str], ...]
+    from_cache: bool
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int = 16 * 1024 * 1024
+    tick_budget_ms: float = 10.0
+    table_elements: int = 10_000
+
+
+class Sandbox:
+    """One per daemon (or per simulated device group)."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        cfg = wasmtime.Config()
+        cfg.epoch_interruption = True
+        cfg.cranelift_opt_level = "speed"
+        self.engine = wasmtime.Engine(cfg)
+        self._ticker = _EpochTicker(self.engine)
+        self._functypes: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}
+        self._modules: dict[str, CompiledModule] = {}
+        self._lock = threading.Lock()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._cache_key: bytes | None = None
+
+    def close(self) -> None:
+        self._ticker.stop()
+
+    # -- compile + cache --------------------------------------------------
+
+    def _hmac_key(self) -> bytes:
+        assert self.cache_dir is not None
+        if self._cache_key is None:
+            key_path = self.cache_dir / ".cache-key"
+            try:
+                key = key_path.read_bytes()
+            except FileNotFoundError:
+                key = b""
+            if len(key) != 32:
+                makedirs(self.cache_dir, 0o700)
+                key = os.urandom(32)
+                atomic_write(key_path, key, mode=0o600)
+            self._cache_key = key
+        return self._cache_key
+
+    def _cache_path(self, sha: str) -> Path:
+        assert self.cache_dir is not None
+        ident = f"{WASMTIME_VERSION}|{ENGINE_CONFIG}|{sha}".encode()
+        return self.cache_dir / (hashlib.sha256(ident).hexdigest()[:40] + ".cwasm")
+
+    def compile(self, wasm: bytes) -> CompiledModule:
+        """Compile (or load from cache) ``wasm``; raises ModuleInvalidError."""
+        sha = hashlib.sha256(wasm).hexdigest()
+        with self._lock:
+            hit = self._modules.get(sha)
+        if hit is not None:
+            return hit
+        module, from_cache = self._load_cached(sha), True
+        if module is None:
+            from_cache = False
+            try:
+                module = wasmtime.Module(self.engine, wasm)
+            except wasmtime.WasmtimeError as e:
+                raise ModuleInvalidError(f"not a valid WebAssembly module: {_first_line(e)}") from e
+            self._store_cached(sha, module)
+        imports = tuple((i.module, i.name or "") for i in module.imports)
+        compiled = CompiledModule(sha, module, imports, from_cache)
+        with self._lock:
+            self._modules[sha] = compiled
+        return compiled
+
+    def _load_cached(self, sha: str) -> wasmtime.Module | None:
+        if self.cache_dir is None:
+            return None
+        path = self._cache_path(sha)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        tag, payload = blob[:32], blob[32:]
+        expect = hmac.new(self._hmac_key(), payload, hashlib.sha256).digest()
+        if not hmac.compare_digest(tag, expect):
+            log.warning("compile cache entry %s failed its HMAC; recompiling", path.name)
+            return None
+        try:
+            return wasmtime.Module.deserialize(self.engine, payload)
+        except wasmtime.WasmtimeError as e:
+            log.warning("compile cache entry %s refused (%s); recompiling", path.name, e)
+            return None
+
+    def _store_cached(self, sha: str, module: wasmtime.Module) -> None:
+        if self.cache_dir is None:
+            return
+        try:
+            payload = bytes(module.serialize())
+            tag = hmac.new(self._hmac_key(), payload, hashlib.sha256).digest()
+            makedirs(self.cache_dir, 0o700)
+            atomic_write(self._cache_path(sha), tag + payload, mode=0o600)
+        except OSError as e:  # a full disk must not stop the app from running
+            log.warning("could not write compile cache: %s", e)
+
+    # -- linking ----------------------------------------------------------
+
+    def check_imports(self, compiled: CompiledModule, grant: Iterable[str]) -> list[HostFunc]:
+        """The host functions ``compiled`` imports, or LinkError naming every bad one."""
+        grant = frozenset(grant)
+        problems: list[str] = []
+        bad: list[str] = []
+        needed: list[HostFunc] = []
+        for imp in compiled.module.imports:
+            qual = f"{imp.module}.{imp.name}"
+            cap = NAMESPACE_TO_CAPABILITY.get(imp.module)
+            f = REGISTRY.get((imp.module, imp.name or ""))
+            if not isinstance(imp.type, wasmtime.FuncType):
+                problems.append(f"{qual}: only functions may be imported")
+            elif cap is None:
+                problems.append(f"{qual}: no capability provides namespace {imp.module!r}")
+            elif cap not in grant:
+                problems.append(f"{qual}: needs capability '{cap}', which is not granted")
+            elif f is None:
+                problems.append(f"{qual}: capability '{cap}' has no function {imp.name!r}")
+            elif _sig(imp.type) != (f.params, f.results):
+                problems.append(f"{qual}: imported as {_fmt_sig(*_sig(imp.type))}, ABI v1 has {f.signature}")
+            else:
+                needed.append(f)
+                continue
+            bad.append(qual)
+        if problems:
+            granted = ", ".join(sorted(grant)) or "nothing"
+            raise LinkError(
+                "module fails to link (grant: " + granted + "):\n  " + "\n  ".join(problems),
+                imports=bad,
+            )
+        return needed
+
+    def _functype(self, params: tuple[str, ...], results: tuple[str, ...]) -> wasmtime.FuncType:
+        key = (params, results)
+        ft = self._functypes.get(key)
+        if ft is None:
+            ft = wasmtime.FuncType([_valtype(t) for t in params], [_valtype(t) for t in results])
+            self._functypes[key] = ft
+        return ft
+
+    # -- instances --------------------------------------------------------
+
+    def instantiate(
+        self,
+        compiled: CompiledModule,
+        ctx: AppContext,
+        grant: Iterable[str],
+        limits: Limits,
+    ) -> AppInstance:
+        """Link, instantiate and run ``_initialize`` (WASI reactors). ``dr_init``
+        is *not* called here: the app lifecycle decides when."""
+        needed = self.check_imports(compiled, grant)
+        exports = {e.name: e.type for e in compiled.module.exports}
+        for name, required in ABI_EXPORTS.items():
+            ty = exports.get(name)
+            if ty is None:
+                if required:
+                    raise AbiError(f"module does not export {name} (ABI v1 needs () -> i32)")
+                continue
+            if not isinstance(ty, wasmtime.FuncType) or _sig(ty) != ((), ("i32",)):
+                raise AbiError(f"export {name} must be a function () -> i32")
+        if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+            raise AbiError("module does not export its memory as 'memory' (ABI v1)")
+
+        store = wasmtime.Store(self.engine)
+        store.set_limits(
+            memory_size=limits.memory_bytes,
+            table_elements=limits.table_elements,
+            instances=1,
+            tables=4,
+            memories=1,
+        )
+        linker = wasmtime.Linker(self.engine)
+        for f in needed:
+            linker.define_func(f.module, f.name, self._functype(f.params, f.results), _bind(f, ctx))
+        inst = AppInstance(self, store, ctx, limits)
+        try:
+            result = inst.guarded(lambda: linker.instantiate(store, compiled.module), "instantiate")
+        except Exception as e:
+            raise AppInitError(f"instantiation failed: {_first_line(e)}") from e
+        if not result.ok:
+            raise AppInitError(f"instantiation failed: {result.message}")
+        inst.bind(inst.last_value)
+        if "_initialize" in exports:
+            r = inst.call("_initialize")
+            if not r.ok:
+                raise AppInitError(f"_initialize failed: {r.message}")
+        return inst
+
+
+class AppInstance:
+    """One instantiated app: its Store, exports and memory view."""
+
+    def __init__(self, sandbox: Sandbox, store: wasmtime.Store, ctx: AppContext, limits: Limits) -> None:
+        self.sandbox = sandbox
+        self.store = store
+        self.ctx = ctx
+        self.limits = limits
+        self._deadline_ticks = max(1, math.ceil(hard_limit_s(limits.tick_budget_ms) / EPOCH_PERIOD_S))
+        self._exports: dict[str, Any] = {}
+        self.memory: wasmtime.Memory | None = None
+        self.last_value: Any = None
+
+    def bind(self, instance: wasmtime.Instance) -> None:
+        exports = instance.exports(self.store)
+        for name in (*ABI_EXPORTS, "_initialize"):
+            f = exports.get(name)
+            if isinstance(f, wasmtime.Func):
+                self._exports[name] = f
+        mem = exports.get("memory")
+        assert isinstance(mem, wasmtime.Memory)
+        self.memory = mem
+        self.ctx.memory = StockMemory(self.store, mem)
+
+    def has(self, export: str) -> bool:
+        return export in self._exports
+
+    def memory_bytes(self) -> int:
+        return self.memory.data_len(self.store) if self.memory is not None else 0
+
+    def guarded(self, fn: Callable[[], Any], what: str) -> CallResult:
+        """Run ``fn`` (which enters Wasm) under the CPU deadline; classify the end."""
+        self.store.set_epoch_deadline(self._deadline_ticks)
+        ticker = self.sandbox._ticker
+        ticker.enter()
+        t0 = time.perf_counter()
+        try:
+            self.last_value = fn()
+        except wasmtime.Trap as e:
+            dt = time.perf_counter() - t0
+            if e.trap_code == wasmtime.TrapCode.INTERRUPT:
+                return CallResult(Outcome.OVERRUN, -1, f"{what} cut after {dt * 1000:.1f} ms (CPU limit)", dt)
+            return CallResult(Outcome.TRAP, -1, f"{what} trapped: {_trap_message(e)}", dt)
+        except AppExit as e:
+            return CallResult(Outcome.TRAP, -1, f"{what}: {e}", time.perf_counter() - t0)
+        except wasmtime.WasmtimeError as e:
+            return CallResult(Outcome.TRAP, -1, f"{what} failed: {_first_line(e)}", time.perf_counter() - t0)
+        except Exception as e:
+            log.exception("host function raised inside %s of app %s", what, self.ctx.app)
+            self.ctx.stats.host_errors += 1
+            return CallResult(
+                Outcome.TRAP,
+                -1,
+                f"{what} trapped: host function raised {type(e).__name__}: {e}",
+                time.perf_counter() - t0,
+            )
+        finally:
+            ticker.exit()
+        return CallResult(Outcome.OK, 0, "", time.perf_counter() - t0)
+
+    def call(self, export: str) -> CallResult:
+        """Call an ABI export; a non-zero i32 result is an ERROR outcome."""
+        f = self._exports.get(export)
+        if f is None:
+            return CallResult(Outcome.TRAP, -1, f"missing export {export}", 0.0)
+        store = self.store
+        r = self.guarded(lambda: f(store), export)
+        if r.ok and isinstance(self.last_value, int) and self.last_value != 0:
+            return CallResult(
+                Outcome.ERROR, self.last_value, f"{export} returned {self.last_value}", r.duration_s
+            )
+        return r
+
+
+def _bind(f: HostFunc, ctx: AppContext) -> Callable[..., Any]:
+    impl = f.impl
+    oob = f.on_bounds
+
+    def call(*args: Any) -> Any:
+        try:
+            return impl(ctx, *args)
+        except GuestMemoryError:
+            ctx.stats.host_errors += 1
+            return oob
+
+    return call
+
+
+_VALTYPES: dict[str, Callable[[], wasmtime.ValType]] = {
+    "i32": wasmtime.ValType.i32,
+    "i64": wasmtime.ValType.i64,
+    "f32": wasmtime.ValType.f32,
+    "f64": wasmtime.ValType.f64,
+}
+
+
+def _valtype(t: str) -> wasmtime.ValType:
+    return _VALTYPES[t]()
+
+
+def _sig(ft: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(p) for p in ft.params), tuple(str(r) for r in ft.results)
+
+
+def _fmt_sig(params: tuple[str, ...], results: tuple[str, ...]) -> str:
+    return f"({', '.join(params)}) -> ({', '.join(results)})"
+
+
+def _trap_message(e: wasmtime.Trap) -> str:
+    """The cause ("wasm `unreachable` instruction executed"), not the backtrace header."""
+    text = e.message.strip()
+    if "Caused by:" in text:
+        cause = [ln.strip() for ln in text.split("Caused by:", 1)[1].splitlines() if ln.strip()]
+        if cause:
+            return cause[-1].removeprefix("wasm trap: ")
+    return text.splitlines()[0] if text else "trap"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_module_bytes(path: Path) -> bytes:
+    """Read a .wasm, or convert a .wat; raises ModuleInvalidError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ModuleInvalidError(f"cannot read {path}: {e.strerror or e}") from e
+    if path.suffix == ".wat" or not data.startswith(b"\0asm"):
+        try:
+            return bytes(wasmtime.wat2wasm(data.decode("utf-8")))
+        except (UnicodeDecodeError, wasmtime.WasmtimeError) as e:
+            raise ModuleInvalidError(f"{path}: not a Wasm module nor valid WAT: {_first_line(e)}") from e
+    return data
+
+
+__all__ = [
+    "CAPABILITIES",
+    "AppInstance",
+    "CallResult",
+    "CompiledModule",
+    "Limits",
+    "Outcome",
+    "Sandbox",
+    "hard_limit_s",
+    "load_module_bytes",
+]

@@ -1,0 +1,27 @@
+"""Capability ``log``: the app writes lines to the device log.
+
+Lines are UTF-8 (invalid bytes replaced), at most MAX_LINE bytes (longer
+ones are cut, not refused: a log is for people), rate-limited per app.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hostfuncs import codes
+from hostfuncs.context import AppContext
+from hostfuncs.registry import hostfunc
+
+MAX_LINE = 1024
+LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+
+
+@hostfunc("log", "write", ("i32", "i32", "i32"), ("i32",))
+def write(ctx: AppContext, level: int, ptr: int, length: int) -> int:
+    """Log `len` bytes at `ptr`; level 0 debug, 1 info, 2 warn, 3 error. 0, or ERR_RATE_LIMITED."""
+    lvl = LEVELS.get(level)
+    if lvl is None:
+        return codes.ERR_INVALID
+    data = ctx.memory.read(ptr, min(length & 0xFFFFFFFF, MAX_LINE))
+    ok = ctx.emit_log(lvl, data.decode("utf-8", "replace"))
+    return codes.OK if ok else codes.ERR_RATE_LIMITED

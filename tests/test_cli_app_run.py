@@ -1,0 +1,98 @@
+"""``devicerunner app run`` as an app author uses it: exit codes and summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import EXAMPLES, run_cli
+
+
+def test_thermostat_runs_100_ticks_with_a_json_summary() -> None:
+    r = run_cli("app", "run", str(EXAMPLES / "thermostat.wasm"), "--ticks", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["ticks"] == 100 and s["traps"] == 0 and s["overruns"] == 0
+    assert s["tick_p50_us"] > 0 and s["tick_p99_us"] >= s["tick_p50_us"]
+    assert "thermostat: setpoint 22.0 C" in r.stderr  # printf through WASI
+    assert "telemetry climate" in r.stderr
+
+
+def test_thermostat_fan_follows_temperature() -> None:
+    hot = run_cli(
+        "app",
+        "run",
+        str(EXAMPLES / "thermostat.wasm"),
+        "--sensor",
+        "temp=30",
+        "--actuator",
+        "fan=0",
+        "--ticks",
+        "3",
+        "--json",
+    )
+    cold = run_cli(
+        "app",
+        "run",
+        str(EXAMPLES / "thermostat.wasm"),
+        "--sensor",
+        "temp=15",
+        "--actuator",
+        "fan=0",
+        "--ticks",
+        "3",
+        "--json",
+    )
+    assert json.loads(hot.stdout)["actuators"]["fan"] == 1.0
+    assert json.loads(cold.stdout)["actuators"]["fan"] == 0.0
+
+
+def test_offline_sensor_makes_thermostat_fail_safe() -> None:
+    r = run_cli(
+        "app",
+        "run",
+        str(EXAMPLES / "thermostat.wasm"),
+        "--sensor",
+        "temp=constant:base=15,fault=offline",
+        "--actuator",
+        "fan=0",
+        "--ticks",
+        "60",
+        "--json",
+    )
+    s = json.loads(r.stdout)
+    assert s["actuators"]["fan"] == 1.0  # no reading: run the fan
+    assert s["health_failures"] >= 1  # and report unhealthy after 50 bad reads
+
+
+def test_ungranted_import_exits_2_with_the_reason() -> None:
+    r = run_cli("app", "run", str(EXAMPLES / "thermostat.wasm"), "--grant", "log,clock")
+    assert r.returncode == 2
+    assert "sensors.find: needs capability 'sensors'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_trapping_module_exits_3(tmp_path: Path) -> None:
+    mod = tmp_path / "trap.wat"
+    mod.write_text("""(module (memory (export "memory") 1)
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32) unreachable))""")
+    r = run_cli("app", "run", str(mod), "--ticks", "5", "--json")
+    assert r.returncode == 3
+    assert json.loads(r.stdout)["traps"] == 5
+
+
+def test_init_failure_exits_2(tmp_path: Path) -> None:
+    mod = tmp_path / "noinit.wat"
+    mod.write_text("""(module (memory (export "memory") 1)
+      (func (export "dr_init") (result i32) (i32.const 5))
+      (func (export "dr_tick") (result i32) (i32.const 0)))""")
+    r = run_cli("app", "run", str(mod))
+    assert r.returncode == 2
+    assert "dr_init failed: dr_init returned 5" in r.stderr
+
+
+def test_missing_module_file_is_a_clear_error(tmp_path: Path) -> None:
+    r = run_cli("app", "run", str(tmp_path / "nope.wasm"))
+    assert r.returncode == 2
+    assert "cannot read" in r.stderr and "Traceback" not in r.stderr

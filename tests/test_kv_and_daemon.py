@@ -1,0 +1,154 @@
+"""kv quota and persistence, the daemon's start/stop, config errors naming keys."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devicerunner import config
+from devicerunner.errors import ConfigError
+from devicerunner.kvfile import open_store
+from devicerunner.sandbox import Sandbox
+from hostfuncs import codes
+from tests.conftest import ROOT, make_app, run_cli, wat
+
+# On init: boots = kv["boots"] + 1; store it; log "boots=N"; then try to
+# store 2000 bytes (over a 100-byte quota) and keep the result at 512.
+BOOT_COUNTER = """(module
+  (import "kv" "get" (func $get (param i32 i32 i32 i32) (result i32)))
+  (import "kv" "set" (func $set (param i32 i32 i32 i32) (result i32)))
+  (import "log" "write" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "boots")
+  (data (i32.const 8) "big")
+  (data (i32.const 100) "boots=1 boots=2 boots=3 ")
+  (func (export "dr_init") (result i32) (local $n i32)
+    (if (i32.ne (call $get (i32.const 0) (i32.const 5) (i32.const 64) (i32.const 4)) (i32.const 4))
+      (then (i32.store (i32.const 64) (i32.const 0))))
+    (local.set $n (i32.add (i32.load (i32.const 64)) (i32.const 1)))
+    (i32.store (i32.const 64) (local.get $n))
+    (drop (call $set (i32.const 0) (i32.const 5) (i32.const 64) (i32.const 4)))
+    (drop (call $log (i32.const 1)
+      (i32.add (i32.const 92) (i32.mul (local.get $n) (i32.const 8))) (i32.const 7)))
+    (i32.store (i32.const 512) (call $set (i32.const 8) (i32.const 3) (i32.const 1024) (i32.const 2000)))
+    (i32.const 0))
+  (func (export "dr_tick") (result i32) (i32.const 0)))"""
+
+
+def test_kv_quota_is_enforced_and_data_survives_restart(tmp_path: Path) -> None:
+    module = wat(BOOT_COUNTER)
+    for boot in (1, 2, 3):
+        sb = Sandbox(cache_dir=tmp_path / "cache")
+        store = open_store(tmp_path / "kv", quota_bytes=100)
+        app = make_app(sb, module, kv=store)
+        mem = app.instance.ctx.memory
+        assert int.from_bytes(mem.read(64, 4), "little") == boot
+        quota_rc = int.from_bytes(mem.read(512, 4), "little", signed=True)
+        assert quota_rc == codes.ERR_QUOTA
+        assert store.get(b"big") is None and store.used_bytes == len(b"boots") + 4
+        store.flush()  # what the daemon's flusher and a clean stop do
+        sb.close()
+
+
+def _write_config(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "boot.wat").write_text(BOOT_COUNTER)
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f"""
+[device]
+id = "dev-1"
+hardware = "test-hw"
+state_dir = "state"
+
+[apps.counter]
+module = "boot.wat"
+policy = ["kv", "log"]
+kv_quota_bytes = 100
+tick_interval_ms = 50
+{extra}
+""")
+    return cfg
+
+
+def test_daemon_keeps_kv_across_clean_restarts(tmp_path: Path) -> None:
+    cfg = _write_config(tmp_path)
+    for boot in (1, 2):
+        r = run_cli("run", "--config", str(cfg), "--for", "0.3", "--json")
+        assert r.returncode == 0, r.stderr
+        assert f"boots={boot}" in r.stderr
+        status = json.loads(r.stdout)
+        assert status["apps"]["counter"]["ticks"] >= 1
+
+
+def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    cfg = _write_config(tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        # Wait (bounded) until the app has logged, i.e. the daemon is running.
+        assert p.stderr is not None
+        for _ in range(200):
+            line = p.stderr.readline()
+            if "boots=1" in line or not line:
+                break
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0
+    assert "counter: ticks=" in out
+    # the kv snapshot was flushed on the way out
+    assert (tmp_path / "state" / "apps" / "counter" / "kv" / "data.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('[sensors.temp]\ndriver = "nope"', "sensors.temp.driver: unknown driver 'nope'"),
+        ('[sensors.temp]\nwaveform = "square"', "sensors.temp.waveform: must be one of"),
+        ('[sensors.temp]\nbase = "warm"', "sensors.temp.base: must be a number"),
+        ("[sensors.temp]\nbsae = 3", "sensors.temp.bsae: unknown option"),
+    ],
+)
+def test_config_error_names_the_sensor_and_key(tmp_path: Path, extra: str, key: str) -> None:
+    cfg = _write_config(tmp_path, extra)
+    r = run_cli("run", "--config", str(cfg), "--for", "0.1")
+    assert r.returncode == 2
+    assert key in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"device": {}}, "device.id: is required"),
+        ({"device": {"id": "d"}, "apps": {"a": {}}}, "apps.a.policy: is required"),
+        (
+            {"device": {"id": "d"}, "apps": {"a": {"policy": ["root"]}}},
+            "apps.a.policy: unknown capability 'root'",
+        ),
+        (
+            {"device": {"id": "d"}, "apps": {"a": {"policy": [], "tick_interval_ms": 0}}},
+            "apps.a.tick_interval_ms: must be between",
+        ),
+        ({"device": {"id": "d", "colour": 1}}, "device.colour: unknown key"),
+        (
+            {"device": {"id": "d"}, "apps": {"a": {"policy": [], "sensors": ["x"]}}},
+            "apps.a.sensors: no [sensors.x]",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, doc: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError) as e:
+        config.parse(doc, tmp_path)
+    assert str(e.value).startswith(message)
