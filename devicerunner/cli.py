@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
+
+    from devicerunner import cli_trust
+
+    cli_trust.register(sub)
     return p
 
 
@@ -290,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"devicerunner: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"devicerunner: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -57,6 +57,81 @@ class AppInitError(SandboxError):
 class UpdateError(DeviceRunnerError):
     """Base for everything that makes an update refused or fail."""
 
+    reason = "update_failed"
+    """A stable, machine-readable cause, used in events and state.json."""
+
+
+class VerificationError(UpdateError):
+    """Untrusted input: the device refuses it and changes nothing."""
+
+    reason = "unverified"
+
+
+class MalformedError(VerificationError):
+    """Not parseable as the expected document (bad JSON, missing/extra field, bad type)."""
+
+    reason = "malformed"
+
+
+class TooLargeError(VerificationError):
+    """A size someone else controls exceeds its bound (endless-data attack)."""
+
+    reason = "too_large"
+
+
+class BadSignatureError(VerificationError):
+    """No valid signature from any key trusted for the role (unsigned or wrong key)."""
+
+    reason = "bad_signature"
+
+
+class ThresholdError(VerificationError):
+    """Valid signatures from fewer distinct trusted keys than the role's threshold."""
+
+    reason = "below_threshold"
+
+
+class RollbackError(VerificationError):
+    """Sequence not above the highest the device accepted (or marked bad before)."""
+
+    reason = "rollback"
+
+
+class ExpiredError(VerificationError):
+    """Expired (freeze attack), judged against max(clock, trusted-time floor)."""
+
+    reason = "expired"
+
+
+class ArtifactMismatchError(VerificationError):
+    """Bytes do not match the manifest's size, sha256 or a chunk hash (tamper, mix-and-match)."""
+
+    reason = "artifact_mismatch"
+
+
+class WrongTargetError(VerificationError):
+    """The release is for other hardware, other devices, or another app/channel."""
+
+    reason = "wrong_target"
+
+
+class CapabilityEscalationError(VerificationError):
+    """The manifest asks for capabilities the device policy does not grant that app."""
+
+    reason = "capability_escalation"
+
+
+class UnsupportedError(VerificationError):
+    """A schema or ABI version this device does not implement."""
+
+    reason = "unsupported"
+
+
+class RootRotationError(VerificationError):
+    """A new trust root that is not a valid successor of the current one."""
+
+    reason = "bad_root"
+
 
 # -- transport -------------------------------------------------------------
 

@@ -1,0 +1,330 @@
+"""Operator commands: keygen, trust init/rotate, sign, verify.
+
+Each command checks its own output before writing it (a root that its
+signers cannot make valid, or a module that would not link under its grant,
+is refused with the reason), and writes files atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from devicerunner import bundle, keys, manifest, trust
+from devicerunner.config import parse_capabilities
+from devicerunner.errors import ConfigError, DeviceRunnerError, VerificationError
+from devicerunner.fsutil import atomic_write
+
+DAY = 86_400
+
+
+class OperatorError(DeviceRunnerError):
+    pass
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _write(path: str, data: bytes) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(p, data)
+
+
+def _now(args: argparse.Namespace) -> int:
+    return int(args.now) if getattr(args, "now", None) is not None else int(time.time())
+
+
+# -- keygen ----------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if not manifest.ID_RE.match(args.name):
+        raise OperatorError(f"key name {args.name!r}: use [A-Za-z0-9_.-]")
+    priv, pub, kid = keys.generate(args.name, Path(args.dir))
+    if args.json:
+        print(json.dumps({"keyid": kid, "private": str(priv), "public": str(pub)}))
+    else:
+        print(f"{kid}\n  private key: {priv} (mode 0600 — keep it offline)\n  public key:  {pub}")
+    return 0
+
+
+# -- trust init / rotate -----------------------------------------------------------
+
+
+def _role_keys(args: argparse.Namespace, base: manifest.Root | None) -> tuple[dict[str, Any], dict[str, int]]:
+    role_keys: dict[str, Any] = {}
+    thresholds: dict[str, int] = {}
+    for role in manifest.ROLES:
+        paths = getattr(args, f"{role}_key") or []
+        threshold = getattr(args, f"{role}_threshold")
+        if paths:
+            role_keys[role] = [keys.load_public(Path(p)) for p in paths]
+        elif base is not None:
+            r = base.role(role)
+            role_keys[role] = [base.keys[k] for k in sorted(r.keyids)]
+            threshold = threshold or r.threshold
+        else:
+            role_keys[role] = []
+        n = len(role_keys[role])
+        threshold = threshold or 1
+        if n and not 1 <= threshold <= n:
+            raise OperatorError(f"--{role}-threshold {threshold}: must be between 1 and {n} ({role} keys)")
+        thresholds[role] = threshold
+    if not role_keys["root"] or not role_keys["release"]:
+        raise OperatorError("a root needs at least one --root-key and one --release-key")
+    return role_keys, thresholds
+
+
+def cmd_trust_init(args: argparse.Namespace) -> int:
+    role_keys, thresholds = _role_keys(args, None)
+    now = _now(args)
+    signed = manifest.root_signed(
+        version=1,
+        issued=now,
+        expires=now + args.expires_days * DAY,
+        role_keys=role_keys,
+        thresholds=thresholds,
+    )
+    data = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+    try:
+        root = trust.load_trusted_root(data)
+    except VerificationError as e:
+        raise OperatorError(f"the signing keys do not make a valid root: {e}") from e
+    _write(args.output, data)
+    print(f"wrote {args.output}: root v1, expires {manifest.format_time(root.expires)}")
+    for role in manifest.ROLES:
+        r = root.role(role)
+        print(f"  {role:8} {r.threshold} of {len(r.keyids)} keys")
+    return 0
+
+
+def cmd_trust_rotate(args: argparse.Namespace) -> int:
+    current_raw = Path(args.current).read_bytes()
+    current = manifest.parse_root(current_raw)
+    role_keys, thresholds = _role_keys(args, current)
+    now = _now(args)
+    signed = manifest.root_signed(
+        version=current.version + 1,
+        issued=now,
+        expires=now + args.expires_days * DAY,
+        role_keys=role_keys,
+        thresholds=thresholds,
+    )
+    data = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+    try:
+        new = trust.update_root(current, data)
+    except VerificationError as e:
+        raise OperatorError(
+            f"{e}. A rotation must be signed by a threshold of the current root keys "
+            "and a threshold of the new ones (pass both with --sign)."
+        ) from e
+    _write(args.output, data)
+    print(f"wrote {args.output}: root v{new.version} (follows v{current.version})")
+    return 0
+
+
+# -- sign ---------------------------------------------------------------------------
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from devicerunner.sandbox import Sandbox, load_module_bytes
+
+    module = load_module_bytes(Path(args.module))
+    try:
+        caps = parse_capabilities("--grant", _csv(args.grant))
+    except ConfigError as e:
+        raise OperatorError(str(e)) from e
+    # Refuse to sign what could never run: it must compile and link under its grant.
+    sb = Sandbox()
+    try:
+        sb.check_imports(sb.compile(module), caps)
+    finally:
+        sb.close()
+    now = _now(args)
+    signed = manifest.manifest_signed(
+        app=args.app,
+        version=args.version,
+        sequence=args.sequence,
+        module=module,
+        capabilities=sorted(caps),
+        hardware=_csv(args.hardware),
+        devices=_csv(args.devices) if args.devices else (),
+        issued=now,
+        expires=now + args.expires_days * DAY,
+        channel=args.channel,
+        rollout_percent=args.rollout_percent,
+        chunk_size=args.chunk_size,
+        memory_bytes=args.memory_limit,
+        tick_budget_ms=args.tick_budget_ms,
+        tick_interval_ms=args.tick_interval_ms,
+        trial_ticks=args.trial_ticks,
+        trial_seconds=args.trial_seconds,
+        max_traps=args.max_traps,
+        max_overruns=args.max_overruns,
+    )
+    env = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.key])
+    m = manifest.parse_manifest(env)  # the same strict parser the device runs
+    _write(args.output, bundle.pack(env, module))
+    print(
+        f"wrote {args.output}: {m.app} {m.version} sequence {m.sequence}, {m.artifact.size} bytes in "
+        f"{len(m.artifact.chunks)} chunk(s), {len(m.envelope.signatures)} signature(s)"
+    )
+    return 0
+
+
+def cmd_cosign(args: argparse.Namespace) -> int:
+    env, module = bundle.unpack(Path(args.bundle).read_bytes())
+    env = manifest.add_signatures(
+        env, [keys.load_private(Path(k)) for k in args.key], manifest.MAX_MANIFEST_BYTES
+    )
+    _write(args.output or args.bundle, bundle.pack(env, module))
+    n = len(manifest.parse_envelope(env, manifest.MAX_MANIFEST_BYTES, "manifest").signatures)
+    print(f"wrote {args.output or args.bundle}: now {n} signature(s)")
+    return 0
+
+
+# -- verify -------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result: dict[str, Any] = {"bundle": args.bundle}
+    try:
+        root = trust.load_trusted_root(Path(args.root).read_bytes())
+        env, module = bundle.unpack(Path(args.bundle).read_bytes())
+        m = manifest.parse_manifest(env)
+        caps = parse_capabilities("--policy", _csv(args.policy)) if args.policy else m.capabilities
+        device = trust.DeviceIdentity(
+            device_id=args.device_id, hardware=args.hardware or m.targets.hardware[0], policy={m.app: caps}
+        )
+        history = {m.app: trust.AppHistory(highest_sequence=args.highest_sequence)}
+        m = trust.verify_release(
+            env, root=root, device=device, history=history, time_floor=args.time_floor, now=_now(args)
+        )
+        trust.verify_artifact(m, module)
+    except (DeviceRunnerError, ConfigError) as e:
+        reason = getattr(e, "reason", "invalid")
+        result.update(valid=False, reason=reason, error=str(e))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"INVALID ({reason}): {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        raise OperatorError(f"{e.filename}: {e.strerror}") from e
+    signers = trust.check_threshold(m.envelope, root, "release", "manifest")
+    result.update(
+        valid=True,
+        app=m.app,
+        version=m.version,
+        sequence=m.sequence,
+        channel=m.channel,
+        sha256=m.artifact.sha256,
+        size=m.artifact.size,
+        capabilities=sorted(m.capabilities),
+        hardware=list(m.targets.hardware),
+        expires=manifest.format_time(m.expires),
+        signed_by=sorted(signers),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"OK: {m.app} {m.version} (sequence {m.sequence}) signed by {len(signers)} release key(s), "
+            f"{m.artifact.size} bytes, expires {result['expires']}"
+        )
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def _role_options(p: argparse.ArgumentParser, required: bool) -> None:
+    for role in manifest.ROLES:
+        p.add_argument(
+            f"--{role}-key",
+            action="append",
+            metavar="PUB",
+            required=required and role != "rollout",
+            help=f"public key of the {role} role (repeat for several)",
+        )
+        p.add_argument(f"--{role}-threshold", type=int, metavar="N", help=f"signatures the {role} role needs")
+
+
+def register(sub: Any) -> None:
+    k = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub)")
+    k.add_argument("name")
+    k.add_argument("--dir", default=".")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_keygen)
+
+    t = sub.add_parser("trust", help="create and rotate the trust root")
+    tsub = t.add_subparsers(dest="trust_cmd", required=True)
+    ti = tsub.add_parser("init", help="create root.json (version 1)")
+    _role_options(ti, required=True)
+    ti.add_argument("--sign", action="append", required=True, metavar="KEY", help="root private key")
+    ti.add_argument("--expires-days", type=int, default=365)
+    ti.add_argument("--now", type=int, help=argparse.SUPPRESS)
+    ti.add_argument("-o", "--output", required=True)
+    ti.set_defaults(func=cmd_trust_init)
+    tr = tsub.add_parser("rotate", help="create the next root version (unchanged roles are kept)")
+    tr.add_argument("--current", required=True, help="the current root.json")
+    _role_options(tr, required=False)
+    tr.add_argument(
+        "--sign",
+        action="append",
+        required=True,
+        metavar="KEY",
+        help="private keys: a threshold of the current root keys and of the new ones",
+    )
+    tr.add_argument("--expires-days", type=int, default=365)
+    tr.add_argument("--now", type=int, help=argparse.SUPPRESS)
+    tr.add_argument("-o", "--output", required=True)
+    tr.set_defaults(func=cmd_trust_rotate)
+
+    s = sub.add_parser("sign", help="sign a module into a release bundle")
+    s.add_argument("module")
+    s.add_argument("--app", required=True)
+    s.add_argument("--version", required=True, help="semver, for people")
+    s.add_argument("--sequence", required=True, type=int, help="anti-rollback counter; must increase")
+    s.add_argument("--grant", required=True, help="capabilities, comma-separated")
+    s.add_argument("--hardware", required=True, help="hardware ids, comma-separated")
+    s.add_argument("--devices", help="restrict to these device ids, comma-separated")
+    s.add_argument("--channel", default="stable")
+    s.add_argument("--expires-days", type=int, default=30)
+    s.add_argument("--rollout-percent", type=int, default=100)
+    s.add_argument("--chunk-size", type=int, default=manifest.DEFAULT_CHUNK)
+    s.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024)
+    s.add_argument("--tick-budget-ms", type=int, default=10)
+    s.add_argument("--tick-interval-ms", type=int, default=100)
+    s.add_argument("--trial-ticks", type=int, default=50)
+    s.add_argument("--trial-seconds", type=int, default=5)
+    s.add_argument("--max-traps", type=int, default=0)
+    s.add_argument("--max-overruns", type=int, default=0)
+    s.add_argument("--key", action="append", required=True, help="release private key (repeat)")
+    s.add_argument("--now", type=int, help=argparse.SUPPRESS)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_sign)
+
+    c = sub.add_parser("cosign", help="add signatures to a bundle (keys held by different people)")
+    c.add_argument("bundle")
+    c.add_argument("--key", action="append", required=True)
+    c.add_argument("-o", "--output")
+    c.set_defaults(func=cmd_cosign)
+
+    v = sub.add_parser("verify", help="verify a bundle against a root, as a device would")
+    v.add_argument("bundle")
+    v.add_argument("--root", required=True)
+    v.add_argument("--hardware", help="the device's hardware id (default: the first the release targets)")
+    v.add_argument("--device-id", default="verify-cli")
+    v.add_argument("--policy", help="the device policy for the app (default: what the manifest asks)")
+    v.add_argument("--highest-sequence", type=int, default=0, help="highest sequence the device accepted")
+    v.add_argument("--time-floor", type=int, default=0, help="the device's trusted-time floor (Unix s)")
+    v.add_argument("--now", type=int, help="judge expiry at this Unix time")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)

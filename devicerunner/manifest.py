@@ -1,0 +1,536 @@
+"""Signed documents: the release manifest, the trust root and the rollout
+document, in a TUF-style envelope ``{"signed": {...}, "signatures": [...]}``.
+
+This module is pure: it parses bytes into frozen dataclasses and builds
+documents; it never opens files or sockets and never reads the clock.
+Parsing is strict: a missing field, an unknown field, a wrong type or an
+out-of-range value raises MalformedError naming the field; an oversized
+input raises TooLargeError *before* it is parsed.
+
+Signatures are Ed25519 over ``canonical(signed)`` (devicerunner.canonical).
+A key id is the hex sha256 of the raw 32-byte public key; a root that lists
+a key under any other id is malformed (so one key cannot count twice).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from devicerunner.canonical import NotCanonicalError, canonical
+from devicerunner.errors import MalformedError, TooLargeError, UnsupportedError
+
+SCHEMA = 1
+ABI_VERSION = 1
+MAX_MANIFEST_BYTES = 256 * 1024
+MAX_ROOT_BYTES = 64 * 1024
+MAX_ROLLOUT_BYTES = 8 * 1024
+MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+MIN_CHUNK = 1024
+MAX_CHUNK = 120 * 1024
+"""Under AWS IoT Core's 128 KiB message limit with room for the topic."""
+DEFAULT_CHUNK = 64 * 1024
+MAX_SIGNATURES = 32
+MAX_KEYS = 64
+ROLES = ("root", "release", "rollout")
+CAPABILITIES = ("log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+# -- time --------------------------------------------------------------------
+
+
+def format_time(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def parse_time(s: str, where: str) -> int:
+    if not isinstance(s, str) or not TIME_RE.match(s):
+        raise MalformedError(f"{where}: expected UTC time like 2026-01-31T12:00:00Z, got {s!r}")
+    try:
+        return calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError as e:
+        raise MalformedError(f"{where}: {e}") from e
+
+
+# -- keys --------------------------------------------------------------------
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def public_hex(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+@dataclass(frozen=True)
+class Signature:
+    keyid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed envelope: the signed object, its canonical bytes, its signatures."""
+
+    signed: Mapping[str, Any]
+    signed_bytes: bytes
+    signatures: tuple[Signature, ...]
+
+
+def sign_envelope(signed: Mapping[str, Any], keys: Sequence[Ed25519PrivateKey]) -> bytes:
+    """Envelope bytes (pretty JSON, signatures over the canonical form)."""
+    try:
+        msg = canonical(dict(signed))
+    except NotCanonicalError as e:
+        raise MalformedError(str(e)) from e
+    sigs = [{"keyid": key_id(k.public_key()), "sig": k.sign(msg).hex()} for k in keys]
+    return json.dumps({"signed": signed, "signatures": sigs}, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def add_signatures(envelope: bytes, keys: Sequence[Ed25519PrivateKey], max_bytes: int) -> bytes:
+    env = parse_envelope(envelope, max_bytes, "document")
+    sigs = [{"keyid": s.keyid, "sig": s.sig.hex()} for s in env.signatures]
+    have = {s["keyid"] for s in sigs}
+    for k in keys:
+        kid = key_id(k.public_key())
+        if kid not in have:
+            sigs.append({"keyid": kid, "sig": k.sign(env.signed_bytes).hex()})
+            have.add(kid)
+    return json.dumps({"signed": env.signed, "signatures": sigs}, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def parse_envelope(data: bytes, max_bytes: int, what: str) -> Envelope:
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedError(f"{what}: expected bytes")
+    if len(data) > max_bytes:
+        raise TooLargeError(f"{what}: {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MalformedError(f"{what}: not JSON: {e}") from e
+    if not isinstance(obj, dict) or set(obj) != {"signed", "signatures"}:
+        raise MalformedError(f"{what}: must be an object with exactly 'signed' and 'signatures'")
+    signed, raw_sigs = obj["signed"], obj["signatures"]
+    if not isinstance(signed, dict):
+        raise MalformedError(f"{what}.signed: must be an object")
+    if not isinstance(raw_sigs, list) or len(raw_sigs) > MAX_SIGNATURES:
+        raise MalformedError(f"{what}.signatures: must be a list of at most {MAX_SIGNATURES}")
+    sigs = []
+    for i, s in enumerate(raw_sigs):
+        if not isinstance(s, dict) or set(s) != {"keyid", "sig"}:
+            raise MalformedError(f"{what}.signatures[{i}]: must be {{keyid, sig}}")
+        kid, sig = s["keyid"], s["sig"]
+        if not isinstance(kid, str) or not HEX64_RE.match(kid):
+            raise MalformedError(f"{what}.signatures[{i}].keyid: must be 64 hex digits")
+        if not isinstance(sig, str) or not re.fullmatch(r"[0-9a-f]{128}", sig):
+            raise MalformedError(f"{what}.signatures[{i}].sig: must be 128 hex digits")
+        sigs.append(Signature(kid, bytes.fromhex(sig)))
+    try:
+        signed_bytes = canonical(signed)
+    except NotCanonicalError as e:
+        raise MalformedError(f"{what}.signed: {e}") from e
+    return Envelope(signed, signed_bytes, tuple(sigs))
+
+
+def valid_signers(env: Envelope, keys: Mapping[str, Ed25519PublicKey], allowed: frozenset[str]) -> set[str]:
+    """Distinct key ids in ``allowed`` whose signature over the envelope verifies."""
+    ok: set[str] = set()
+    for s in env.signatures:
+        if s.keyid in ok or s.keyid not in allowed:
+            continue
+        pub = keys.get(s.keyid)
+        if pub is None:
+            continue
+        try:
+            pub.verify(s.sig, env.signed_bytes)
+        except InvalidSignature:
+            continue
+        ok.add(s.keyid)
+    return ok
+
+
+# -- strict field access -------------------------------------------------------
+
+
+class _Fields:
+    def __init__(self, obj: Any, where: str, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+        if not isinstance(obj, dict):
+            raise MalformedError(f"{where}: must be an object")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise MalformedError(f"{where}.{missing[0]}: missing")
+        extra = sorted(set(obj) - set(required) - set(optional))
+        if extra:
+            raise MalformedError(f"{where}.{extra[0]}: unknown field")
+        self.obj = obj
+        self.where = where
+
+    def get(self, k: str, default: Any = None) -> Any:
+        return self.obj.get(k, default)
+
+    def text(self, k: str, pattern: re.Pattern[str] | None = None) -> str:
+        v = self.obj.get(k)
+        if not isinstance(v, str) or (pattern is not None and not pattern.match(v)):
+            raise MalformedError(f"{self.where}.{k}: invalid value {v!r}")
+        return v
+
+    def integer(self, k: str, lo: int, hi: int, default: int | None = None) -> int:
+        v = self.obj.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise MalformedError(f"{self.where}.{k}: must be an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    def text_list(self, k: str, pattern: re.Pattern[str], max_n: int = 256) -> tuple[str, ...]:
+        v = self.obj.get(k, [])
+        if not isinstance(v, list) or len(v) > max_n:
+            raise MalformedError(f"{self.where}.{k}: must be a list of at most {max_n}")
+        for x in v:
+            if not isinstance(x, str) or not pattern.match(x):
+                raise MalformedError(f"{self.where}.{k}: invalid entry {x!r}")
+        if len(set(v)) != len(v):
+            raise MalformedError(f"{self.where}.{k}: duplicate entries")
+        return tuple(v)
+
+
+def _schema(f: _Fields, type_: str) -> None:
+    if f.get("_type") != type_:
+        raise MalformedError(f"{f.where}._type: expected {type_!r}, got {f.get('_type')!r}")
+    if f.get("schema") != SCHEMA:
+        raise UnsupportedError(f"{f.where}.schema: version {f.get('schema')!r} (this device: {SCHEMA})")
+
+
+# -- trust root ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Role:
+    keyids: frozenset[str]
+    threshold: int
+
+
+@dataclass(frozen=True)
+class Root:
+    version: int
+    issued: int
+    expires: int
+    keys: Mapping[str, Ed25519PublicKey]
+    roles: Mapping[str, Role]
+    envelope: Envelope = field(repr=False, compare=False)
+    raw: bytes = field(repr=False, compare=False, default=b"")
+
+    def role(self, name: str) -> Role:
+        return self.roles[name]
+
+
+def parse_root(data: bytes) -> Root:
+    env = parse_envelope(data, MAX_ROOT_BYTES, "root")
+    f = _Fields(env.signed, "root", ("_type", "schema", "version", "issued", "expires", "keys", "roles"))
+    _schema(f, "root")
+    keys_raw = f.get("keys")
+    if not isinstance(keys_raw, dict) or not 0 < len(keys_raw) <= MAX_KEYS:
+        raise MalformedError(f"root.keys: must be an object of 1..{MAX_KEYS} keys")
+    keys: dict[str, Ed25519PublicKey] = {}
+    for kid, kobj in keys_raw.items():
+        kf = _Fields(kobj, f"root.keys.{kid[:12]}", ("keytype", "public"))
+        if kf.get("keytype") != "ed25519":
+            raise UnsupportedError(f"root.keys.{kid[:12]}.keytype: only ed25519 is supported")
+        pub_hex = kf.text("public", re.compile(r"^[0-9a-f]{64}$"))
+        try:
+            pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(pub_hex))
+        except ValueError as e:
+            raise MalformedError(f"root.keys.{kid[:12]}.public: not an Ed25519 key") from e
+        if key_id(pub) != kid:
+            raise MalformedError(f"root.keys.{kid[:12]}: key id is not sha256 of the public key")
+        keys[kid] = pub
+    roles_raw = f.get("roles")
+    if not isinstance(roles_raw, dict) or set(roles_raw) != set(ROLES):
+        raise MalformedError(f"root.roles: must define exactly {', '.join(ROLES)}")
+    roles: dict[str, Role] = {}
+    for name in ROLES:
+        rf = _Fields(roles_raw[name], f"root.roles.{name}", ("keyids", "threshold"))
+        ids = rf.text_list("keyids", HEX64_RE, MAX_KEYS)
+        for kid in ids:
+            if kid not in keys:
+                raise MalformedError(f"root.roles.{name}.keyids: {kid[:12]} is not in root.keys")
+        # A role with no keys (e.g. no rollout key yet) can never sign anything.
+        threshold = rf.integer("threshold", 1, max(1, len(ids)))
+        if name in ("root", "release") and not ids:
+            raise MalformedError(f"root.roles.{name}.keyids: needs at least one key")
+        roles[name] = Role(frozenset(ids), threshold)
+    issued = parse_time(f.get("issued"), "root.issued")
+    expires = parse_time(f.get("expires"), "root.expires")
+    return Root(
+        version=f.integer("version", 1, 2**31),
+        issued=issued,
+        expires=expires,
+        keys=keys,
+        roles=roles,
+        envelope=env,
+        raw=bytes(data),
+    )
+
+
+def root_signed(
+    *,
+    version: int,
+    issued: int,
+    expires: int,
+    role_keys: Mapping[str, Sequence[Ed25519PublicKey]],
+    thresholds: Mapping[str, int],
+) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    roles: dict[str, Any] = {}
+    for role in ROLES:
+        ids = []
+        for pub in role_keys.get(role, ()):
+            kid = key_id(pub)
+            keys[kid] = {"keytype": "ed25519", "public": public_hex(pub)}
+            ids.append(kid)
+        roles[role] = {"keyids": sorted(set(ids)), "threshold": thresholds.get(role, 1)}
+    return {
+        "_type": "root",
+        "schema": SCHEMA,
+        "version": version,
+        "issued": format_time(issued),
+        "expires": format_time(expires),
+        "keys": keys,
+        "roles": roles,
+    }
+
+
+# -- release manifest ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifact:
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseLimits:
+    memory_bytes: int
+    tick_budget_ms: int
+    tick_interval_ms: int
+
+
+@dataclass(frozen=True)
+class Health:
+    trial_ticks: int
+    trial_seconds: int
+    max_traps: int
+    max_overruns: int
+    max_broker_loss_s: int
+
+
+@dataclass(frozen=True)
+class Targets:
+    hardware: tuple[str, ...]
+    devices: tuple[str, ...]
+    rollout_percent: int
+    rollout_salt: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    app: str
+    version: str
+    sequence: int
+    abi: int
+    channel: str
+    artifact: Artifact
+    capabilities: frozenset[str]
+    limits: ReleaseLimits
+    health: Health
+    targets: Targets
+    issued: int
+    expires: int
+    envelope: Envelope = field(repr=False, compare=False)
+    raw: bytes = field(repr=False, compare=False, default=b"")
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse without checking signatures (trust.verify_release checks them first)."""
+    return manifest_from_envelope(parse_envelope(data, MAX_MANIFEST_BYTES, "manifest"), bytes(data))
+
+
+def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
+    f = _Fields(
+        env.signed,
+        "manifest",
+        (
+            "_type",
+            "schema",
+            "app",
+            "version",
+            "sequence",
+            "abi",
+            "channel",
+            "artifact",
+            "capabilities",
+            "limits",
+            "health",
+            "targets",
+            "issued",
+            "expires",
+        ),
+    )
+    _schema(f, "release")
+    abi = f.integer("abi", 0, 2**16)
+    if abi != ABI_VERSION:
+        raise UnsupportedError(f"manifest.abi: ABI v{abi} (this device runs v{ABI_VERSION})")
+    af = _Fields(f.get("artifact"), "manifest.artifact", ("sha256", "size", "chunk_size", "chunks"))
+    size = af.integer("size", 1, MAX_ARTIFACT_BYTES)
+    chunk_size = af.integer("chunk_size", MIN_CHUNK, MAX_CHUNK)
+    n_chunks = -(-size // chunk_size)
+    raw_chunks = af.get("chunks")
+    if not isinstance(raw_chunks, list) or len(raw_chunks) != n_chunks:
+        raise MalformedError(f"manifest.artifact.chunks: expected {n_chunks} chunk hashes for {size} bytes")
+    # identical chunks (e.g. zero padding) legitimately repeat a hash
+    if not all(isinstance(h, str) and HEX64_RE.match(h) for h in raw_chunks):
+        raise MalformedError("manifest.artifact.chunks: every entry must be 64 hex digits")
+    chunks = tuple(raw_chunks)
+    artifact = Artifact(af.text("sha256", HEX64_RE), size, chunk_size, chunks)
+    caps = _Fields({"c": f.get("capabilities")}, "manifest", ("c",))
+    cap_list = caps.text_list("c", re.compile("^(" + "|".join(CAPABILITIES) + ")$"), len(CAPABILITIES))
+    lf = _Fields(f.get("limits"), "manifest.limits", ("memory_bytes", "tick_budget_ms", "tick_interval_ms"))
+    limits = ReleaseLimits(
+        lf.integer("memory_bytes", 65536, 4 * 1024**3),
+        lf.integer("tick_budget_ms", 1, 60_000),
+        lf.integer("tick_interval_ms", 1, 3_600_000),
+    )
+    hf = _Fields(
+        f.get("health"),
+        "manifest.health",
+        ("trial_ticks", "trial_seconds", "max_traps", "max_overruns"),
+        ("max_broker_loss_s",),
+    )
+    health = Health(
+        hf.integer("trial_ticks", 0, 10_000_000),
+        hf.integer("trial_seconds", 0, 86_400),
+        hf.integer("max_traps", 0, 10_000_000),
+        hf.integer("max_overruns", 0, 10_000_000),
+        hf.integer("max_broker_loss_s", 0, 86_400, default=60),
+    )
+    tf = _Fields(f.get("targets"), "manifest.targets", ("hardware",), ("devices", "rollout"))
+    hardware = tf.text_list("hardware", ID_RE)
+    if not hardware:
+        raise MalformedError("manifest.targets.hardware: must name at least one hardware id")
+    rollout = tf.get("rollout", {"percent": 100, "salt": ""})
+    rf = _Fields(rollout, "manifest.targets.rollout", ("percent", "salt"))
+    targets = Targets(
+        hardware,
+        tf.text_list("devices", ID_RE, max_n=10_000),
+        rf.integer("percent", 0, 100),
+        rf.text("salt", re.compile(r"^[A-Za-z0-9_.-]{0,64}$")),
+    )
+    issued = parse_time(f.get("issued"), "manifest.issued")
+    expires = parse_time(f.get("expires"), "manifest.expires")
+    if expires <= issued:
+        raise MalformedError("manifest.expires: must be after issued")
+    return Manifest(
+        app=f.text("app", NAME_RE),
+        version=f.text("version", SEMVER_RE),
+        sequence=f.integer("sequence", 1, 2**53),
+        abi=abi,
+        channel=f.text("channel", NAME_RE),
+        artifact=artifact,
+        capabilities=frozenset(cap_list),
+        limits=limits,
+        health=health,
+        targets=targets,
+        issued=issued,
+        expires=expires,
+        envelope=env,
+        raw=raw,
+    )
+
+
+def chunk_hashes(module: bytes, chunk_size: int) -> list[str]:
+    return [hashlib.sha256(module[i : i + chunk_size]).hexdigest() for i in range(0, len(module), chunk_size)]
+
+
+def manifest_signed(
+    *,
+    app: str,
+    version: str,
+    sequence: int,
+    module: bytes,
+    capabilities: Sequence[str],
+    hardware: Sequence[str],
+    issued: int,
+    expires: int,
+    channel: str = "stable",
+    devices: Sequence[str] = (),
+    rollout_percent: int = 100,
+    rollout_salt: str = "",
+    chunk_size: int = DEFAULT_CHUNK,
+    memory_bytes: int = 16 * 1024 * 1024,
+    tick_budget_ms: int = 10,
+    tick_interval_ms: int = 100,
+    trial_ticks: int = 50,
+    trial_seconds: int = 5,
+    max_traps: int = 0,
+    max_overruns: int = 0,
+    max_broker_loss_s: int = 60,
+) -> dict[str, Any]:
+    targets: dict[str, Any] = {
+        "hardware": list(hardware),
+        "rollout": {"percent": rollout_percent, "salt": rollout_salt or f"{app}-{sequence}"},
+    }
+    if devices:
+        targets["devices"] = list(devices)
+    return {
+        "_type": "release",
+        "schema": SCHEMA,
+        "app": app,
+        "version": version,
+        "sequence": sequence,
+        "abi": ABI_VERSION,
+        "channel": channel,
+        "artifact": {
+            "sha256": hashlib.sha256(module).hexdigest(),
+            "size": len(module),
+            "chunk_size": chunk_size,
+            "chunks": chunk_hashes(module, chunk_size),
+        },
+        "capabilities": sorted(set(capabilities)),
+        "limits": {
+            "memory_bytes": memory_bytes,
+            "tick_budget_ms": tick_budget_ms,
+            "tick_interval_ms": tick_interval_ms,
+        },
+        "health": {
+            "trial_ticks": trial_ticks,
+            "trial_seconds": trial_seconds,
+            "max_traps": max_traps,
+            "max_overruns": max_overruns,
+            "max_broker_loss_s": max_broker_loss_s,
+        },
+        "targets": targets,
+        "issued": format_time(issued),
+        "expires": format_time(expires),
+    }

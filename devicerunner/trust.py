@@ -1,0 +1,213 @@
+"""Verification decisions: is this root, release or chunk trustworthy *here, now*?
+
+Pure: every function takes bytes, the device's current trusted state and
+``now`` (Unix seconds) and returns the accepted object or raises one typed
+VerificationError per cause. It never opens a file or socket and never
+reads the clock. The caller persists whatever it accepts.
+
+Order of checks for a release (each step only runs on what passed the one
+before): size bound -> envelope -> signatures by a threshold of distinct
+release keys of the current root -> fields -> root not expired -> release
+not expired (freeze) -> app, channel and hardware/device targeting ->
+capabilities within policy (escalation) -> sequence above the highest
+accepted and not marked bad (rollback).
+
+Time: the device keeps a trusted-time floor, the newest ``issued`` it has
+accepted. Expiry is judged at ``max(now, floor)``, so a clock set back (or
+a device with no RTC that boots in 1970) can neither revive an expired
+manifest nor freeze the device on an old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from devicerunner.errors import (
+    ArtifactMismatchError,
+    BadSignatureError,
+    CapabilityEscalationError,
+    ExpiredError,
+    MalformedError,
+    RollbackError,
+    RootRotationError,
+    ThresholdError,
+    VerificationError,
+    WrongTargetError,
+)
+from devicerunner.manifest import (
+    MAX_MANIFEST_BYTES,
+    MAX_ROOT_BYTES,
+    Envelope,
+    Manifest,
+    Root,
+    format_time,
+    manifest_from_envelope,
+    parse_envelope,
+    parse_root,
+    valid_signers,
+)
+
+
+def effective_time(now: int, time_floor: int) -> int:
+    return max(now, time_floor)
+
+
+def check_threshold(env: Envelope, root: Root, role: str, what: str) -> set[str]:
+    r = root.role(role)
+    signers = valid_signers(env, root.keys, r.keyids)
+    if not signers:
+        raise BadSignatureError(f"{what}: no valid signature from a trusted {role} key")
+    if len(signers) < r.threshold:
+        raise ThresholdError(
+            f"{what}: signed by {len(signers)} of the {r.threshold} distinct {role} keys required"
+        )
+    return signers
+
+
+# -- root rotation -------------------------------------------------------------
+
+
+def update_root(current: Root, data: bytes) -> Root:
+    """Accept root version N+1 only if a threshold of version N's root keys
+    *and* a threshold of its own root keys signed it."""
+    try:
+        new = parse_root(data)
+    except VerificationError as e:
+        raise RootRotationError(f"new root: {e}") from e
+    if new.version != current.version + 1:
+        raise RootRotationError(
+            f"new root has version {new.version}; only {current.version + 1} can follow {current.version}"
+        )
+    try:
+        check_threshold(new.envelope, current, "root", f"root v{new.version} (by v{current.version}'s keys)")
+        check_threshold(new.envelope, new, "root", f"root v{new.version} (by its own keys)")
+    except VerificationError as e:
+        raise RootRotationError(str(e)) from e
+    return new
+
+
+def update_roots(current: Root, chain: Sequence[bytes]) -> Root:
+    """Walk a chain of rotations in version order (each must follow the last)."""
+    for data in chain:
+        current = update_root(current, data)
+    return current
+
+
+def load_trusted_root(data: bytes) -> Root:
+    """A root the device was provisioned with: self-signed by its root threshold."""
+    root = parse_root(data)
+    check_threshold(root.envelope, root, "root", f"root v{root.version}")
+    return root
+
+
+# -- releases ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    device_id: str
+    hardware: str
+    policy: Mapping[str, frozenset[str]]
+    """app name -> capabilities the device allows that app (absent: app not installed here)."""
+
+
+@dataclass(frozen=True)
+class AppHistory:
+    highest_sequence: int = 0
+    bad_sequences: frozenset[int] = frozenset()
+
+
+def verify_release(
+    data: bytes,
+    *,
+    root: Root,
+    device: DeviceIdentity,
+    history: Mapping[str, AppHistory],
+    time_floor: int,
+    now: int,
+    channel: str | None = None,
+) -> Manifest:
+    env = parse_envelope(data, MAX_MANIFEST_BYTES, "manifest")
+    check_threshold(env, root, "release", "manifest")
+    m = manifest_from_envelope(env, bytes(data))
+    t = effective_time(now, time_floor)
+    if root.expires <= t:
+        raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
+    if m.expires <= t:
+        raise ExpiredError(
+            f"manifest {m.app} {m.version} (sequence {m.sequence}) expired at {format_time(m.expires)}"
+            + (" (judged by the trusted-time floor)" if time_floor > now else "")
+        )
+    policy = device.policy.get(m.app)
+    if policy is None:
+        raise WrongTargetError(f"app {m.app!r} is not configured on this device")
+    if channel is not None and m.channel != channel:
+        raise WrongTargetError(f"release is for channel {m.channel!r}, this device follows {channel!r}")
+    if device.hardware not in m.targets.hardware:
+        raise WrongTargetError(
+            f"release targets hardware {', '.join(m.targets.hardware)}; this device is {device.hardware!r}"
+        )
+    if m.targets.devices and device.device_id not in m.targets.devices:
+        raise WrongTargetError(f"release names {len(m.targets.devices)} devices, not {device.device_id!r}")
+    extra = m.capabilities - policy
+    if extra:
+        raise CapabilityEscalationError(
+            f"manifest asks for {', '.join(sorted(extra))}, which the device policy for "
+            f"{m.app!r} does not grant (policy: {', '.join(sorted(policy)) or 'nothing'})"
+        )
+    h = history.get(m.app, AppHistory())
+    if m.sequence in h.bad_sequences:
+        raise RollbackError(f"sequence {m.sequence} of {m.app} was rejected or rolled back before")
+    if m.sequence <= h.highest_sequence:
+        raise RollbackError(
+            f"sequence {m.sequence} is not above {h.highest_sequence}, the highest accepted for {m.app}"
+        )
+    return m
+
+
+def verify_chunk(m: Manifest, index: int, data: bytes) -> None:
+    """A chunk must be the one this manifest pins at this index (mix-and-match)."""
+    a = m.artifact
+    if not 0 <= index < len(a.chunks):
+        raise ArtifactMismatchError(f"chunk index {index} outside 0..{len(a.chunks) - 1}")
+    expect_len = min(a.chunk_size, a.size - index * a.chunk_size)
+    if len(data) != expect_len:
+        raise ArtifactMismatchError(f"chunk {index}: {len(data)} bytes, manifest pins {expect_len}")
+    if hashlib.sha256(data).hexdigest() != a.chunks[index]:
+        raise ArtifactMismatchError(f"chunk {index}: sha256 differs from the manifest")
+
+
+def verify_artifact(m: Manifest, data: bytes) -> None:
+    a = m.artifact
+    if len(data) != a.size:
+        raise ArtifactMismatchError(f"module is {len(data)} bytes, manifest pins {a.size}")
+    if hashlib.sha256(data).hexdigest() != a.sha256:
+        raise ArtifactMismatchError("module sha256 differs from the manifest")
+    for i in range(len(a.chunks)):
+        verify_chunk(m, i, data[i * a.chunk_size : (i + 1) * a.chunk_size])
+
+
+def in_rollout(device_id: str, salt: str, percent: int) -> bool:
+    """Stable membership: raising ``percent`` only ever adds devices."""
+    if percent >= 100:
+        return True
+    digest = hashlib.sha256(f"{salt}:{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000 < percent * 100
+
+
+__all__ = [
+    "MAX_ROOT_BYTES",
+    "AppHistory",
+    "DeviceIdentity",
+    "MalformedError",
+    "effective_time",
+    "in_rollout",
+    "load_trusted_root",
+    "update_root",
+    "update_roots",
+    "verify_artifact",
+    "verify_chunk",
+    "verify_release",
+]

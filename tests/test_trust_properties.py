@@ -1,0 +1,128 @@
+"""Property-based and fuzz tests: no mutation of a signed manifest verifies,
+and arbitrary bytes only ever produce typed errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devicerunner import manifest, trust
+from devicerunner.errors import VerificationError
+from tests.trustsim import Repo, verify
+
+REPO = Repo()
+ROOT = REPO.root()
+GOOD = REPO.release()
+GOOD_ENV = json.loads(GOOD)
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _rejected(data: bytes) -> bool:
+    try:
+        verify(REPO, data, root=ROOT)
+    except VerificationError:
+        return True
+    return False
+
+
+def test_the_unmutated_manifest_verifies() -> None:
+    assert verify(REPO, GOOD, root=ROOT).sequence == 5
+
+
+@SETTINGS
+@given(st.integers(min_value=0, max_value=len(GOOD) - 1), st.integers(min_value=1, max_value=255))
+def test_no_flipped_byte_verifies(pos: int, xor: int) -> None:
+    data = bytearray(GOOD)
+    data[pos] ^= xor
+    mutated = bytes(data)
+    try:
+        same = json.loads(mutated) == GOOD_ENV
+    except ValueError:
+        same = False
+    if same:  # flipped insignificant whitespace into other whitespace: same document
+        return
+    assert _rejected(mutated)
+
+
+def _paths(obj: object, prefix: tuple = ()) -> list[tuple]:  # type: ignore[type-arg]
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append((*prefix, k))
+            out.extend(_paths(v, (*prefix, k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.append((*prefix, i))
+            out.extend(_paths(v, (*prefix, i)))
+    return out
+
+
+SIGNED_PATHS = _paths(GOOD_ENV["signed"])
+VALUES = st.one_of(
+    st.integers(), st.text(max_size=20), st.booleans(), st.none(), st.lists(st.integers(), max_size=3)
+)
+
+
+@SETTINGS
+@given(st.sampled_from(SIGNED_PATHS), VALUES)
+def test_no_changed_field_verifies(path: tuple, value: object) -> None:  # type: ignore[type-arg]
+    env = json.loads(GOOD)
+    target = env["signed"]
+    for k in path[:-1]:
+        target = target[k]
+    if target[path[-1]] == value:
+        return
+    target[path[-1]] = value
+    assert _rejected(json.dumps(env).encode())
+
+
+@SETTINGS
+@given(st.sets(st.integers(min_value=0, max_value=1), max_size=2))
+def test_dropping_any_signature_fails_the_threshold(keep: set[int]) -> None:
+    env = json.loads(GOOD)
+    if len(keep) == 2:
+        return
+    env["signatures"] = [env["signatures"][i] for i in sorted(keep)]
+    assert _rejected(json.dumps(env).encode())
+
+
+@SETTINGS
+@given(st.binary(max_size=2048))
+def test_fuzz_arbitrary_bytes_as_manifest_give_typed_errors(data: bytes) -> None:
+    assert _rejected(data)
+
+
+@SETTINGS
+@given(st.binary(max_size=2048))
+def test_fuzz_arbitrary_bytes_as_root_give_typed_errors(data: bytes) -> None:
+    try:
+        trust.load_trusted_root(data)
+    except VerificationError:
+        return
+    raise AssertionError("random bytes verified as a root")
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@SETTINGS
+@given(JSONISH)
+def test_fuzz_structured_json_as_manifest_and_root_give_typed_errors(obj: object) -> None:
+    for doc in (
+        obj,
+        {"signed": obj, "signatures": []},
+        {"signed": obj, "signatures": [{"keyid": "0" * 64, "sig": "0" * 128}]},
+    ):
+        data = json.dumps(doc).encode()
+        assert _rejected(data)
+        with contextlib.suppress(VerificationError):
+            trust.load_trusted_root(data)
+        with contextlib.suppress(VerificationError):
+            manifest.parse_manifest(data)
