@@ -169,6 +169,22 @@ class App:
         runaway app cannot keep taking 50 ms slices from the others."""
         self.running = True
         self.on_tick: Callable[[App, CallResult], None] | None = None
+        # Set by the updater while a new version is on trial:
+        self.trial: Any = None  # devicerunner.trial.Trial
+        self.trial_manifest: Any = None
+        self.previous: AppInstance | None = None
+        self.previous_spec: AppSpec | None = None
+
+    def switch_to(self, instance: AppInstance, spec: AppSpec) -> AppInstance:
+        """Make ``instance`` the one that ticks from the next tick on; returns the
+        old one. Tick timing (next_due) is untouched: no tick missed or doubled."""
+        old = self.instance
+        self.instance, self.spec = instance, spec
+        self.interval_s = spec.tick_interval_ms / 1000.0
+        self.budget_s = spec.limits.tick_budget_ms / 1000.0
+        self.health_every = max(1, round(spec.health_interval_ms / spec.tick_interval_ms))
+        self.penalty = 0
+        return old
 
     def tick(self) -> CallResult:
         r = self.instance.call("dr_tick")
@@ -196,11 +212,21 @@ class App:
         return r
 
     def status(self) -> dict[str, Any]:
+        trial = None
+        if self.trial is not None:
+            h = self.trial.health
+            trial = {
+                "ticks": self.counters.ticks - self.trial.base.ticks,
+                "of_ticks": h.trial_ticks,
+                "seconds": round(self.trial.elapsed(), 1),
+                "of_seconds": h.trial_seconds,
+            }
         return {
             "app": self.name,
             "version": self.spec.version,
             "sequence": self.spec.sequence,
             "running": self.running,
+            "trial": trial,
             "memory_bytes": self.instance.memory_bytes(),
             **self.counters.summary(),
         }
@@ -251,11 +277,7 @@ class Scheduler:
 
     def swap(self, name: str, instance: AppInstance, spec: AppSpec) -> AppInstance:
         """Switch ``name`` to ``instance`` between two ticks; returns the old instance."""
-        app = self.apps[name]
-        old = app.instance
-        app.instance = instance
-        app.spec = spec
-        return old
+        return self.apps[name].switch_to(instance, spec)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,17 +200,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon.start()
     log.info("device %s running %d app(s)", cfg.id, len(daemon.scheduler.apps))
     try:
-        stop.wait(args.for_s)
+        if args.once:
+            # Settle: take what is in the inbox, finish or revert interrupted updates
+            # (bounded by --for when given).
+            deadline = None if args.for_s is None else time.monotonic() + args.for_s
+            while not stop.is_set() and not daemon.updater.idle.wait(0.1):
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("--once: updates did not settle within %s s", args.for_s)
+                    break
+        else:
+            stop.wait(args.for_s)
     finally:
         daemon.stop()
     status = daemon.status()
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
     else:
         for name, a in status["apps"].items():
+            st = a["state"]
             print(
-                f"{name}: ticks={a.get('ticks', 0)} traps={a.get('traps', 0)} "
-                f"overruns={a.get('overruns', 0)} last_error={a.get('last_error')}"
+                f"{name}: {a.get('version', '-')} (sequence {st['active_sequence']}) phase={st['phase']} "
+                f"ticks={a.get('ticks', 0)} traps={a.get('traps', 0)} overruns={a.get('overruns', 0)} "
+                f"last_error={st['last_error'] or a.get('last_error')}"
             )
     return EXIT_OK
 
@@ -267,12 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop after this long (default: until SIGTERM/SIGINT)",
     )
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="process the inbox and any interrupted update, then exit (for boot scripts)",
+    )
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
 
-    from devicerunner import cli_trust
+    from devicerunner import cli_device, cli_trust
 
     cli_trust.register(sub)
+    cli_device.register(sub)
     return p
 
 

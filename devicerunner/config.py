@@ -71,6 +71,7 @@ class DeviceConfig:
     broker: BrokerConfig | None = None
     log_format: str = "text"
     trial_attempts: int = 1
+    trust_root: Path | None = None
     source: Path | None = None
 
 
@@ -223,6 +224,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
     if log_format not in ("text", "json"):
         raise ConfigError(f"device.log_format: must be 'text' or 'json', got {log_format!r}")
     trial_attempts = dev.integer("trial_attempts", 1, 1, 100)
+    trust_root = dev.path_("trust_root", base)
     dev.done()
 
     sensors = _named_tables(root, "sensors")
@@ -252,6 +254,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         broker=broker,
         log_format=log_format,
         trial_attempts=trial_attempts,
+        trust_root=trust_root,
         source=source,
     )
 

@@ -9,16 +9,21 @@ An app that fails to start is reported and the others run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from devicerunner.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
 from devicerunner.config import AppConfig, DeviceConfig
 from devicerunner.errors import ConfigError, DeviceRunnerError
+from devicerunner.fsutil import atomic_write, clean_temp_files, makedirs
 from devicerunner.kvfile import KvFlusher, open_store
-from devicerunner.sandbox import Limits, Sandbox, load_module_bytes
+from devicerunner.sandbox import AppInstance, Limits, Sandbox
 from firmware_shims import make_actuator, make_sensor
 from firmware_shims.base import Actuator, Clock, RealClock, Sensor
 from firmware_shims.errors import MissingDependencyError, ShimConfigError
@@ -80,25 +85,42 @@ def spec_from_config(app: AppConfig, wasm: bytes, grant: frozenset[str] | None =
 
 
 class Daemon:
+    """One device: hardware, sandbox, scheduler, kv flusher, updater."""
+
+    STATUS_EVERY_S = 1.0
+
     def __init__(
         self, cfg: DeviceConfig, *, clock: Clock | None = None, log_sink: LogSink | None = None
     ) -> None:
+        from devicerunner.trust_store import TrustStore
+        from devicerunner.updater import Updater
+
         self.cfg = cfg
         self.clock = clock or RealClock()
         sensors, actuators = build_hardware(cfg.sensors, cfg.actuators, self.clock)
         self.resources = DeviceResources(
-            clock=self.clock,
-            sensors=sensors,
-            actuators=actuators,
-            outbox=Outbox(),
-            log_sink=log_sink,
+            clock=self.clock, sensors=sensors, actuators=actuators, outbox=Outbox(), log_sink=log_sink
         )
+        self.trust = TrustStore(cfg.state_dir, cfg.trust_root)
         self.sandbox = Sandbox(cache_dir=cfg.state_dir / "cache")
         self.scheduler = Scheduler(self.clock)
         self.kv_flusher = KvFlusher()
         self.kv: dict[str, KvStore] = {}
         self.failed: dict[str, str] = {}
+        self.deferred: dict[str, Any] = {}
         self.stopped = threading.Event()
+        self.started_at = time.time()
+        self.updater = Updater(self)
+        self.recent_events: list[dict[str, Any]] = []
+        self.updater.listeners.append(self._remember)
+        self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
+
+    def _remember(self, ev: dict[str, Any]) -> None:
+        self.recent_events = [*self.recent_events[-19:], ev]
+
+    def broker_lost_s(self) -> float:
+        """Seconds the broker has been unreachable (0 without a broker)."""
+        return 0.0
 
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
@@ -108,34 +130,44 @@ class Daemon:
             self.kv_flusher.stores.append(store)
         return store
 
-    def start_app(self, app: AppConfig, spec: AppSpec) -> App:
-        inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app))
+    def add_app(self, spec: AppSpec, inst: AppInstance) -> App:
         a = App(spec, inst)
         self.scheduler.add(a)
+        self.failed.pop(spec.name, None)
         return a
 
     def start(self) -> None:
+        """Recover every app from its state, start them, then the threads."""
+        makedirs(self.cfg.state_dir)
+        cleaned = clean_temp_files(self.cfg.state_dir, recursive=True)
+        if cleaned:
+            log.info("removed %d temp file(s) left by an interrupted write", cleaned)
         for name, app in self.cfg.apps.items():
-            if app.module is None:
-                self.failed[name] = "no module configured and nothing installed"
-                log.warning("app %s: %s", name, self.failed[name])
-                continue
             try:
-                spec = spec_from_config(app, load_module_bytes(app.module))
-                self.start_app(app, spec)
-                log.info("app %s started from %s", name, app.module)
+                spec, why = self.updater.boot_app(app)
+                if spec is None:
+                    self.failed[name] = why or "cannot start"
+                    log.warning("app %s: %s", name, self.failed[name])
+                    continue
+                inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app))
+                self.add_app(spec, inst)
+                log.info("app %s %s (sequence %d) started", name, spec.version, spec.sequence)
             except DeviceRunnerError as e:
                 self.failed[name] = str(e)
                 log.error("app %s failed to start: %s", name, e)
         self.kv_flusher.start()
         self.scheduler.start()
+        self.updater.start()
+        self._status_thread.start()
 
     def stop(self) -> None:
         if self.stopped.is_set():
             return
         self.stopped.set()
+        self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()
+        self.write_status()
         for s in self.resources.sensors.values():
             s.close()
         for a in self.resources.actuators.values():
@@ -143,7 +175,41 @@ class Daemon:
         self.sandbox.close()
 
     def status(self) -> dict[str, Any]:
-        apps = {name: a.status() for name, a in self.scheduler.apps.items()}
-        for name, why in self.failed.items():
-            apps.setdefault(name, {"app": name, "running": False, "last_error": why})
-        return {"device": self.cfg.id, "hardware": self.cfg.hardware, "apps": apps}
+        apps: dict[str, Any] = {}
+        for name in self.cfg.apps:
+            st, _ = self.updater.slots[name].load()
+            entry: dict[str, Any] = {"app": name, "state": dataclasses.asdict(st)}
+            live = self.scheduler.apps.get(name)
+            if live is not None:
+                entry.update(live.status())
+            else:
+                entry.update(running=False, last_error=self.failed.get(name))
+            apps[name] = entry
+        return {
+            "device": self.cfg.id,
+            "hardware": self.cfg.hardware,
+            "pid": os.getpid(),
+            "updated": round(time.time(), 3),
+            "started": round(self.started_at, 3),
+            "root_version": self.trust.root.version if self.trust.root else None,
+            "apps": apps,
+            "events": self.recent_events,
+        }
+
+    def write_status(self) -> None:
+        try:
+            atomic_write(
+                self.cfg.state_dir / STATUS_FILE,
+                json.dumps(self.status(), indent=2, sort_keys=True, default=str).encode(),
+                durable=False,
+            )
+        except OSError as e:
+            log.debug("status not written: %s", e)
+
+    def _status_loop(self) -> None:
+        while not self.stopped.wait(self.STATUS_EVERY_S):
+            self.write_status()
+
+
+STATUS_FILE = "status.json"
+"""Runtime status the daemon rewrites every second (informational, not a commit point)."""

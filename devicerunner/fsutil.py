@@ -29,7 +29,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """``durable=False`` skips the fsyncs: still atomic (never torn), but may be
+    lost in a power cut; for informational files rewritten often (status)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -39,7 +41,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -47,16 +50,37 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def clean_temp_files(directory: Path) -> int:
-    """Remove temp files a crash left behind in ``directory``; how many."""
+def _writer_alive(name: str) -> bool:
+    """Is the process that is writing this temp file still running (not us)?"""
+    try:
+        pid = int(name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temp_files(directory: Path, *, recursive: bool = False) -> int:
+    """Remove temp files a crash left behind in ``directory``; how many. A temp
+    file whose writer is still alive (another process mid-write) is left alone."""
     removed = 0
+    directory = Path(directory)
     if not directory.is_dir():
         return 0
-    for p in directory.iterdir():
-        if p.name.startswith(".") and TMP_MARK in p.name:
+    entries = directory.rglob(f".*{TMP_MARK}*") if recursive else directory.glob(f".*{TMP_MARK}*")
+    for p in list(entries):
+        if p.is_file() and not _writer_alive(p.name):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed += 1

@@ -106,7 +106,7 @@ def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0
-    assert "counter: ticks=" in out
+    assert "counter: local" in out and "ticks=" in out
     # the kv snapshot was flushed on the way out
     assert (tmp_path / "state" / "apps" / "counter" / "kv" / "data.json").exists()
 

@@ -1,0 +1,108 @@
+"""Device-side commands: install a bundle through the local channel, show status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from devicerunner import config
+from devicerunner.daemon import STATUS_FILE
+from devicerunner.slots import AppSlots
+from devicerunner.updater import install_bundle
+
+FRESH_S = 5.0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    cfg = config.load(Path(args.config))
+    data = Path(args.bundle).read_bytes()
+    path = install_bundle(cfg.state_dir, data)
+    print(
+        f"queued {args.bundle} as {path.name}; a running daemon takes it within a second, "
+        "a stopped one at its next start. Follow it with: devicerunner status --config " + args.config
+    )
+    return 0
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def device_status(cfg: config.DeviceConfig) -> dict[str, Any]:
+    """Live status from a running daemon, else what is on disk."""
+    try:
+        live = json.loads((cfg.state_dir / STATUS_FILE).read_bytes())
+    except (OSError, ValueError):
+        live = None
+    running = bool(live) and time.time() - live.get("updated", 0) < FRESH_S and _pid_alive(live.get("pid"))
+    out: dict[str, Any] = {
+        "device": cfg.id,
+        "hardware": cfg.hardware,
+        "daemon": "running" if running else "stopped",
+        "apps": {},
+    }
+    for name in cfg.apps:
+        st, why = AppSlots(cfg.state_dir, name).load()
+        entry: dict[str, Any] = {"state": {**st.__dict__}}
+        if why:
+            entry["state_note"] = why
+        if running and name in live.get("apps", {}):
+            entry.update({k: v for k, v in live["apps"][name].items() if k != "state"})
+        out["apps"][name] = entry
+    if running:
+        out["events"] = live.get("events", [])
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = config.load(Path(args.config))
+    s = device_status(cfg)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True, default=str))
+        return 0
+    print(f"device {s['device']} ({s['hardware']}), daemon {s['daemon']}")
+    for name, a in s["apps"].items():
+        st = a["state"]
+        version = a.get("version") or st.get("active_version") or ("bootstrap" if not st["active"] else "?")
+        line = (
+            f"  {name}: {version} (sequence {st['active_sequence']}, slot {st['active'] or '-'}), "
+            f"phase {st['phase']}"
+        )
+        if st.get("pending"):
+            line += f", pending sequence {st['pending_sequence']} in slot {st['pending']}"
+        trial = a.get("trial")
+        if trial:
+            line += (
+                f", trial {trial['ticks']}/{trial['of_ticks']} ticks "
+                f"{trial['seconds']}/{trial['of_seconds']} s"
+            )
+        print(line)
+        if "ticks" in a:
+            print(
+                f"    ticks {a['ticks']}, traps {a['traps']}, overruns {a['overruns']}, "
+                f"tick p50 {a['tick_p50_us']} us, p99 {a['tick_p99_us']} us"
+            )
+        if st.get("last_error"):
+            print(f"    last error: {st['last_error']}")
+        elif a.get("last_error"):
+            print(f"    last error: {a['last_error']}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    i = sub.add_parser("install", help="install a signed bundle through the local channel")
+    i.add_argument("bundle")
+    i.add_argument("--config", required=True)
+    i.set_defaults(func=cmd_install)
+    s = sub.add_parser("status", help="show every app: version, phase, trial, last error, counters")
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)

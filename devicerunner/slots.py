@@ -1,0 +1,202 @@
+"""On-disk A/B slots and the crash-safe app state: the only code that writes app files.
+
+Layout under ``<state_dir>/apps/<app>/``::
+
+    state.json              the single commit point (AppState)
+    slots/{a,b}/module.wasm
+    slots/{a,b}/manifest.json
+    slots/{a,b}/committed   marker: "this slot was committed at sequence N"
+
+Invariants:
+- Every write is temp file + fsync + rename + fsync(dir) (fsutil.atomic_write).
+- ``state.json.active`` changes only at commit. While an update is staged or
+  on trial it lives in the *other* slot (``pending``), so at every instant
+  the active slot holds a verified, runnable version (or the device is on
+  its bootstrap module and ``active`` is null).
+- Before a slot is overwritten its ``committed`` marker is removed, so a
+  marker never vouches for content it did not see committed.
+- A missing, truncated or corrupt state.json is never fatal: ``load`` falls
+  back to the committed slot with the highest sequence whose module still
+  matches its manifest, and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from devicerunner.fsutil import atomic_write, fsync_dir, makedirs
+
+log = logging.getLogger(__name__)
+
+SLOTS = ("a", "b")
+MODULE = "module.wasm"
+MANIFEST = "manifest.json"
+MARKER = "committed"
+
+IDLE = "IDLE"
+DOWNLOADING = "DOWNLOADING"
+STAGED = "STAGED"
+TRIAL = "TRIAL"
+COMMITTED = "COMMITTED"
+REJECTED = "REJECTED"
+ROLLED_BACK = "ROLLED_BACK"
+PHASES = (IDLE, DOWNLOADING, STAGED, TRIAL, COMMITTED, REJECTED, ROLLED_BACK)
+MAX_BAD_SEQUENCES = 256
+
+
+@dataclass(frozen=True)
+class AppState:
+    schema: int = 1
+    active: str | None = None
+    active_sequence: int = 0
+    active_version: str | None = None
+    pending: str | None = None
+    pending_sequence: int | None = None
+    pending_version: str | None = None
+    phase: str = IDLE
+    trial_attempts: int = 0
+    highest_sequence: int = 0
+    bad_sequences: dict[str, str] = field(default_factory=dict)
+    last_error: str | None = None
+    last_reason: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AppState:
+        obj = json.loads(data)
+        if not isinstance(obj, dict) or obj.get("schema") != 1:
+            raise ValueError("not a schema-1 app state")
+        known = {f for f in cls.__dataclass_fields__}
+        st = cls(**{k: v for k, v in obj.items() if k in known})
+        if st.phase not in PHASES or st.active not in (None, *SLOTS) or st.pending not in (None, *SLOTS):
+            raise ValueError(f"invalid phase/slot in state: {st.phase}/{st.active}/{st.pending}")
+        if not isinstance(st.bad_sequences, dict) or not isinstance(st.highest_sequence, int):
+            raise ValueError("invalid field types in state")
+        return st
+
+    @property
+    def bad(self) -> frozenset[int]:
+        return frozenset(int(s) for s in self.bad_sequences)
+
+    def mark_bad(self, sequence: int, reason: str) -> AppState:
+        bad = dict(self.bad_sequences)
+        bad[str(sequence)] = reason
+        while len(bad) > MAX_BAD_SEQUENCES:  # bounded: the oldest (lowest) go first
+            bad.pop(str(min(int(s) for s in bad)))
+        return replace(self, bad_sequences=bad)
+
+    def other_slot(self) -> str:
+        return "b" if self.active == "a" else "a"
+
+
+@dataclass(frozen=True)
+class SlotContent:
+    slot: str
+    module: bytes
+    manifest: bytes
+
+
+class AppSlots:
+    """Files of one app. Methods are the file-system steps of the update path."""
+
+    def __init__(self, state_dir: Path, app: str) -> None:
+        self.app = app
+        self.root = Path(state_dir) / "apps" / app
+        self.state_path = self.root / "state.json"
+
+    def slot_dir(self, slot: str) -> Path:
+        return self.root / "slots" / slot
+
+    # -- state --------------------------------------------------------------
+
+    def load(self) -> tuple[AppState, str | None]:
+        """The app's state and, when it had to be reconstructed, why."""
+        try:
+            return AppState.from_json(self.state_path.read_bytes()), None
+        except FileNotFoundError:
+            # A fresh app has no state yet; one that has slots lost its state.
+            why = "state.json missing" if (self.root / "slots").exists() else None
+        except (OSError, ValueError, TypeError) as e:
+            why = f"state.json unreadable ({type(e).__name__}: {e})"
+        if why is None:
+            return AppState(), None
+        st = self._reconstruct()
+        log.error(
+            "app %s: %s; fell back to %s",
+            self.app,
+            why,
+            f"committed slot {st.active} (sequence {st.active_sequence})" if st.active else "no slot",
+        )
+        return st, why
+
+    def _reconstruct(self) -> AppState:
+        best: tuple[int, str] | None = None
+        for slot in SLOTS:
+            seq = self.committed_sequence(slot)
+            if seq is not None and self.read_slot(slot) is not None and (best is None or seq > best[0]):
+                best = (seq, slot)
+        if best is None:
+            return AppState(last_error="state lost; no committed slot")
+        seq, slot = best
+        return AppState(
+            active=slot,
+            active_sequence=seq,
+            highest_sequence=seq,
+            phase=COMMITTED,
+            last_error="state.json was lost and rebuilt from the committed slot",
+        )
+
+    def save(self, st: AppState) -> None:
+        makedirs(self.root)
+        atomic_write(self.state_path, st.to_json())
+
+    # -- slots --------------------------------------------------------------
+
+    def committed_sequence(self, slot: str) -> int | None:
+        try:
+            return int((self.slot_dir(slot) / MARKER).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def read_slot(self, slot: str) -> SlotContent | None:
+        """Slot content whose module matches the sha256 in its manifest, else None."""
+        d = self.slot_dir(slot)
+        try:
+            module = (d / MODULE).read_bytes()
+            manifest = (d / MANIFEST).read_bytes()
+            want = json.loads(manifest)["signed"]["artifact"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if hashlib.sha256(module).hexdigest() != want:
+            return None
+        return SlotContent(slot, module, manifest)
+
+    def write_slot(self, slot: str, module: bytes, manifest: bytes) -> None:
+        d = self.slot_dir(slot)
+        makedirs(d)
+        marker = d / MARKER
+        if marker.exists():
+            os.unlink(marker)
+            fsync_dir(d)
+        atomic_write(d / MODULE, module)
+        atomic_write(d / MANIFEST, manifest)
+
+    def mark_committed(self, slot: str, sequence: int) -> None:
+        atomic_write(self.slot_dir(slot) / MARKER, f"{sequence}\n".encode())
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        obj = json.loads(Path(path).read_bytes())
+        if isinstance(obj, dict):
+            return obj
+    return None

@@ -1,0 +1,259 @@
+"""The update path on a real daemon with real files: commit, rollback, recovery.
+Each test is named after the failure it covers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devicerunner.daemon import Daemon
+from devicerunner.slots import AppSlots
+from devicerunner.updater import install_bundle
+from tests.conftest import EXAMPLES, ROOT
+from tests.devicekit import Events, Kit, counter_module
+
+BROKEN_INIT = (EXAMPLES / "broken-init.wat").read_text()
+UNHEALTHY = (EXAMPLES / "unhealthy-after-50.wat").read_text()
+SLOW = (EXAMPLES / "slow.wat").read_text()
+
+
+def _wat(text: str) -> bytes:
+    import wasmtime
+
+    return bytes(wasmtime.wat2wasm(text))
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Kit:
+    return Kit(tmp_path / "dev")
+
+
+@pytest.fixture
+def daemon(kit: Kit) -> Iterator[Daemon]:
+    d = Daemon(kit.cfg)
+    d.start()
+    yield d
+    d.stop()
+
+
+def _state(kit: Kit):  # type: ignore[no-untyped-def]
+    st, _ = AppSlots(kit.state_dir, "app").load()
+    return st
+
+
+def _kv_count(d: Daemon) -> int:
+    raw = d.kv["app"].get(b"count")
+    return int.from_bytes(raw or b"\0\0\0\0", "little")
+
+
+def test_good_update_is_committed_without_a_missed_tick_and_keeps_kv_data(tmp_path: Path) -> None:
+    # 50 ms ticks: a miss then means the swap held the scheduler, not machine load.
+    kit = Kit(tmp_path / "dev", tick_interval_ms=50)
+    daemon = Daemon(kit.cfg)
+    daemon.start()
+    try:
+        _good_update(kit, daemon)
+    finally:
+        daemon.stop()
+
+
+def _good_update(kit: Kit, daemon: Daemon) -> None:
+    ev = Events(daemon)
+    time.sleep(0.3)
+    before = _kv_count(daemon)
+    assert before > 0  # the bootstrap app has been counting
+    install_bundle(kit.state_dir, kit.bundle(counter_module(1000), 1))
+    ev.wait("COMMITTED", 1)
+    st = _state(kit)
+    assert (st.phase, st.active, st.active_sequence, st.highest_sequence) == ("COMMITTED", "a", 1, 1)
+    assert AppSlots(kit.state_dir, "app").committed_sequence("a") == 1
+    app = daemon.scheduler.apps["app"]
+    assert app.spec.sequence == 1 and app.previous is None
+    assert app.counters.missed == 0 and app.counters.traps == 0
+    # the new version continued the old one's kv data (+1000 per tick from there)
+    after = _kv_count(daemon)
+    assert after >= before + 1000 * 20 and (after - before) % 1 == 0
+    assert [e["phase"] for e in ev.items] == ["STAGED", "TRIAL", "COMMITTED"]
+
+
+def test_broken_app_that_traps_in_init_is_rolled_back_and_never_retried(kit: Kit, daemon: Daemon) -> None:
+    ev = Events(daemon)
+    install_bundle(kit.state_dir, kit.bundle(_wat(BROKEN_INIT), 2, caps=["log"]))
+    rb = ev.wait("ROLLED_BACK", 2)
+    assert "dr_init" in rb["reason_text"] and "unreachable" in rb["reason_text"]
+    st = _state(kit)
+    assert st.phase == "ROLLED_BACK" and "2" in st.bad_sequences and st.active is None
+    app = daemon.scheduler.apps["app"]
+    assert app.spec.version == "local" and app.running  # the old app never stopped
+    install_bundle(kit.state_dir, kit.bundle(_wat(BROKEN_INIT), 2, caps=["log"]))
+    assert ev.wait("REJECTED", 2)["reason"] == "rollback"
+    install_bundle(kit.state_dir, kit.bundle(counter_module(3), 3))  # a newer one is taken
+    ev.wait("COMMITTED", 3)
+
+
+def test_app_that_goes_unhealthy_after_50_ticks_during_the_trial_is_rolled_back(
+    kit: Kit, daemon: Daemon
+) -> None:
+    ev = Events(daemon)
+    install_bundle(kit.state_dir, kit.bundle(_wat(UNHEALTHY), 4, caps=["log"], trial_ticks=200))
+    rb = ev.wait("ROLLED_BACK", 4)
+    assert "dr_health" in rb["reason_text"]
+    assert daemon.scheduler.apps["app"].spec.version == "local"
+    assert _state(kit).bad_sequences["4"].startswith("dr_health")
+
+
+def test_slow_app_that_overruns_its_tick_budget_is_rolled_back(kit: Kit, daemon: Daemon) -> None:
+    ev = Events(daemon)
+    install_bundle(kit.state_dir, kit.bundle(_wat(SLOW), 5, caps=["log"], tick_budget_ms=10))
+    rb = ev.wait("ROLLED_BACK", 5)
+    assert "overran" in rb["reason_text"]
+    assert daemon.scheduler.apps["app"].spec.version == "local"
+
+
+def test_unsigned_bundle_is_rejected_and_changes_nothing(kit: Kit, daemon: Daemon) -> None:
+    ev = Events(daemon)
+    outsider = Kit(kit.dir.parent / "outsider")
+    before = (kit.state_dir / "apps" / "app" / "state.json").exists()
+    install_bundle(kit.state_dir, outsider.bundle(counter_module(7), 9))
+    rej = ev.wait("REJECTED", 9)
+    assert rej["reason"] == "bad_signature"
+    assert (kit.state_dir / "apps" / "app" / "state.json").exists() == before
+    assert "9" not in _state(kit).bad_sequences  # a forgery cannot poison sequence 9
+
+
+def test_stopped_daemon_takes_an_inbox_bundle_at_its_next_start(kit: Kit) -> None:
+    install_bundle(kit.state_dir, kit.bundle(counter_module(5), 1))
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        ev.wait("COMMITTED", 1)
+    finally:
+        d.stop()
+    assert not list((kit.state_dir / "inbox").glob("*.bundle"))
+
+
+def test_corrupt_state_json_falls_back_to_the_committed_slot(kit: Kit) -> None:
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    install_bundle(kit.state_dir, kit.bundle(counter_module(2), 1))
+    ev.wait("COMMITTED", 1)
+    d.stop()
+    state = kit.state_dir / "apps" / "app" / "state.json"
+    for damage in (state.read_bytes()[:40], b"\x00\xff garbage", None):
+        if damage is None:
+            state.unlink()
+        else:
+            state.write_bytes(damage)
+        d2 = Daemon(kit.cfg)
+        d2.start()
+        try:
+            app = d2.scheduler.apps["app"]
+            assert (app.spec.sequence, app.spec.version) == (1, "1.0.1")
+        finally:
+            d2.stop()
+        st = _state(kit)
+        assert st.active == "a" and st.active_sequence == 1 and "rebuilt" in (st.last_error or "")
+
+
+def _run_daemon(kit: Kit, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(kit.config_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_phase_on_disk(kit: Kit, phase: str, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if _state(kit).phase == phase:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"phase {phase} not reached; state: {_state(kit)}")
+
+
+def test_kill_during_trial_reverts_on_reboot(kit: Kit) -> None:
+    install_bundle(kit.state_dir, kit.bundle(counter_module(9), 1, trial_seconds=60))
+    p = _run_daemon(kit)
+    try:
+        _wait_phase_on_disk(kit, "TRIAL")
+        time.sleep(0.2)  # the new version is ticking on trial
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=10)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "devicerunner.cli",
+            "run",
+            "--config",
+            str(kit.config_path),
+            "--for",
+            "0.5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)["apps"]["app"]
+    assert status["version"] == "local" and status["state"]["phase"] == "ROLLED_BACK"
+    assert status["state"]["last_reason"] == "trial_interrupted"
+    assert "1" in status["state"]["bad_sequences"]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_staging_keeps_the_old_app_and_retries_later(tmp_path: Path, small_fs: Path) -> None:
+    kit = Kit(small_fs / "dev")
+    d = Daemon(kit.cfg)  # first boot provisions the root into the state dir
+    d.start()
+    d.stop()
+    install_bundle(kit.state_dir, kit.bundle(counter_module(4, pad_bytes=300_000), 1))
+    ballast = small_fs / "ballast"
+    free = shutil.disk_usage(small_fs).free
+    ballast.write_bytes(b"\0" * max(0, free - 64 * 1024))  # leave far less than the module needs
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        failed = ev.wait("FAILED", 1)
+        assert failed["reason"] == "io_error" and "No space left" in failed["reason_text"]
+        app = d.scheduler.apps["app"]
+        assert app.running and app.spec.version == "local"
+        t = app.counters.ticks
+        time.sleep(0.1)
+        assert app.counters.ticks > t  # the old app kept ticking
+        assert list((kit.state_dir / "inbox").glob("*.bundle"))  # kept for the retry
+        ballast.unlink()  # space comes back: the retry goes through
+        ev.wait("COMMITTED", 1, timeout_s=30)
+    finally:
+        d.stop()
+    assert _state(kit).active_sequence == 1
