@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from devicerunner import __version__, logfmt
+from devicerunner import __version__, logfmt, sdnotify
 from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
 
 log = logging.getLogger("devicerunner")
@@ -188,6 +188,22 @@ def _on_signals(handler: Callable[[], None]) -> None:
         signal.signal(sig, lambda *_: handler())
 
 
+def _start_watchdog(daemon: Any, every_s: float, stop: threading.Event) -> None:
+    """Pet systemd's watchdog only while the scheduler thread is alive and
+    making progress: a wedged daemon gets restarted."""
+
+    def loop() -> None:
+        last = -1
+        while not stop.wait(every_s):
+            ticks = sum(a.counters.ticks for a in daemon.scheduler.apps.values())
+            alive = daemon.scheduler.alive()
+            if alive and (ticks != last or not daemon.scheduler.apps):
+                sdnotify.notify(f"WATCHDOG=1\nSTATUS=running, {ticks} ticks")
+            last = ticks
+
+    threading.Thread(target=loop, name="watchdog", daemon=True).start()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from devicerunner import config
     from devicerunner.daemon import Daemon
@@ -199,6 +215,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _on_signals(stop.set)
     daemon.start()
     log.info("device %s running %d app(s)", cfg.id, len(daemon.scheduler.apps))
+    sdnotify.notify(f"READY=1\nSTATUS=running {len(daemon.scheduler.apps)} app(s)")
+    wd = sdnotify.watchdog_interval_s()
+    if wd is not None:
+        _start_watchdog(daemon, wd, stop)
     try:
         if args.once:
             # Settle: take what is in the inbox, finish or revert interrupted updates
@@ -211,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             stop.wait(args.for_s)
     finally:
+        sdnotify.notify("STOPPING=1")
         daemon.stop()
     status = daemon.status()
     if args.json:
@@ -287,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
 
-    from devicerunner import cli_device, cli_trust
+    from devicerunner import cli_device, cli_mqtt, cli_trust
 
-    cli_trust.register(sub)
+    trust_sub = cli_trust.register(sub)
     cli_device.register(sub)
+    cli_mqtt.register(sub, trust_sub)
     return p
 
 

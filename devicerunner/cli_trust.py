@@ -256,7 +256,7 @@ def _role_options(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument(f"--{role}-threshold", type=int, metavar="N", help=f"signatures the {role} role needs")
 
 
-def register(sub: Any) -> None:
+def register(sub: Any) -> Any:
     k = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub)")
     k.add_argument("name")
     k.add_argument("--dir", default=".")
@@ -328,3 +328,4 @@ def register(sub: Any) -> None:
     v.add_argument("--now", type=int, help="judge expiry at this Unix time")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    return tsub

@@ -113,6 +113,14 @@ class Daemon:
         self.updater = Updater(self)
         self.recent_events: list[dict[str, Any]] = []
         self.updater.listeners.append(self._remember)
+        self.waiting: dict[str, Any] = {}
+        """app -> a verified release this device is not (yet) in the rollout of."""
+        self.rollouts: dict[str, Any] = {}
+        self.transport: Any = None
+        if cfg.broker is not None:
+            from devicerunner.transport.device import DeviceTransport
+
+            self.transport = DeviceTransport(self)
         self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
 
     def _remember(self, ev: dict[str, Any]) -> None:
@@ -120,7 +128,16 @@ class Daemon:
 
     def broker_lost_s(self) -> float:
         """Seconds the broker has been unreachable (0 without a broker)."""
-        return 0.0
+        return 0.0 if self.transport is None else float(self.transport.lost_s())
+
+    def eligible(self, m: Any) -> bool:
+        """Is this device in the release's rollout (stable hash of id and salt)?"""
+        from devicerunner.trust import in_rollout
+
+        return in_rollout(self.cfg.id, m.targets.rollout_salt, m.targets.rollout_percent)
+
+    def on_rollout_document(self, topic: str, payload: bytes) -> None:
+        """Rollout documents (signed by the rollout role) arrive here."""
 
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
@@ -158,12 +175,16 @@ class Daemon:
         self.kv_flusher.start()
         self.scheduler.start()
         self.updater.start()
+        if self.transport is not None:
+            self.transport.start()
         self._status_thread.start()
 
     def stop(self) -> None:
         if self.stopped.is_set():
             return
         self.stopped.set()
+        if self.transport is not None:
+            self.transport.stop()
         self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()

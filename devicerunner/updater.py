@@ -260,6 +260,29 @@ class Updater:
         """Hand a release to the updater (any thread); verified there."""
         self._q.put(lambda: self._process(_Release(manifest, module, source)))
 
+    def reject(self, manifest: bytes, error: VerificationError, source: str) -> None:
+        """Record a release another channel refused (any thread)."""
+        self._q.put(lambda: self._rejected(_peek_app(manifest), _Release(manifest, b"", source), error))
+
+    def note_downloading(self, m: Manifest, resumed: int) -> None:
+        """A verified release's download started (any thread)."""
+
+        def note() -> None:
+            s = self.slots[m.app]
+            st, _ = s.load()
+            if st.phase != slots.TRIAL and st.pending is None:
+                s.save(replace(st, phase=slots.DOWNLOADING, last_error=None, last_reason=None))
+            self.emit(
+                m.app,
+                slots.DOWNLOADING,
+                sequence=m.sequence,
+                version=m.version,
+                chunks=len(m.artifact.chunks),
+                chunks_held=resumed,
+            )
+
+        self._q.put(note)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:

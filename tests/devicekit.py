@@ -54,6 +54,7 @@ class Kit:
     device_id: str = "dev-1"
     bootstrap: str | None = None
     tick_interval_ms: int = 10
+    extra_config: str = ""
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,7 @@ driver = "sim"
 [actuators.fan]
 driver = "sim"
 """.replace("'", '"')
+            + self.extra_config
         )
         self.cfg = config.load(self.config_path)
 

@@ -1,0 +1,99 @@
+"""The embedded broker (amqtt) for the demo and small setups.
+
+Production fleets use Mosquitto, EMQX, HiveMQ, VerneMQ or AWS IoT Core
+(docs/operations.md). This one listens on loopback by default, allows
+anonymous clients and keeps retained messages in memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Any
+
+from devicerunner.errors import DeviceRunnerError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(DeviceRunnerError):
+    pass
+
+
+def _config(host: str, port: int) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+        "timeout_disconnect_delay": 0,
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedBroker:
+    """Runs amqtt on its own thread and event loop; ``start`` returns once it listens."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+        self.host, self.port = host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        try:
+            from amqtt.broker import Broker  # noqa: F401 - fail early with a clear message
+        except ImportError as e:
+            raise BrokerError("the embedded broker needs amqtt: pip install 'devicerunner[broker]'") from e
+        if not port_free(self.host, self.port):
+            raise BrokerError(f"{self.host}:{self.port} is in use (another broker?); choose --port")
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._error is not None:
+            raise BrokerError(f"embedded broker did not start: {self._error}")
+
+    def _run(self) -> None:
+        from amqtt.broker import Broker
+
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            self._broker = Broker(_config(self.host, self.port))
+            await self._broker.start()
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is None or self._broker is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
+        try:
+            fut.result(timeout=10)
+        except Exception as e:
+            log.debug("broker shutdown: %s", e)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,154 @@
+"""MQTT commands: publish, trust publish, gc, fleet status, broker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from devicerunner.transport import operator
+from devicerunner.transport.settings import BrokerSettings, parse_url
+from devicerunner.transport.topics import DEFAULT_PREFIX
+
+
+def _settings(args: argparse.Namespace) -> BrokerSettings:
+    return parse_url(
+        args.broker,
+        ca_file=Path(args.ca_file) if args.ca_file else None,
+        cert_file=Path(args.cert_file) if args.cert_file else None,
+        key_file=Path(args.key_file) if args.key_file else None,
+    )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    data = Path(args.bundle).read_bytes()
+    s = _settings(args)
+    t0 = time.monotonic()
+    bar = None if args.json else operator.progress_bar(sys.stderr)
+    m = operator.publish_bundle(s, data, args.prefix, args.channel, progress=bar)
+    dt = time.monotonic() - t0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "app": m.app,
+                    "version": m.version,
+                    "sequence": m.sequence,
+                    "channel": m.channel,
+                    "sha256": m.artifact.sha256,
+                    "chunks": len(m.artifact.chunks),
+                    "seconds": round(dt, 3),
+                }
+            )
+        )
+    else:
+        print(
+            f"published {m.app} {m.version} (sequence {m.sequence}) to {s.url} on channel {m.channel}: "
+            f"{len(m.artifact.chunks)} chunk(s), {m.artifact.size} bytes in {dt:.2f} s"
+        )
+    return 0
+
+
+def cmd_trust_publish(args: argparse.Namespace) -> int:
+    root = operator.publish_root(_settings(args), Path(args.root).read_bytes(), args.prefix)
+    print(f"published trust root v{root.version}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    kept, removed = operator.gc(_settings(args), args.prefix, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} unreferenced chunk(s); {kept} still referenced")
+    return 0
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    fleet = operator.fleet_status(_settings(args), args.prefix, quiet_s=args.wait)
+    if args.json:
+        print(json.dumps(fleet, indent=2, sort_keys=True))
+        return 0
+    if not fleet:
+        print("no device has reported status yet")
+        return 0
+    rows = []
+    for dev in sorted(fleet):
+        d = fleet[dev]
+        for app, a in sorted((d.get("apps") or {"-": {}}).items()):
+            rows.append(
+                (
+                    dev,
+                    "online" if d.get("online") else "offline",
+                    d.get("hardware", "?"),
+                    app,
+                    str(a.get("version") or "-"),
+                    str(a.get("sequence", "-")),
+                    str(a.get("phase", "-")),
+                    (a.get("last_error") or "")[:70],
+                )
+            )
+    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "LAST ERROR")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from devicerunner.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(args.host, args.port)
+    b.start()
+    print(f"embedded broker listening on {b.url} (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait(args.for_s)
+    b.stop()
+    return 0
+
+
+def _broker_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX)
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--cert-file", help="client certificate (mqtts://)")
+    p.add_argument("--key-file", help="client key (mqtts://)")
+
+
+def register(sub: Any, trust_sub: Any) -> None:
+    p = sub.add_parser("publish", help="publish a release bundle: chunks first, then the manifest")
+    p.add_argument("bundle")
+    p.add_argument("--channel", help="must match the channel the bundle was signed for")
+    p.add_argument("--json", action="store_true")
+    _broker_opts(p)
+    p.set_defaults(func=cmd_publish)
+
+    t = trust_sub.add_parser("publish", help="publish a trust root (devices rotate to it)")
+    t.add_argument("root")
+    _broker_opts(t)
+    t.set_defaults(func=cmd_trust_publish)
+
+    g = sub.add_parser("gc", help="remove retained chunks no current release references")
+    g.add_argument("--dry-run", action="store_true")
+    _broker_opts(g)
+    g.set_defaults(func=cmd_gc)
+
+    f = sub.add_parser("fleet", help="the fleet as the broker sees it")
+    fsub = f.add_subparsers(dest="fleet_cmd", required=True)
+    fs = fsub.add_parser("status", help="every device's retained status")
+    fs.add_argument("--json", action="store_true")
+    fs.add_argument("--wait", type=float, default=0.5, help="seconds of quiet that end the listing")
+    _broker_opts(fs)
+    fs.set_defaults(func=cmd_fleet_status)
+
+    b = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) for demos and small setups")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=1883)
+    b.add_argument("--for", dest="for_s", type=float, default=None, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_broker)

@@ -1,0 +1,208 @@
+"""Operator-side MQTT: publish releases and roots, clear unreferenced chunks,
+read the fleet's status. Short-lived single clients (paho's own loop thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import paho.mqtt.client as paho
+
+from devicerunner import bundle, manifest, trust
+from devicerunner.errors import DeviceRunnerError, TransportError
+from devicerunner.transport import topics
+from devicerunner.transport.mqtt import make_client
+from devicerunner.transport.settings import BrokerSettings
+
+WINDOW = 20
+"""QoS 1 publishes in flight at once: a flat-out publisher overruns a broker's
+queue for slow subscribers (Mosquitto drops past max_queued_messages)."""
+
+
+class OperatorError(DeviceRunnerError):
+    pass
+
+
+class Session:
+    """A connected operator client; use as a context manager."""
+
+    def __init__(self, s: BrokerSettings, client_id: str | None = None, timeout_s: float = 10.0) -> None:
+        self.s = s
+        self.client = make_client(s, client_id or f"dr-op-{time.time_ns() % 10**9}")
+        self.timeout_s = timeout_s
+        self._connected = threading.Event()
+        self._rc: Any = None
+        self.messages: dict[str, bytes] = {}
+        self.last_message = 0.0
+        self._lock = threading.Lock()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self._rc = rc
+        self._connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages[msg.topic] = bytes(msg.payload)
+            self.last_message = time.monotonic()
+
+    def __enter__(self) -> Session:
+        try:
+            self.client.connect(self.s.host, self.s.port, self.s.keepalive_s)
+        except OSError as e:
+            raise TransportError(f"cannot connect to {self.s.url}: {e}") from e
+        self.client.loop_start()
+        if not self._connected.wait(self.timeout_s):
+            self.__exit__()
+            raise TransportError(f"no answer from {self.s.url} within {self.timeout_s:.0f} s")
+        if self._rc is not None and self._rc.is_failure:
+            self.__exit__()
+            raise TransportError(f"{self.s.url} refused the connection: {self._rc}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish_many(
+        self,
+        items: list[tuple[str, bytes]],
+        *,
+        retain: bool,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Publish with at most WINDOW unacknowledged messages; raises on failure."""
+        inflight: list[paho.MQTTMessageInfo] = []
+        done = 0
+        for topic, payload in items:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            inflight.append(info)
+            if len(inflight) >= WINDOW:
+                self._wait(inflight.pop(0), topic)
+                done += 1
+                if progress:
+                    progress(done, len(items))
+        for info in inflight:
+            self._wait(info, "")
+            done += 1
+            if progress:
+                progress(done, len(items))
+
+    def _wait(self, info: paho.MQTTMessageInfo, topic: str) -> None:
+        try:
+            info.wait_for_publish(self.timeout_s)
+        except (RuntimeError, ValueError) as e:
+            raise TransportError(f"publish {topic} failed: {e}") from e
+        if not info.is_published():
+            raise TransportError(f"broker did not acknowledge a publish within {self.timeout_s:.0f} s")
+
+    def collect(self, filters: list[str], quiet_s: float = 0.5, max_s: float = 5.0) -> dict[str, bytes]:
+        """Retained messages under ``filters``: until none arrived for ``quiet_s``."""
+        start = time.monotonic()
+        self.last_message = start
+        self.client.subscribe([(f, 1) for f in filters])
+        while time.monotonic() - start < max_s and time.monotonic() - self.last_message < quiet_s:
+            time.sleep(0.05)
+        self.client.unsubscribe(filters)
+        with self._lock:
+            return dict(self.messages)
+
+
+def progress_bar(out: TextIO = sys.stderr, label: str = "chunks") -> Callable[[int, int], None]:
+    tty = out.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not tty and done != total:
+            return
+        if done != total and now - last[0] < 0.05:
+            return
+        last[0] = now
+        width = 30
+        filled = width * done // max(1, total)
+        end = "\n" if done == total else ""
+        out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}{end}")
+        out.flush()
+
+    return show
+
+
+def publish_bundle(
+    s: BrokerSettings,
+    data: bytes,
+    prefix: str,
+    channel: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> manifest.Manifest:
+    """Chunks first (retained), then the manifest: no device ever sees a release
+    whose chunks are missing."""
+    man, module = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    if channel is not None and channel != m.channel:
+        raise OperatorError(f"the bundle is signed for channel {m.channel!r}, not {channel!r} (re-sign it)")
+    trust.verify_artifact(m, module)  # never publish a corrupt bundle
+    cs = m.artifact.chunk_size
+    chunks = [
+        (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
+        for i in range(len(m.artifact.chunks))
+    ]
+    with Session(s) as sess:
+        sess.publish_many(chunks, retain=True, progress=progress)
+        sess.publish_many([(topics.release(prefix, m.app, m.channel), man)], retain=True)
+    return m
+
+
+def publish_root(s: BrokerSettings, data: bytes, prefix: str) -> manifest.Root:
+    root = manifest.parse_root(data)
+    with Session(s) as sess:
+        sess.publish_many(
+            [(topics.root_version(prefix, root.version), data), (topics.root(prefix), data)], retain=True
+        )
+    return root
+
+
+def gc(s: BrokerSettings, prefix: str, dry_run: bool = False) -> tuple[int, int]:
+    """Clear retained chunks that no current release references; (kept, removed)."""
+    with Session(s) as sess:
+        releases = sess.collect([f"{prefix}/releases/+/+"])
+        referenced = set()
+        for payload in releases.values():
+            if payload:
+                with contextlib.suppress(DeviceRunnerError):
+                    referenced.add(manifest.parse_manifest(payload).artifact.sha256)
+        chunks = sess.collect([f"{prefix}/artifacts/+/+"], quiet_s=1.0, max_s=60)
+        stale = [
+            t
+            for t, p in chunks.items()
+            if p and (topics.parse_chunk(prefix, t) or ("",))[0] not in referenced
+        ]
+        if not dry_run:
+            sess.publish_many([(t, b"") for t in stale], retain=True)
+    kept = sum(1 for t, p in chunks.items() if p) - len(stale)
+    return kept, len(stale)
+
+
+def fleet_status(s: BrokerSettings, prefix: str, quiet_s: float = 0.5) -> dict[str, dict[str, Any]]:
+    with Session(s) as sess:
+        msgs = sess.collect([f"{prefix}/devices/+/status"], quiet_s=quiet_s, max_s=30)
+    out: dict[str, dict[str, Any]] = {}
+    for topic, payload in msgs.items():
+        parts = topic[len(prefix) + 1 :].split("/") if topic.startswith(prefix + "/") else []
+        if len(parts) != 3 or parts[0] != "devices" or parts[2] != "status":
+            continue  # some brokers' wildcard matching is loose; be strict here
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out[topic.split("/")[-2]] = doc
+    return out

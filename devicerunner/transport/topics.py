@@ -1,0 +1,44 @@
+"""The MQTT topic layout (docs/mqtt.md). Pure."""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "dr/v1"
+
+
+def root(p: str) -> str:
+    return f"{p}/trust/root"
+
+
+def root_version(p: str, version: int | str) -> str:
+    return f"{p}/trust/roots/{version}"
+
+
+def release(p: str, app: str, channel: str) -> str:
+    return f"{p}/releases/{app}/{channel}"
+
+
+def rollout(p: str, app: str, channel: str) -> str:
+    return f"{p}/rollouts/{app}/{channel}"
+
+
+def chunk(p: str, sha256: str, index: int | str) -> str:
+    return f"{p}/artifacts/{sha256}/{index}"
+
+
+def status(p: str, device: str) -> str:
+    return f"{p}/devices/{device}/status"
+
+
+def events(p: str, device: str) -> str:
+    return f"{p}/devices/{device}/events"
+
+
+def telemetry(p: str, device: str, app: str, name: str) -> str:
+    return f"{p}/devices/{device}/telemetry/{app}/{name}"
+
+
+def parse_chunk(p: str, topic: str) -> tuple[str, int] | None:
+    parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
+    if len(parts) == 3 and parts[0] == "artifacts" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None

@@ -1,0 +1,418 @@
+"""Updates over a real Mosquitto (started here on a free loopback port): end to
+end, tampering, broker restarts, power cuts mid-download, bursts, TLS, ACLs,
+and the embedded broker."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devicerunner import bundle, manifest
+from devicerunner.daemon import Daemon
+from devicerunner.slots import AppSlots
+from devicerunner.transport import operator, topics
+from devicerunner.transport.settings import parse_url
+from tests.brokers import Mosquitto, free_port
+from tests.conftest import EXAMPLES, ROOT
+from tests.devicekit import Events, Kit, counter_module
+
+P = "dr/v1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()
+
+
+def mqtt_kit(tmp_path: Path, url: str, extra: str = "", **kw: Any) -> Kit:
+    return Kit(
+        tmp_path / "dev",
+        extra_config=f"""
+[broker]
+url = "{url}"
+download_stall_s = 5
+reconnect_min_s = 0.1
+reconnect_max_s = 1.0
+{extra}""",
+        **kw,
+    )
+
+
+class Listener:
+    """A plain subscriber (the test's own eyes on the broker)."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        s = parse_url(url)
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"listener-{time.time_ns()}")
+        self.c.on_message = self._msg
+        self.c.connect(s.host, s.port)
+        self.c.subscribe(topic, 1)
+        self.c.loop_start()
+
+    def _msg(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for _, p in self.messages]
+
+    def wait_event(self, phase: str, sequence: int, timeout_s: float = 30) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next(
+                (e for e in self.events() if e.get("phase") == phase and e.get("sequence") == sequence), None
+            )
+
+        with self._cond:
+            self._cond.wait_for(lambda: find() is not None, timeout_s)
+        ev = find()
+        assert ev is not None, f"no {phase} {sequence}: {self.events()}"
+        return ev
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _publish(url: str, data: bytes) -> manifest.Manifest:
+    return operator.publish_bundle(parse_url(url), data, P)
+
+
+def test_good_release_is_committed_end_to_end_and_reported_in_fleet_status(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        assert d.transport.conn.connected.wait(10)
+        _publish(broker.url, kit.bundle(counter_module(3), 1))
+        ev.wait("COMMITTED", 1)
+        fleet: dict[str, Any] = {}
+        for _ in range(50):  # status is published right after the event; bounded wait
+            fleet = operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)
+            if fleet.get("dev-1", {}).get("apps", {}).get("app", {}).get("phase") == "COMMITTED":
+                break
+        app = fleet["dev-1"]["apps"]["app"]
+        assert fleet["dev-1"]["online"] is True
+        assert (app["sequence"], app["phase"]) == (1, "COMMITTED")
+    finally:
+        d.stop()
+    # the clean stop marked it offline (the last will covers crashes)
+    assert operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"]["online"] is False
+
+
+def test_broken_release_is_rolled_back_with_the_reason_in_fleet_status(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    import wasmtime
+
+    kit = mqtt_kit(tmp_path, broker.url)
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        broken = bytes(wasmtime.wat2wasm((EXAMPLES / "broken-init.wat").read_text()))
+        _publish(broker.url, kit.bundle(broken, 1, caps=["log"]))
+        ev.wait("ROLLED_BACK", 1)
+        time.sleep(0.3)
+        app = operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"]["apps"]["app"]
+        assert app["phase"] == "ROLLED_BACK" and "dr_init" in app["last_error"]
+        assert d.scheduler.apps["app"].spec.version == "local"
+    finally:
+        d.stop()
+
+
+def test_tampered_chunk_on_the_broker_is_rejected_and_named_in_the_event(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    data = kit.bundle(counter_module(3, pad_bytes=5000), 1, chunk_size=1024)
+    m = _publish(broker.url, data)
+    with operator.Session(parse_url(broker.url)) as s:  # an attacker overwrites chunk 2
+        s.publish_many([(topics.chunk(P, m.artifact.sha256, 2), b"\0" * 1024)], retain=True)
+    events = Listener(broker.url, topics.events(P, "dev-1"))
+    d = Daemon(kit.cfg)
+    d.start()
+    try:
+        rej = events.wait_event("REJECTED", 1)
+        assert rej["reason"] == "artifact_mismatch" and "chunk 2" in rej["reason_text"]
+        assert d.scheduler.apps["app"].spec.version == "local"  # it never ran
+        assert AppSlots(kit.state_dir, "app").load()[0].active is None
+    finally:
+        d.stop()
+        events.close()
+
+
+def _publish_chunks(url: str, data: bytes, indexes: range) -> manifest.Manifest:
+    man, module = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    cs = m.artifact.chunk_size
+    with operator.Session(parse_url(url)) as s:
+        s.publish_many(
+            [(topics.chunk(P, m.artifact.sha256, i), module[i * cs : (i + 1) * cs]) for i in indexes],
+            retain=True,
+        )
+    return m
+
+
+def _publish_manifest(url: str, data: bytes) -> None:
+    man, _ = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    with operator.Session(parse_url(url)) as s:
+        s.publish_many([(topics.release(P, m.app, m.channel), man)], retain=True)
+
+
+def test_broker_restart_mid_download_resumes_without_fetching_a_chunk_twice(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    data = kit.bundle(counter_module(3, pad_bytes=100_000), 1, chunk_size=1024)
+    m = manifest.parse_manifest(bundle.unpack(data)[0])
+    n = len(m.artifact.chunks)
+    half = n // 2
+    # A slow upload: the manifest and the first half are there, the rest is not yet.
+    _publish_chunks(broker.url, data, range(half))
+    _publish_manifest(broker.url, data)
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        ev.wait("DOWNLOADING", 1)
+        end = time.monotonic() + 20
+        while d.transport.stats["chunks_fetched"] < half and time.monotonic() < end:
+            time.sleep(0.02)
+        assert d.transport.stats["chunks_fetched"] == half
+        broker.restart(down_s=0.5)  # retained messages survive (persistence), the device reconnects
+        _publish_chunks(broker.url, data, range(half, n))
+        done = ev.wait("DOWNLOADED", 1, timeout_s=30)
+        ev.wait("COMMITTED", 1)
+        assert done["chunks_fetched"] == n
+        assert d.transport.stats["chunk_messages"] == n  # not one chunk delivered twice
+        assert len(d.transport.conn.connects) >= 2
+    finally:
+        d.stop()
+
+
+def test_sigkill_mid_download_resumes_without_refetching_held_chunks(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    data = kit.bundle(counter_module(3, pad_bytes=60_000), 1, chunk_size=1024)
+    m = manifest.parse_manifest(bundle.unpack(data)[0])
+    n = len(m.artifact.chunks)
+    _publish_chunks(broker.url, data, range(n // 2))
+    _publish_manifest(broker.url, data)
+    cmd = [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(kit.config_path)]
+    dl_dir = kit.state_dir / "downloads" / m.artifact.sha256
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        end = time.monotonic() + 30
+        while len(list(dl_dir.glob("*.chunk"))) < n // 2 and time.monotonic() < end:
+            time.sleep(0.02)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    held = len(list(dl_dir.glob("*.chunk")))
+    assert held == n // 2
+    events = Listener(broker.url, topics.events(P, "dev-1"))
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        events.wait_event("DOWNLOADING", 1)
+        _publish_chunks(broker.url, data, range(n // 2, n))
+        done = events.wait_event("DOWNLOADED", 1)
+        events.wait_event("COMMITTED", 1)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(20)
+        events.close()
+    assert (done["chunks_resumed"], done["chunks_fetched"]) == (held, n - held)
+
+
+def test_burst_of_100_releases_leaves_the_device_on_the_highest_sequence(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        assert d.transport.conn.connected.wait(10)
+        bundles = [kit.bundle(counter_module(seq), seq, trial_ticks=2) for seq in range(1, 101)]
+        s = parse_url(broker.url)
+        for b in bundles:
+            operator.publish_bundle(s, b, P)
+        ev.wait("COMMITTED", 100, timeout_s=120)
+        st = AppSlots(kit.state_dir, "app").load()[0]
+        assert (st.active_sequence, st.phase) == (100, "COMMITTED")
+        assert d.scheduler.apps["app"].spec.sequence == 100
+    finally:
+        d.stop()
+
+
+def test_device_cannot_publish_a_release_or_another_devices_status(tmp_path: Path) -> None:
+    work = tmp_path / "acl"
+    work.mkdir()
+    pw = work / "passwd"
+    for user in ("operator", "dev-1"):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if user == "operator" else []), str(pw), user, f"{user}-pw"],
+            check=True,
+            capture_output=True,
+        )
+    acl = work / "acl"
+    acl.write_text(f"""user operator
+topic readwrite {P}/#
+
+pattern write {P}/devices/%u/#
+pattern read {P}/releases/#
+pattern read {P}/rollouts/#
+pattern read {P}/artifacts/#
+pattern read {P}/trust/#
+""")
+    b = Mosquitto(
+        work,
+        listener=f"listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n",
+    ).start()
+    try:
+        dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1")
+        dev.username_pw_set("dev-1", "dev-1-pw")
+        dev.connect("127.0.0.1", b.port)
+        dev.loop_start()
+        for topic in (f"{P}/releases/app/stable", f"{P}/devices/dev-2/status", f"{P}/devices/dev-1/status"):
+            dev.publish(topic, b'{"forged": true}', qos=1, retain=True).wait_for_publish(5)
+        dev.loop_stop()
+        dev.disconnect()
+        op = parse_url(f"mqtt://operator:operator-pw@127.0.0.1:{b.port}")
+        with operator.Session(op) as s:
+            seen = s.collect([f"{P}/#"], quiet_s=0.5)
+        assert f"{P}/devices/dev-1/status" in seen  # its own status: allowed
+        assert f"{P}/releases/app/stable" not in seen  # a device cannot publish a release
+        assert f"{P}/devices/dev-2/status" not in seen  # nor another device's status
+    finally:
+        b.stop()
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(
+        name: str, key: Any, issuer: Any, issuer_key: Any, ca: bool, san: bool = False
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            import ipaddress
+
+            b = b.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return b.sign(issuer_key, hashes.SHA256())
+
+    out = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    ca = cert("test-ca", ca_key, ca_name, ca_key, True)
+    out["ca"] = d / "ca.crt"
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, san in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        c = cert(name if name == "server" else "dev-1", key, ca_name, ca_key, False, san)
+        out[name] = d / f"{name}.crt"
+        out[name].write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        out[f"{name}_key"] = d / f"{name}.key"
+        out[f"{name}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return out
+
+
+def test_release_is_committed_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    work = tmp_path / "tls"
+    work.mkdir()
+    pki = _make_pki(work)
+    b = Mosquitto(
+        work,
+        listener=f"listener {{port}} 127.0.0.1\nallow_anonymous true\ncafile {pki['ca']}\n"
+        f"certfile {pki['server']}\nkeyfile {pki['server_key']}\nrequire_certificate true\n",
+    ).start()
+    try:
+        url = f"mqtts://127.0.0.1:{b.port}"
+        kit = mqtt_kit(
+            tmp_path,
+            url,
+            extra=f'ca_file = "{pki["ca"]}"\ncert_file = "{pki["client"]}"\n'
+            f'key_file = "{pki["client_key"]}"\n',
+        )
+        d = Daemon(kit.cfg)
+        ev = Events(d)
+        d.start()
+        try:
+            s = parse_url(url, ca_file=pki["ca"], cert_file=pki["client"], key_file=pki["client_key"])
+            operator.publish_bundle(s, kit.bundle(counter_module(2), 1), P)
+            ev.wait("COMMITTED", 1)
+        finally:
+            d.stop()
+        # without a client certificate the broker refuses the connection
+        from devicerunner.errors import TransportError
+
+        with pytest.raises(TransportError), operator.Session(parse_url(url, ca_file=pki["ca"]), timeout_s=3):
+            pass
+    finally:
+        b.stop()
+
+
+def test_embedded_amqtt_broker_carries_the_same_flow(tmp_path: Path) -> None:
+    from devicerunner.broker import EmbeddedBroker
+
+    eb = EmbeddedBroker(port=free_port())
+    eb.start()
+    try:
+        kit = mqtt_kit(tmp_path, eb.url)
+        d = Daemon(kit.cfg)
+        ev = Events(d)
+        d.start()
+        try:
+            assert d.transport.conn.connected.wait(10)
+            _publish(eb.url, kit.bundle(counter_module(2, pad_bytes=3000), 1, chunk_size=1024))
+            ev.wait("COMMITTED", 1)
+        finally:
+            d.stop()
+    finally:
+        eb.stop()
