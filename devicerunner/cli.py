@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
 
-    from devicerunner import cli_device, cli_mqtt, cli_trust
+    from devicerunner import cli_device, cli_mqtt, cli_sensors, cli_trust
 
+    cli_sensors.register(sub)
     trust_sub = cli_trust.register(sub)
     cli_device.register(sub)
     cli_mqtt.register(sub, trust_sub)

@@ -72,6 +72,7 @@ class DeviceConfig:
     log_format: str = "text"
     trial_attempts: int = 1
     trust_root: Path | None = None
+    sysfs_root: Path = Path("/sys")
     source: Path | None = None
 
 
@@ -225,6 +226,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         raise ConfigError(f"device.log_format: must be 'text' or 'json', got {log_format!r}")
     trial_attempts = dev.integer("trial_attempts", 1, 1, 100)
     trust_root = dev.path_("trust_root", base)
+    sysfs_root = dev.path_("sysfs_root", base) or Path("/sys")
     dev.done()
 
     sensors = _named_tables(root, "sensors")
@@ -255,6 +257,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         log_format=log_format,
         trial_attempts=trial_attempts,
         trust_root=trust_root,
+        sysfs_root=sysfs_root,
         source=source,
     )
 

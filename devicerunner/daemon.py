@@ -26,6 +26,7 @@ from devicerunner.kvfile import KvFlusher, open_store
 from devicerunner.sandbox import AppInstance, Limits, Sandbox
 from firmware_shims import make_actuator, make_sensor
 from firmware_shims.base import Actuator, Clock, RealClock, Sensor
+from firmware_shims.env import ShimEnv
 from firmware_shims.errors import MissingDependencyError, ShimConfigError
 from hostfuncs.context import LogSink
 from hostfuncs.kv import KvStore
@@ -38,23 +39,26 @@ def build_hardware(
     cfg_sensors: Mapping[str, Mapping[str, Any]],
     cfg_actuators: Mapping[str, Mapping[str, Any]],
     clock: Clock,
+    env: ShimEnv | None = None,
 ) -> tuple[dict[str, Sensor], dict[str, Actuator]]:
     """Every sensor and actuator, or ConfigError naming ``sensors.NAME.KEY``.
     On error, whatever was already opened is closed again."""
+    env = env or ShimEnv()
     sensors: dict[str, Sensor] = {}
     actuators: dict[str, Actuator] = {}
     try:
         for name, table in cfg_sensors.items():
             with _naming("sensors", name):
-                sensors[name] = make_sensor(name, table, clock)
+                sensors[name] = make_sensor(name, table, clock, env)
         for name, table in cfg_actuators.items():
             with _naming("actuators", name):
-                actuators[name] = make_actuator(name, table, clock)
+                actuators[name] = make_actuator(name, table, clock, env)
     except ConfigError:
         for s in sensors.values():
             s.close()
         for a in actuators.values():
             a.close()
+        env.close()
         raise
     return sensors, actuators
 
@@ -97,7 +101,8 @@ class Daemon:
 
         self.cfg = cfg
         self.clock = clock or RealClock()
-        sensors, actuators = build_hardware(cfg.sensors, cfg.actuators, self.clock)
+        self.shim_env = ShimEnv(sysfs_root=cfg.sysfs_root)
+        sensors, actuators = build_hardware(cfg.sensors, cfg.actuators, self.clock, self.shim_env)
         self.resources = DeviceResources(
             clock=self.clock, sensors=sensors, actuators=actuators, outbox=Outbox(), log_sink=log_sink
         )
@@ -193,6 +198,7 @@ class Daemon:
             s.close()
         for a in self.resources.actuators.values():
             a.close()
+        self.shim_env.close()
         self.sandbox.close()
 
     def status(self) -> dict[str, Any]:

@@ -12,11 +12,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from firmware_shims.base import Actuator, Clock, Sensor
+from firmware_shims.env import ShimEnv
 from firmware_shims.errors import MissingDependencyError, ShimConfigError
 
 # name -> (module, sensor class, actuator class, pip/apt hint)
 DRIVERS: dict[str, tuple[str, str | None, str | None, str]] = {
     "sim": ("firmware_shims.simulated", "SimSensor", "SimActuator", ""),
+    "serial": ("firmware_shims.serial_sensors", "LineSensor", None, "pyserial"),
+    "modbus": ("firmware_shims.serial_sensors", "ModbusSensor", None, "pyserial"),
+    "thermal": ("firmware_shims.sysfs", "SysfsSensor", None, ""),
+    "hwmon": ("firmware_shims.sysfs", "SysfsSensor", None, ""),
+    "iio": ("firmware_shims.sysfs", "SysfsSensor", None, ""),
+    "led": ("firmware_shims.sysfs", None, "SysfsActuator", ""),
+    "backlight": ("firmware_shims.sysfs", None, "SysfsActuator", ""),
+    "gpio": ("firmware_shims.sysfs", None, "GpioActuator", "python3-libgpiod (apt) or gpiod (pip)"),
 }
 
 
@@ -37,11 +46,19 @@ def _load(kind: str, name: str, table: Mapping[str, Any]) -> type:
     return cls
 
 
-def make_sensor(name: str, table: Mapping[str, Any], clock: Clock) -> Sensor:
-    sensor: Sensor = _load("sensor", name, table)(name, table, clock)
+def make_sensor(name: str, table: Mapping[str, Any], clock: Clock, env: ShimEnv | None = None) -> Sensor:
+    cls = _load("sensor", name, table)
+    sensor: Sensor = (
+        cls(name, table, clock) if cls.__name__ == "SimSensor" else cls(name, table, clock, env or ShimEnv())
+    )
     return sensor
 
 
-def make_actuator(name: str, table: Mapping[str, Any], clock: Clock) -> Actuator:
-    actuator: Actuator = _load("actuator", name, table)(name, table, clock)
+def make_actuator(name: str, table: Mapping[str, Any], clock: Clock, env: ShimEnv | None = None) -> Actuator:
+    cls = _load("actuator", name, table)
+    actuator: Actuator = (
+        cls(name, table, clock)
+        if cls.__name__ == "SimActuator"
+        else cls(name, table, clock, env or ShimEnv())
+    )
     return actuator
