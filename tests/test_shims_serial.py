@@ -189,7 +189,7 @@ def test_socket_url_device_feeds_a_sensor(env: ShimEnv) -> None:
     )["t"]
     assert until(lambda: s.read().status == Status.OK and s.read().value >= 20.5)
     values, seq = s.samples_since(-1, 100)
-    assert len(values) >= 5 and values == sorted(values)
+    assert len(values) >= 5 and values == sorted(values) and seq >= len(values)
     t.join(5)
     srv.close()
 
