@@ -5,8 +5,11 @@ What this module owns: turning module bytes + a grant into a running app
 thread that runs every app's ticks and health checks on time.
 
 Invariants:
-- Only the scheduler thread calls into Wasm once an app is running. Other
-  threads hand work over with ``Scheduler.submit`` (a queue, no polling).
+- Only the scheduler thread calls into a *running* instance. The one
+  exception is make-before-break: a new version is instantiated and its
+  ``dr_init`` run on the updater thread, in its own Store, before it is
+  handed to the scheduler. Other threads hand work over with
+  ``Scheduler.submit`` (a queue, no polling).
 - A tick's failure (trap, overrun, non-zero) is counted and logged against
   that app only; it never stops the scheduler or another app.
 - ``swap`` replaces an app's instance *between* two ticks: the new instance

@@ -4,8 +4,10 @@ What this module owns:
 - the Engine and its configuration (epoch interruption on, so any call
   into an app can be cut off; a fixed config so the compile cache is valid);
 - the epoch ticker: a thread that advances the engine's epoch every
-  ``EPOCH_PERIOD_S`` *only while some call into Wasm is under way*, so an
-  idle daemon costs no wake-ups;
+  ``EPOCH_PERIOD_S`` while calls into Wasm keep happening, and sleeps after
+  ``IDLE_AFTER_S`` without any (a call costs one attribute write, no lock);
+- the call path: the fast unchecked path (devicerunner.fastpath) when
+  available, else the stock wasmtime-py API; both give identical results;
 - the AOT compile cache, keyed by wasmtime version, engine config and the
   module's sha256, holding only artifacts this process compiled itself:
   each file carries an HMAC under a device-local key, and a file whose HMAC
@@ -28,6 +30,7 @@ import ctypes
 import hashlib
 import hmac
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -37,11 +40,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import wasmtime
 
-from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError
+from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError, SandboxError
 from devicerunner.fsutil import atomic_write, makedirs
 from hostfuncs.context import AppContext
 from hostfuncs.memory import GuestMemoryError, check_range
@@ -50,10 +53,11 @@ from hostfuncs.wasi import AppExit
 
 log = logging.getLogger(__name__)
 
-EPOCH_PERIOD_S = 0.005
+EPOCH_PERIOD_S = 0.010
+IDLE_AFTER_S = 2.0
 MIN_HARD_LIMIT_S = 0.050
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
-ENGINE_CONFIG = "epoch=1;opt=speed;v1"
+ENGINE_CONFIG = "epoch=1;opt=speed;may_move=0;v3"
 """Every engine setting that changes compiled code; part of the cache key."""
 
 ABI_EXPORTS: dict[str, bool] = {"dr_init": True, "dr_tick": True, "dr_health": False}
@@ -70,25 +74,32 @@ def hard_limit_s(tick_budget_ms: float) -> float:
 
 
 class _EpochTicker:
-    """Advances the engine epoch every period while any call is active."""
+    """Advances the engine epoch every period while calls keep coming.
+
+    Deadlines are relative to the epoch at the start of each call, so extra
+    increments between calls are harmless; what matters is that the epoch
+    moves while a call runs. ``touch`` (once per call) is an attribute write
+    unless the ticker is asleep, which only happens after IDLE_AFTER_S.
+    """
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
         self._cond = threading.Condition()
-        self._active = 0
+        self._used = False
+        self.sleeping = True
         self._stopped = False
+        self.epoch = 0
+        """Mirrors the engine epoch; bumped *before* the engine's, so a reader
+        that sees an old value never trusts a deadline the engine has moved past."""
         self._thread = threading.Thread(target=self._run, name="epoch-ticker", daemon=True)
         self._thread.start()
 
-    def enter(self) -> None:
-        with self._cond:
-            self._active += 1
-            if self._active == 1:
+    def touch(self) -> None:
+        self._used = True
+        if self.sleeping:
+            with self._cond:
+                self.sleeping = False
                 self._cond.notify()
-
-    def exit(self) -> None:
-        with self._cond:
-            self._active -= 1
 
     def stop(self) -> None:
         with self._cond:
@@ -96,14 +107,23 @@ class _EpochTicker:
             self._cond.notify()
 
     def _run(self) -> None:
+        idle_periods = int(IDLE_AFTER_S / EPOCH_PERIOD_S)
+        quiet = 0
         with self._cond:
             while not self._stopped:
-                if self._active == 0:
+                if self.sleeping:
                     self._cond.wait()
+                    quiet = 0
                     continue
                 self._cond.wait(EPOCH_PERIOD_S)
-                if self._active:
-                    self._engine.increment_epoch()
+                self.epoch += 1
+                self._engine.increment_epoch()
+                if self._used:
+                    self._used, quiet = False, 0
+                else:
+                    quiet += 1
+                    if quiet >= idle_periods:
+                        self.sleeping = True
 
 
 class Outcome(Enum):
@@ -113,8 +133,8 @@ class Outcome(Enum):
     OVERRUN = "overrun"  # cut by the CPU deadline
 
 
-@dataclass(frozen=True, slots=True)
-class CallResult:
+class CallResult(NamedTuple):
+    # a NamedTuple, not a frozen dataclass: built on every tick, ~4x cheaper
     outcome: Outcome
     code: int
     message: str
@@ -152,8 +172,36 @@ class StockMemory:
 class CompiledModule:
     sha256: str
     module: wasmtime.Module
-    imports: tuple[tuple[str, str], ...]
+    meta: dict[str, Any]
+    """Import and export signatures, computed once at compile time and kept in
+    the (HMAC-protected) cache entry: walking wasmtime-py's type objects costs
+    more than deserializing the module."""
     from_cache: bool
+
+    @property
+    def imports(self) -> list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]]:
+        return [(m, n, k, tuple(p), tuple(r)) for m, n, k, p, r in self.meta["imports"]]
+
+    @property
+    def exports(self) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        return {n: (k, tuple(p), tuple(r)) for n, (k, p, r) in self.meta["exports"].items()}
+
+
+def _kind(t: Any) -> tuple[str, list[str], list[str]]:
+    if isinstance(t, wasmtime.FuncType):
+        return "func", [str(x) for x in t.params], [str(x) for x in t.results]
+    if isinstance(t, wasmtime.MemoryType):
+        return "memory", [], []
+    if isinstance(t, wasmtime.TableType):
+        return "table", [], []
+    return "global", [], []
+
+
+def describe(module: wasmtime.Module) -> dict[str, Any]:
+    return {
+        "imports": [[i.module, i.name or "", *_kind(i.type)] for i in module.imports],
+        "exports": {e.name: list(_kind(e.type)) for e in module.exports},
+    }
 
 
 @dataclass(frozen=True)
@@ -164,12 +212,33 @@ class Limits:
 
 
 class Sandbox:
-    """One per daemon (or per simulated device group)."""
+    """One per daemon (or per simulated device group).
 
-    def __init__(self, cache_dir: Path | None = None) -> None:
+    ``path``: "fast" (unchecked raw calls; error if unavailable), "stock"
+    (the public wasmtime-py API) or "auto" (fast when available, else stock,
+    with a warning saying why).
+    """
+
+    def __init__(self, cache_dir: Path | None = None, path: str = "auto") -> None:
+        from devicerunner import fastpath
+
+        ok, why = fastpath.available()
+        if path == "auto":
+            path = "fast" if ok else "stock"
+            if not ok:
+                log.warning("sandbox: stock call path active (fast path unavailable: %s)", why)
+        elif path == "fast" and not ok:
+            raise SandboxError(f"fast call path unavailable: {why}")
+        elif path not in ("fast", "stock"):
+            raise ValueError(f"unknown sandbox path {path!r}")
+        self.path = path
+        log.debug("sandbox: %s call path", path)
         cfg = wasmtime.Config()
         cfg.epoch_interruption = True
         cfg.cranelift_opt_level = "speed"
+        # Linear memory never moves (it is reserved up front), so the fast
+        # path may cache its base address; growth past the reservation fails.
+        cfg.memory_may_move = False
         self.engine = wasmtime.Engine(cfg)
         self._ticker = _EpochTicker(self.engine)
         self._functypes: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}
@@ -210,21 +279,24 @@ class Sandbox:
             hit = self._modules.get(sha)
         if hit is not None:
             return hit
-        module, from_cache = self._load_cached(sha), True
-        if module is None:
+        cached = self._load_cached(sha)
+        if cached is not None:
+            module, meta = cached
+            from_cache = True
+        else:
             from_cache = False
             try:
                 module = wasmtime.Module(self.engine, wasm)
             except wasmtime.WasmtimeError as e:
                 raise ModuleInvalidError(f"not a valid WebAssembly module: {_first_line(e)}") from e
-            self._store_cached(sha, module)
-        imports = tuple((i.module, i.name or "") for i in module.imports)
-        compiled = CompiledModule(sha, module, imports, from_cache)
+            meta = describe(module)
+            self._store_cached(sha, module, meta)
+        compiled = CompiledModule(sha, module, meta, from_cache)
         with self._lock:
             self._modules[sha] = compiled
         return compiled
 
-    def _load_cached(self, sha: str) -> wasmtime.Module | None:
+    def _load_cached(self, sha: str) -> tuple[wasmtime.Module, dict[str, Any]] | None:
         if self.cache_dir is None:
             return None
         path = self._cache_path(sha)
@@ -238,16 +310,19 @@ class Sandbox:
             log.warning("compile cache entry %s failed its HMAC; recompiling", path.name)
             return None
         try:
-            return wasmtime.Module.deserialize(self.engine, payload)
-        except wasmtime.WasmtimeError as e:
+            n = int.from_bytes(payload[:4], "big")
+            meta = json.loads(payload[4 : 4 + n])
+            return wasmtime.Module.deserialize(self.engine, payload[4 + n :]), meta
+        except (wasmtime.WasmtimeError, ValueError) as e:
             log.warning("compile cache entry %s refused (%s); recompiling", path.name, e)
             return None
 
-    def _store_cached(self, sha: str, module: wasmtime.Module) -> None:
+    def _store_cached(self, sha: str, module: wasmtime.Module, meta: dict[str, Any]) -> None:
         if self.cache_dir is None:
             return
         try:
-            payload = bytes(module.serialize())
+            header = json.dumps(meta).encode()
+            payload = len(header).to_bytes(4, "big") + header + bytes(module.serialize())
             tag = hmac.new(self._hmac_key(), payload, hashlib.sha256).digest()
             makedirs(self.cache_dir, 0o700)
             atomic_write(self._cache_path(sha), tag + payload, mode=0o600)
@@ -262,20 +337,20 @@ class Sandbox:
         problems: list[str] = []
         bad: list[str] = []
         needed: list[HostFunc] = []
-        for imp in compiled.module.imports:
-            qual = f"{imp.module}.{imp.name}"
-            cap = NAMESPACE_TO_CAPABILITY.get(imp.module)
-            f = REGISTRY.get((imp.module, imp.name or ""))
-            if not isinstance(imp.type, wasmtime.FuncType):
+        for module, name, kind, params, results in compiled.imports:
+            qual = f"{module}.{name}"
+            cap = NAMESPACE_TO_CAPABILITY.get(module)
+            f = REGISTRY.get((module, name))
+            if kind != "func":
                 problems.append(f"{qual}: only functions may be imported")
             elif cap is None:
-                problems.append(f"{qual}: no capability provides namespace {imp.module!r}")
+                problems.append(f"{qual}: no capability provides namespace {module!r}")
             elif cap not in grant:
                 problems.append(f"{qual}: needs capability '{cap}', which is not granted")
             elif f is None:
-                problems.append(f"{qual}: capability '{cap}' has no function {imp.name!r}")
-            elif _sig(imp.type) != (f.params, f.results):
-                problems.append(f"{qual}: imported as {_fmt_sig(*_sig(imp.type))}, ABI v1 has {f.signature}")
+                problems.append(f"{qual}: capability '{cap}' has no function {name!r}")
+            elif (params, results) != (f.params, f.results):
+                problems.append(f"{qual}: imported as {_fmt_sig(params, results)}, ABI v1 has {f.signature}")
             else:
                 needed.append(f)
                 continue
@@ -308,16 +383,16 @@ class Sandbox:
         """Link, instantiate and run ``_initialize`` (WASI reactors). ``dr_init``
         is *not* called here: the app lifecycle decides when."""
         needed = self.check_imports(compiled, grant)
-        exports = {e.name: e.type for e in compiled.module.exports}
+        exports = compiled.exports
         for name, required in ABI_EXPORTS.items():
-            ty = exports.get(name)
-            if ty is None:
+            ex = exports.get(name)
+            if ex is None:
                 if required:
                     raise AbiError(f"module does not export {name} (ABI v1 needs () -> i32)")
                 continue
-            if not isinstance(ty, wasmtime.FuncType) or _sig(ty) != ((), ("i32",)):
+            if ex != ("func", (), ("i32",)):
                 raise AbiError(f"export {name} must be a function () -> i32")
-        if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+        if exports.get("memory", ("",))[0] != "memory":
             raise AbiError("module does not export its memory as 'memory' (ABI v1)")
 
         store = wasmtime.Store(self.engine)
@@ -329,16 +404,24 @@ class Sandbox:
             memories=1,
         )
         linker = wasmtime.Linker(self.engine)
-        for f in needed:
-            linker.define_func(f.module, f.name, self._functype(f.params, f.results), _bind(f, ctx))
         inst = AppInstance(self, store, ctx, limits)
+        if self.path == "fast":
+            from devicerunner import fastpath
+
+            for f in needed:
+                cb = fastpath.make_callback(f, ctx, inst.host_error)
+                inst.keepalive.append(cb)  # the C side holds only a raw pointer to it
+                fastpath.define(linker, f, self._functype(f.params, f.results), cb)
+        else:
+            for f in needed:
+                linker.define_func(f.module, f.name, self._functype(f.params, f.results), _bind(f, ctx))
         try:
             result = inst.guarded(lambda: linker.instantiate(store, compiled.module), "instantiate")
         except Exception as e:
             raise AppInitError(f"instantiation failed: {_first_line(e)}") from e
         if not result.ok:
             raise AppInitError(f"instantiation failed: {result.message}")
-        inst.bind(inst.last_value)
+        inst.bind(inst.last_value, compiled)
         if "_initialize" in exports:
             r = inst.call("_initialize")
             if not r.ok:
@@ -355,20 +438,45 @@ class AppInstance:
         self.ctx = ctx
         self.limits = limits
         self._deadline_ticks = max(1, math.ceil(hard_limit_s(limits.tick_budget_ms) / EPOCH_PERIOD_S))
+        self._deadline_epoch = -1
+        if sandbox.path == "fast":
+            from devicerunner.fastpath import deadline_setter
+
+            self._set_deadline = deadline_setter(store)
+        else:
+            self._set_deadline = store.set_epoch_deadline
         self._exports: dict[str, Any] = {}
+        self._callers: dict[str, Callable[[], Any]] = {}
         self.memory: wasmtime.Memory | None = None
         self.last_value: Any = None
+        self.keepalive: list[Any] = []
+        from devicerunner.fastpath import HostError
 
-    def bind(self, instance: wasmtime.Instance) -> None:
+        self.host_error = HostError()
+
+    def bind(self, instance: wasmtime.Instance, compiled: CompiledModule) -> None:
         exports = instance.exports(self.store)
+        fast = self.sandbox.path == "fast"
+        store = self.store
         for name in (*ABI_EXPORTS, "_initialize"):
             f = exports.get(name)
             if isinstance(f, wasmtime.Func):
                 self._exports[name] = f
+                if fast:
+                    from devicerunner.fastpath import FastCaller
+
+                    self._callers[name] = FastCaller(store, f, len(compiled.exports[name][2]))
+                else:
+                    self._callers[name] = lambda f=f: f(store)  # type: ignore[misc]
         mem = exports.get("memory")
         assert isinstance(mem, wasmtime.Memory)
         self.memory = mem
-        self.ctx.memory = StockMemory(self.store, mem)
+        if fast:
+            from devicerunner.fastpath import FastMemory
+
+            self.ctx.memory = FastMemory(self.store, mem)
+        else:
+            self.ctx.memory = StockMemory(self.store, mem)
 
     def has(self, export: str) -> bool:
         return export in self._exports
@@ -378,42 +486,49 @@ class AppInstance:
 
     def guarded(self, fn: Callable[[], Any], what: str) -> CallResult:
         """Run ``fn`` (which enters Wasm) under the CPU deadline; classify the end."""
-        self.store.set_epoch_deadline(self._deadline_ticks)
         ticker = self.sandbox._ticker
-        ticker.enter()
+        if ticker.epoch != self._deadline_epoch or ticker.sleeping:
+            # The deadline is relative to the epoch when it is set; while the
+            # epoch has not moved since, it still stands at exactly +N.
+            self._deadline_epoch = ticker.epoch
+            self._set_deadline(self._deadline_ticks)
+        ticker.touch()
         t0 = time.perf_counter()
         try:
             self.last_value = fn()
         except wasmtime.Trap as e:
             dt = time.perf_counter() - t0
+            host_exc, self.host_error.exc = self.host_error.exc, None
+            if host_exc is not None:  # fast path: a host function raised
+                return self._host_raised(host_exc, what, dt)
             if e.trap_code == wasmtime.TrapCode.INTERRUPT:
                 return CallResult(Outcome.OVERRUN, -1, f"{what} cut after {dt * 1000:.1f} ms (CPU limit)", dt)
             return CallResult(Outcome.TRAP, -1, f"{what} trapped: {_trap_message(e)}", dt)
         except AppExit as e:
             return CallResult(Outcome.TRAP, -1, f"{what}: {e}", time.perf_counter() - t0)
         except wasmtime.WasmtimeError as e:
+            host_exc, self.host_error.exc = self.host_error.exc, None
+            if host_exc is not None:  # fast path: a host function raised
+                return self._host_raised(host_exc, what, time.perf_counter() - t0)
             return CallResult(Outcome.TRAP, -1, f"{what} failed: {_first_line(e)}", time.perf_counter() - t0)
-        except Exception as e:
-            log.exception("host function raised inside %s of app %s", what, self.ctx.app)
-            self.ctx.stats.host_errors += 1
-            return CallResult(
-                Outcome.TRAP,
-                -1,
-                f"{what} trapped: host function raised {type(e).__name__}: {e}",
-                time.perf_counter() - t0,
-            )
-        finally:
-            ticker.exit()
+        except Exception as e:  # a host-function bug traps this app only
+            return self._host_raised(e, what, time.perf_counter() - t0)
         return CallResult(Outcome.OK, 0, "", time.perf_counter() - t0)
+
+    def _host_raised(self, e: BaseException, what: str, dt: float) -> CallResult:
+        log.error("host function raised inside %s of app %s", what, self.ctx.app, exc_info=e)
+        self.ctx.stats.host_errors += 1
+        return CallResult(
+            Outcome.TRAP, -1, f"{what} trapped: host function raised {type(e).__name__}: {e}", dt
+        )
 
     def call(self, export: str) -> CallResult:
         """Call an ABI export; a non-zero i32 result is an ERROR outcome."""
-        f = self._exports.get(export)
+        f = self._callers.get(export)
         if f is None:
             return CallResult(Outcome.TRAP, -1, f"missing export {export}", 0.0)
-        store = self.store
-        r = self.guarded(lambda: f(store), export)
-        if r.ok and isinstance(self.last_value, int) and self.last_value != 0:
+        r = self.guarded(f, export)
+        if self.last_value and r.outcome is Outcome.OK and isinstance(self.last_value, int):
             return CallResult(
                 Outcome.ERROR, self.last_value, f"{export} returned {self.last_value}", r.duration_s
             )
@@ -444,10 +559,6 @@ _VALTYPES: dict[str, Callable[[], wasmtime.ValType]] = {
 
 def _valtype(t: str) -> wasmtime.ValType:
     return _VALTYPES[t]()
-
-
-def _sig(ft: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return tuple(str(p) for p in ft.params), tuple(str(r) for r in ft.results)
 
 
 def _fmt_sig(params: tuple[str, ...], results: tuple[str, ...]) -> str:

@@ -11,8 +11,9 @@ Order of writes for one update (each a crash-safe write; see slots.py):
    ``committed`` marker, write module + manifest into the *inactive* slot;
 2. state.json: STAGED, pending = that slot;
 3. state.json: TRIAL, trial_attempts += 1  -- before any new code runs;
-4. (scheduler) instantiate + ``dr_init`` the new version while the old one
-   keeps ticking, switch between two ticks, keep the old one warm;
+4. instantiate + ``dr_init`` the new version on the updater thread while the
+   old one keeps ticking (separate Stores), then switch on the scheduler
+   thread between two ticks, keeping the old one warm;
 5. on a pass: ``committed`` marker in the new slot, then state.json:
    COMMITTED, active = new slot, highest_sequence = N;
    on a failure: (scheduler) switch back at once, then state.json:
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devicerunner import bundle, slots, trust
-from devicerunner.apps import App, AppSpec
+from devicerunner.apps import App, AppSpec, start_instance
 from devicerunner.errors import (
     BadSignatureError,
     DeviceRunnerError,
@@ -53,7 +54,7 @@ from devicerunner.errors import (
 )
 from devicerunner.fsutil import atomic_write, makedirs
 from devicerunner.manifest import Manifest, parse_manifest
-from devicerunner.sandbox import CallResult, Limits
+from devicerunner.sandbox import AppInstance, CallResult, Limits
 from devicerunner.slots import AppSlots, AppState
 from devicerunner.trial import PASSED, Snapshot, Trial
 
@@ -516,22 +517,25 @@ class Updater:
         st = replace(st, phase=slots.TRIAL, trial_attempts=st.trial_attempts + 1)
         s.save(st)  # persisted before any of the new code runs
         self.emit(m.app, slots.TRIAL, sequence=m.sequence, version=m.version, attempt=st.trial_attempts)
-        fut = self.d.scheduler.submit(lambda: self._swap_in(m, spec))
-        err = fut.exception(timeout=30)
+        # Make: instantiate and run dr_init here, on the updater thread, while
+        # the old version keeps ticking on the scheduler thread (separate Stores).
+        try:
+            inst = start_instance(self.d.sandbox, spec, self.d.resources, self.d.kv_for(app_cfg))
+        except DeviceRunnerError as e:
+            self._rollback(m, str(e))
+            return
+        # Break: one switch on the scheduler thread, between two ticks.
+        err = self.d.scheduler.submit(lambda: self._switch_in(m, spec, inst)).exception(timeout=30)
         if err is not None:
             text = str(err) if isinstance(err, DeviceRunnerError) else f"{type(err).__name__}: {err}"
             self._rollback(m, text)
 
     # -- on the scheduler thread ---------------------------------------------------------
 
-    def _swap_in(self, m: Manifest, spec: AppSpec) -> None:
-        """Make before break: the new instance is initialised while the old one
-        is still the app's instance; the switch is one assignment between ticks."""
-        from devicerunner.apps import start_instance
-
+    def _switch_in(self, m: Manifest, spec: AppSpec, inst: AppInstance) -> None:
+        """The new instance, already initialised, replaces the old one between
+        two ticks; the old one stays warm (``app.previous``) until the verdict."""
         app = self.d.scheduler.apps.get(m.app)
-        kv = self.d.kv_for(self.cfg.apps[m.app])
-        inst = start_instance(self.d.sandbox, spec, self.d.resources, kv)  # raises on init failure
         if app is None:  # nothing ran before (fresh device): the trial runs alone
             app = self.d.add_app(spec, inst)
             app.previous = None
@@ -569,12 +573,19 @@ class Updater:
         if verdict == PASSED:
             self._q.put(lambda: self._commit(m))
             return
+        failed: AppInstance | None = app.instance
         if app.previous is not None and app.previous_spec is not None:
             app.switch_to(app.previous, app.previous_spec)  # instant: the old one is still warm
         else:
             app.running = False
+            failed = None
         app.previous = None
-        self._q.put(lambda: self._rollback(m, verdict))
+
+        def rollback_later(failed: AppInstance | None = failed) -> None:
+            # the failed instance rides along and is freed on the updater thread
+            self._rollback(m, verdict)
+
+        self._q.put(rollback_later)
 
     # -- back on the updater thread -----------------------------------------------------
 
@@ -586,14 +597,19 @@ class Updater:
         s.mark_committed(st.pending, m.sequence)
         s.save(plan_commit(st, m))
         # Release the warm old instance before announcing the commit.
-        self.d.scheduler.submit(lambda: self._drop_previous(m.app)).result(timeout=30)
+        old = self.d.scheduler.submit(lambda: self._drop_previous(m.app)).result(timeout=30)
+        del old  # freed here, off the scheduler thread
         self.emit(m.app, slots.COMMITTED, sequence=m.sequence, version=m.version)
         self._resume_deferred(m.app)
 
-    def _drop_previous(self, app_name: str) -> None:
+    def _drop_previous(self, app_name: str) -> AppInstance | None:
+        """Detach the old instance; returned so that freeing it (Store teardown,
+        unmapping its memory: ~0.2 ms) happens on the updater thread, not here."""
         app = self.d.scheduler.apps.get(app_name)
-        if app is not None:
-            app.previous = None
+        if app is None:
+            return None
+        old, app.previous = app.previous, None
+        return old
 
     def _rollback(self, m: Manifest, reason: str) -> None:
         s = self.slots[m.app]

@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class Status(enum.IntEnum):
@@ -23,8 +22,7 @@ class Status(enum.IntEnum):
     OFFLINE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class SensorReading:
+class SensorReading(NamedTuple):
     status: Status
     value: float
     t_s: float

@@ -75,6 +75,8 @@ class SimSensor:
         self._walk_v = self.base
         self._stuck_value: float | None = None
         self._hist: deque[tuple[int, float]] = deque(maxlen=_HISTORY)
+        self._memo_k = -1
+        self._memo_v = math.nan
 
     # -- waveform ---------------------------------------------------------
 
@@ -110,6 +112,13 @@ class SimSensor:
         return True
 
     def _value(self, k: int) -> float:
+        if k == self._memo_k:  # several reads within one sample period (or several apps)
+            return self._memo_v
+        v = self._compute(k)
+        self._memo_k, self._memo_v = k, v
+        return v
+
+    def _compute(self, k: int) -> float:
         if self._faulted(k):
             if self.fault == "stuck":
                 if self._stuck_value is None:

@@ -40,7 +40,8 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             f"{user}persistence true\npersistence_location {self.dir}/\nautosave_interval 0\n"
-            "max_queued_messages 100000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\n"
+            "max_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
+            "log_dest stderr\nlog_type error\n"
             f"{listener.format(port=self.port)}{extra}"
         )
         self.proc: subprocess.Popen[bytes] | None = None

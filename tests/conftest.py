@@ -34,9 +34,10 @@ class LogCapture:
         return [m for a, _, m in self.lines if app is None or a == app]
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    sb = Sandbox(cache_dir=tmp_path / "cache")
+@pytest.fixture(params=["stock", "fast"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
+    """Every sandbox test runs on both call paths: they must behave the same."""
+    sb = Sandbox(cache_dir=tmp_path / "cache", path=request.param)
     yield sb
     sb.close()
 

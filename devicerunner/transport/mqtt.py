@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]
 """(topic, payload, retained)"""
+
+
+def no_delay(client: paho.Client) -> None:
+    """Disable Nagle: small MQTT packets (SUBSCRIBE, PUBACK, chunks' tails)
+    otherwise wait out the peer's 40 ms delayed ACK, several times per update."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # TLS sockets are socket subclasses too
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def make_client(s: BrokerSettings, client_id: str) -> paho.Client:
@@ -126,6 +136,7 @@ class Connection:
         if rc.is_failure:
             log.warning("broker %s refused the connection: %s", self.settings.url, rc)
             return
+        no_delay(client)
         self.connected.set()
         self.lost_since = None
         self.connects.append(time.time())

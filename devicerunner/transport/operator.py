@@ -16,7 +16,7 @@ import paho.mqtt.client as paho
 from devicerunner import bundle, manifest, trust
 from devicerunner.errors import DeviceRunnerError, TransportError
 from devicerunner.transport import topics
-from devicerunner.transport.mqtt import make_client
+from devicerunner.transport.mqtt import make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
 
 WINDOW = 20
@@ -43,7 +43,8 @@ class Session:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        no_delay(c)
         self._rc = rc
         self._connected.set()
 
