@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     trust_sub = cli_trust.register(sub)
     cli_device.register(sub)
     cli_mqtt.register(sub, trust_sub)
+    cli_mqtt.register_rollout(sub)
+
+    from sim import cli as sim_cli  # the simulator drives the public API, like a user
+
+    sim_cli.register(sub)
     return p
 
 

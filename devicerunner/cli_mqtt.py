@@ -152,3 +152,73 @@ def register(sub: Any, trust_sub: Any) -> None:
     b.add_argument("--port", type=int, default=1883)
     b.add_argument("--for", dest="for_s", type=float, default=None, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_broker)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from devicerunner import keys
+    from devicerunner.rollout import Policy, RolloutController
+
+    steps = tuple(int(x) for x in args.steps.split(","))
+    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
+        raise operator.OperatorError("--steps: increasing percentages in 1..100, e.g. 1,5,25,100")
+    policy = Policy(steps, args.step_wait, args.abort_failure_pct, args.min_devices, args.device_timeout)
+    last: dict[str, Any] = {}
+
+    def emit(ev: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(ev), flush=True)
+            return
+        e = ev["event"]
+        if e == "published":
+            print(
+                f"published {ev['app']} {ev['version']} (sequence {ev['sequence']}); "
+                f"{ev['devices']} device(s) run this app on the targeted hardware",
+                flush=True,
+            )
+        elif e == "progress":
+            key = (ev["step"], ev["eligible"], ev["committed"], ev["failed"], ev["updated"])
+            if last.get("k") != key:
+                last["k"] = key
+                print(
+                    f"  step {ev['step']:>3}%: eligible {ev['eligible']:>4}  updated {ev['updated']:>4}  "
+                    f"committed {ev['committed']:>4}  failed {ev['failed']:>4}",
+                    flush=True,
+                )
+        elif e == "paused":
+            print(f"PAUSED at {ev['step']}%: {ev['reason']}", flush=True)
+            for why, n in sorted(ev["failed_by"].items()):
+                print(f"    {n} x {why}", flush=True)
+        elif e == "completed":
+            print(
+                f"completed: {ev['committed']} committed, {ev['failed']} failed of {ev['eligible']}",
+                flush=True,
+            )
+
+    ctl = RolloutController(
+        _settings(args),
+        args.prefix,
+        Path(args.bundle).read_bytes(),
+        keys.load_private(Path(args.key)),
+        policy,
+        emit,
+    )
+    result = ctl.run()
+    return 0 if result["result"] == "completed" else 1
+
+
+def register_rollout(sub: Any) -> None:
+    r = sub.add_parser("rollout", help="publish a release and roll it out in stages with an abort threshold")
+    r.add_argument("bundle", help="signed with --rollout-percent 0")
+    r.add_argument("--steps", default="1,5,25,100", help="percentages, e.g. 1,5,25,100")
+    r.add_argument("--step-wait", type=float, default=60.0, help="seconds per step at most")
+    r.add_argument("--abort-failure-pct", type=float, default=10.0, help="pause above this failure share")
+    r.add_argument(
+        "--min-devices", type=int, default=1, help="devices in the rollout before aborting may happen"
+    )
+    r.add_argument(
+        "--device-timeout", type=float, default=120.0, help="a device silent this long counts as failed"
+    )
+    r.add_argument("--key", required=True, help="the rollout role's private key")
+    r.add_argument("--json", action="store_true", help="one JSON event per line")
+    _broker_opts(r)
+    r.set_defaults(func=cmd_rollout)

@@ -94,8 +94,16 @@ class Daemon:
     STATUS_EVERY_S = 1.0
 
     def __init__(
-        self, cfg: DeviceConfig, *, clock: Clock | None = None, log_sink: LogSink | None = None
+        self,
+        cfg: DeviceConfig,
+        *,
+        clock: Clock | None = None,
+        log_sink: LogSink | None = None,
+        sandbox: Sandbox | None = None,
+        status_file: bool = True,
     ) -> None:
+        """``sandbox``: share one engine (and its compile cache) between the
+        daemons of one process, as the fleet simulator does."""
         from devicerunner.trust_store import TrustStore
         from devicerunner.updater import Updater
 
@@ -107,7 +115,9 @@ class Daemon:
             clock=self.clock, sensors=sensors, actuators=actuators, outbox=Outbox(), log_sink=log_sink
         )
         self.trust = TrustStore(cfg.state_dir, cfg.trust_root)
-        self.sandbox = Sandbox(cache_dir=cfg.state_dir / "cache")
+        self._own_sandbox = sandbox is None
+        self.sandbox = sandbox or Sandbox(cache_dir=cfg.state_dir / "cache")
+        self._status_file = status_file
         self.scheduler = Scheduler(self.clock)
         self.kv_flusher = KvFlusher()
         self.kv: dict[str, KvStore] = {}
@@ -137,12 +147,42 @@ class Daemon:
 
     def eligible(self, m: Any) -> bool:
         """Is this device in the release's rollout (stable hash of id and salt)?"""
-        from devicerunner.trust import in_rollout
+        from devicerunner import trust
 
-        return in_rollout(self.cfg.id, m.targets.rollout_salt, m.targets.rollout_percent)
+        return trust.eligible(self.cfg.id, m, self.rollouts.get(m.app))
 
     def on_rollout_document(self, topic: str, payload: bytes) -> None:
-        """Rollout documents (signed by the rollout role) arrive here."""
+        """A rollout document (signed by the rollout role) arrived: accept it if it
+        verifies and is newer, then start a waiting release if we are now in it."""
+        from devicerunner import trust
+        from devicerunner.errors import RollbackError, VerificationError
+
+        if not payload or self.trust.root is None:
+            return
+        app = topic.rsplit("/", 2)[-2]
+        current = self.rollouts.get(app)
+        try:
+            doc = trust.verify_rollout(
+                payload,
+                root=self.trust.root,
+                time_floor=self.trust.time_floor,
+                now=int(time.time()),
+                last_version=current.version if current else 0,
+            )
+        except RollbackError:
+            return  # the same (or an older) document again: nothing new
+        except VerificationError as e:
+            log.warning("rollout document for %s refused: %s", app, e)
+            self.updater.emit(app, "REJECTED", reason=e.reason, reason_text=f"rollout document: {e}")
+            return
+        if doc.app != app or app not in self.cfg.apps:
+            return
+        self.rollouts[app] = doc
+        waiting = self.waiting.get(app)
+        if waiting is not None and self.eligible(waiting) and self.transport is not None:
+            del self.waiting[app]
+            log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
+            self.transport.start_download(waiting)
 
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
@@ -182,7 +222,8 @@ class Daemon:
         self.updater.start()
         if self.transport is not None:
             self.transport.start()
-        self._status_thread.start()
+        if self._status_file:
+            self._status_thread.start()
 
     def stop(self) -> None:
         if self.stopped.is_set():
@@ -193,13 +234,15 @@ class Daemon:
         self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()
-        self.write_status()
+        if self._status_file:
+            self.write_status()
         for s in self.resources.sensors.values():
             s.close()
         for a in self.resources.actuators.values():
             a.close()
         self.shim_env.close()
-        self.sandbox.close()
+        if self._own_sandbox:
+            self.sandbox.close()
 
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}

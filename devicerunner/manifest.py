@@ -534,3 +534,93 @@ def manifest_signed(
         "issued": format_time(issued),
         "expires": format_time(expires),
     }
+
+
+# -- rollout document ---------------------------------------------------------------
+
+MAX_ROLLOUT_VERSION = 2**53
+
+
+@dataclass(frozen=True)
+class RolloutDoc:
+    """Signed by the ``rollout`` role: how far a release (app, channel, sequence)
+    has been rolled out. It can widen, narrow, pause or resume a release that the
+    release keys signed, and nothing else."""
+
+    app: str
+    channel: str
+    sequence: int
+    percent: int
+    salt: str
+    paused: bool
+    version: int
+    """Monotonic per (app, channel): an older document never replaces a newer one."""
+    issued: int
+    expires: int
+    envelope: Envelope = field(repr=False, compare=False)
+
+
+def parse_rollout(data: bytes) -> RolloutDoc:
+    env = parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout")
+    f = _Fields(
+        env.signed,
+        "rollout",
+        (
+            "_type",
+            "schema",
+            "app",
+            "channel",
+            "sequence",
+            "percent",
+            "salt",
+            "paused",
+            "version",
+            "issued",
+            "expires",
+        ),
+    )
+    _schema(f, "rollout")
+    paused = f.get("paused")
+    if not isinstance(paused, bool):
+        raise MalformedError("rollout.paused: must be true or false")
+    issued = parse_time(f.get("issued"), "rollout.issued")
+    expires = parse_time(f.get("expires"), "rollout.expires")
+    return RolloutDoc(
+        app=f.text("app", NAME_RE),
+        channel=f.text("channel", NAME_RE),
+        sequence=f.integer("sequence", 1, 2**53),
+        percent=f.integer("percent", 0, 100),
+        salt=f.text("salt", re.compile(r"^[A-Za-z0-9_.-]{0,64}$")),
+        paused=paused,
+        version=f.integer("version", 1, MAX_ROLLOUT_VERSION),
+        issued=issued,
+        expires=expires,
+        envelope=env,
+    )
+
+
+def rollout_signed(
+    *,
+    app: str,
+    channel: str,
+    sequence: int,
+    percent: int,
+    salt: str,
+    paused: bool,
+    version: int,
+    issued: int,
+    expires: int,
+) -> dict[str, Any]:
+    return {
+        "_type": "rollout",
+        "schema": SCHEMA,
+        "app": app,
+        "channel": channel,
+        "sequence": sequence,
+        "percent": percent,
+        "salt": salt,
+        "paused": paused,
+        "version": version,
+        "issued": format_time(issued),
+        "expires": format_time(expires),
+    }

@@ -38,13 +38,16 @@ from devicerunner.errors import (
 )
 from devicerunner.manifest import (
     MAX_MANIFEST_BYTES,
+    MAX_ROLLOUT_BYTES,
     MAX_ROOT_BYTES,
     Envelope,
     Manifest,
+    RolloutDoc,
     Root,
     format_time,
     manifest_from_envelope,
     parse_envelope,
+    parse_rollout,
     parse_root,
     valid_signers,
 )
@@ -211,3 +214,26 @@ __all__ = [
     "verify_chunk",
     "verify_release",
 ]
+
+
+def verify_rollout(data: bytes, *, root: Root, time_floor: int, now: int, last_version: int) -> RolloutDoc:
+    """A rollout document signed by a threshold of rollout keys, unexpired, and
+    newer than the last one accepted for its (app, channel)."""
+    env = parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout")
+    check_threshold(env, root, "rollout", "rollout document")
+    doc = parse_rollout(data)
+    if doc.expires <= effective_time(now, time_floor):
+        raise ExpiredError(
+            f"rollout document v{doc.version} for {doc.app} expired at {format_time(doc.expires)}"
+        )
+    if doc.version <= last_version:
+        raise RollbackError(f"rollout document v{doc.version} is not newer than v{last_version}")
+    return doc
+
+
+def eligible(device_id: str, m: Manifest, doc: RolloutDoc | None) -> bool:
+    """Is this device in the release's rollout now? A document for this exact
+    release overrides the manifest's default percent and salt; paused stops it."""
+    if doc is not None and doc.app == m.app and doc.channel == m.channel and doc.sequence == m.sequence:
+        return not doc.paused and in_rollout(device_id, doc.salt, doc.percent)
+    return in_rollout(device_id, m.targets.rollout_salt, m.targets.rollout_percent)

@@ -516,7 +516,6 @@ class Updater:
             return
         st = replace(st, phase=slots.TRIAL, trial_attempts=st.trial_attempts + 1)
         s.save(st)  # persisted before any of the new code runs
-        self.emit(m.app, slots.TRIAL, sequence=m.sequence, version=m.version, attempt=st.trial_attempts)
         # Make: instantiate and run dr_init here, on the updater thread, while
         # the old version keeps ticking on the scheduler thread (separate Stores).
         try:
@@ -529,6 +528,9 @@ class Updater:
         if err is not None:
             text = str(err) if isinstance(err, DeviceRunnerError) else f"{type(err).__name__}: {err}"
             self._rollback(m, text)
+            return
+        # the event means: the new version is running, on trial
+        self.emit(m.app, slots.TRIAL, sequence=m.sequence, version=m.version, attempt=st.trial_attempts)
 
     # -- on the scheduler thread ---------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""Staged rollouts: raise a release's percent step by step, watch the fleet,
+pause when failures cross the threshold (like AWS IoT Jobs' abort criteria
+and hawkBit's error threshold).
+
+``decide`` is pure. ``RolloutController`` does the I/O: it signs rollout
+documents with the ``rollout`` key (the online role: it can move or pause a
+release the offline release keys signed, nothing else), publishes them
+retained on ``{p}/rollouts/{app}/{channel}``, and reads device status and
+events from the broker.
+
+Failures counted: REJECTED, ROLLED_BACK, FAILED events for this release,
+and devices in the rollout that have not reported a result within
+``device_timeout_s`` of being included (timed out).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from devicerunner import bundle, manifest, trust
+from devicerunner.errors import DeviceRunnerError
+from devicerunner.transport import operator, topics
+from devicerunner.transport.settings import BrokerSettings
+
+FAILED_PHASES = ("REJECTED", "ROLLED_BACK", "FAILED")
+
+
+class RolloutError(DeviceRunnerError):
+    pass
+
+
+@dataclass(frozen=True)
+class Policy:
+    steps: tuple[int, ...]
+    step_wait_s: float
+    abort_failure_pct: float
+    min_devices: int
+    device_timeout_s: float
+
+
+def decide(included: int, failed: int, policy: Policy) -> str:
+    """'abort' when enough devices are in and the failure share is above the threshold."""
+    if included >= policy.min_devices and included and failed * 100.0 / included > policy.abort_failure_pct:
+        return "abort"
+    return "continue"
+
+
+@dataclass
+class DeviceView:
+    id: str
+    hardware: str = "?"
+    included_at: float | None = None
+    result: str | None = None  # "committed" | "failed"
+    reason: str | None = None
+    phase: str | None = None
+
+
+@dataclass
+class FleetView:
+    devices: dict[str, DeviceView] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def dev(self, d: str) -> DeviceView:
+        v = self.devices.get(d)
+        if v is None:
+            v = self.devices[d] = DeviceView(d)
+        return v
+
+
+class RolloutController:
+    def __init__(
+        self,
+        s: BrokerSettings,
+        prefix: str,
+        data: bytes,
+        key: Ed25519PrivateKey,
+        policy: Policy,
+        emit: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.s, self.p, self.key, self.policy, self.emit = s, prefix, key, policy, emit
+        self.data = data
+        man, _ = bundle.unpack(data)
+        self.m = manifest.parse_manifest(man)
+        if self.m.targets.rollout_percent > policy.steps[0]:
+            raise RolloutError(
+                f"the release's default rollout is {self.m.targets.rollout_percent}%, above the first step "
+                f"({policy.steps[0]}%): devices would take it before the rollout starts. Sign it with "
+                "--rollout-percent 0 for a staged rollout."
+            )
+        self.fleet = FleetView()
+        self.version = int(time.time() * 1000)
+
+    # -- broker callbacks (paho thread) -------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        parts = topic[len(self.p) + 1 :].split("/")
+        if len(parts) != 3 or parts[0] != "devices":
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        with self.fleet.lock:
+            if parts[2] == "status" and isinstance(doc, dict):
+                app = (doc.get("apps") or {}).get(self.m.app)
+                if app is None or doc.get("hardware") not in self.m.targets.hardware:
+                    return
+                if self.m.targets.devices and parts[1] not in self.m.targets.devices:
+                    return
+                v = self.fleet.dev(parts[1])
+                v.hardware = doc.get("hardware", "?")
+                if app.get("sequence") == self.m.sequence and app.get("phase") == "COMMITTED":
+                    v.result = v.result or "committed"
+            elif parts[2] == "events" and isinstance(doc, dict):
+                if doc.get("app") != self.m.app or doc.get("sequence") != self.m.sequence:
+                    return
+                v = self.fleet.dev(parts[1])
+                v.phase = doc.get("phase")
+                if v.phase == "COMMITTED":
+                    v.result = "committed"
+                elif v.phase in FAILED_PHASES and v.result is None:
+                    v.result, v.reason = "failed", f"{doc.get('reason')}: {doc.get('reason_text', '')}"[:200]
+
+    # -- the rollout -----------------------------------------------------------------
+
+    def _publish_doc(self, sess: operator.Session, percent: int, paused: bool) -> None:
+        self.version += 1
+        now = int(time.time())
+        signed = manifest.rollout_signed(
+            app=self.m.app,
+            channel=self.m.channel,
+            sequence=self.m.sequence,
+            percent=percent,
+            salt=self.m.targets.rollout_salt,
+            paused=paused,
+            version=self.version,
+            issued=now,
+            expires=now + 7 * 86_400,
+        )
+        doc = manifest.sign_envelope(signed, [self.key])
+        sess.publish_many([(topics.rollout(self.p, self.m.app, self.m.channel), doc)], retain=True)
+
+    def _counts(self, now: float) -> dict[str, Any]:
+        with self.fleet.lock:
+            inc = [v for v in self.fleet.devices.values() if v.included_at is not None]
+            for v in inc:
+                if v.result is None and now - (v.included_at or now) > self.policy.device_timeout_s:
+                    v.result, v.reason = (
+                        "failed",
+                        f"timed_out: no result within {self.policy.device_timeout_s:.0f} s",
+                    )
+            failed = [v for v in inc if v.result == "failed"]
+            return {
+                "fleet": len(self.fleet.devices),
+                "eligible": len(inc),
+                "updated": sum(1 for v in inc if v.phase is not None or v.result is not None),
+                "committed": sum(1 for v in inc if v.result == "committed"),
+                "failed": len(failed),
+                "pending": sum(1 for v in inc if v.result is None),
+                "failed_by": dict(Counter(f"{v.hardware}: {(v.reason or '').split(':')[0]}" for v in failed)),
+            }
+
+    def run(self, discover_s: float = 1.0) -> dict[str, Any]:
+        m, pol = self.m, self.policy
+        with operator.Session(self.s) as sess:
+            sess.client.on_message = lambda _c, _u, msg: self._on_message(msg.topic, bytes(msg.payload))
+            sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
+            time.sleep(discover_s)  # retained statuses: who is out there
+            self._publish_doc(sess, pol.steps[0], paused=False)
+            operator.publish_bundle(self.s, self.data, self.p)
+            self.emit(
+                {
+                    "event": "published",
+                    "app": m.app,
+                    "version": m.version,
+                    "sequence": m.sequence,
+                    "devices": len(self.fleet.devices),
+                }
+            )
+            for i, pct in enumerate(pol.steps):
+                if i:
+                    self._publish_doc(sess, pct, paused=False)
+                t_step = time.monotonic()
+                with self.fleet.lock:
+                    for v in self.fleet.devices.values():
+                        if v.included_at is None and trust.in_rollout(v.id, m.targets.rollout_salt, pct):
+                            v.included_at = t_step
+                while True:
+                    now = time.monotonic()
+                    c = self._counts(now)
+                    self.emit({"event": "progress", "step": pct, **c})
+                    if decide(c["eligible"], c["failed"], pol) == "abort":
+                        self._publish_doc(sess, pct, paused=True)
+                        why = (
+                            f"{c['failed']} of {c['eligible']} devices failed "
+                            f"({100 * c['failed'] / c['eligible']:.0f}% > {pol.abort_failure_pct:g}%)"
+                        )
+                        self.emit({"event": "paused", "step": pct, "reason": why, **c})
+                        return {"result": "paused", "step": pct, "reason": why, **c}
+                    if c["pending"] == 0 or now - t_step >= pol.step_wait_s:
+                        break
+                    time.sleep(0.25)
+                self.emit({"event": "step_done", "step": pct, **c})
+            c = self._counts(time.monotonic())
+            self.emit({"event": "completed", **c})
+            return {"result": "completed", "step": pol.steps[-1], **c}

@@ -1,0 +1,43 @@
+"""The simulator's app releases (WAT, compiled at run time)."""
+
+from __future__ import annotations
+
+import wasmtime
+
+# v1: a healthy counter that reads the temperature every tick.
+GOOD = """(module
+  (import "sensors" "find" (func $find (param i32 i32) (result i32)))
+  (import "sensors" "read" (func $read (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "temp")
+  (data (i32.const 64) "%s")
+  (global $t (mut i32) (i32.const -1))
+  (func (export "dr_init") (result i32) (global.set $t (call $find (i32.const 0) (i32.const 4))) (i32.const 0))
+  (func (export "dr_tick") (result i32) (drop (call $read (global.get $t) (i32.const 16))) (i32.const 0))
+  (func (export "dr_health") (result i32) (i32.const 0)))"""
+
+# A release with a hardware-specific bug: on devices whose "quirk" sensor reads 1
+# (one hardware variant) it traps after 8 ticks; elsewhere it runs fine.
+BAD_ON_QUIRK = """(module
+  (import "sensors" "find" (func $find (param i32 i32) (result i32)))
+  (import "sensors" "read" (func $read (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "quirk")
+  (global $q (mut i32) (i32.const -1))
+  (global $n (mut i32) (i32.const 0))
+  (func (export "dr_init") (result i32) (global.set $q (call $find (i32.const 0) (i32.const 5))) (i32.const 0))
+  (func (export "dr_tick") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (drop (call $read (global.get $q) (i32.const 16)))
+    (if (i32.and (i32.gt_u (global.get $n) (i32.const 8)) (f64.gt (f64.load (i32.const 16)) (f64.const 0.5)))
+      (then unreachable))
+    (i32.const 0))
+  (func (export "dr_health") (result i32) (i32.const 0)))"""
+
+
+def good(tag: str) -> bytes:
+    return bytes(wasmtime.wat2wasm(GOOD % tag))
+
+
+def bad_on_quirk() -> bytes:
+    return bytes(wasmtime.wat2wasm(BAD_ON_QUIRK))

@@ -1,0 +1,102 @@
+"""``devicerunner sim``: run a fleet of simulated devices through scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from devicerunner.errors import DeviceRunnerError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from devicerunner.transport.settings import parse_url
+    from sim import report, scenarios
+    from sim.fleet import Fleet, Keys, Watcher
+
+    names = (
+        list(scenarios.DEMO)
+        if args.scenario == "demo"
+        else (list(scenarios.SCENARIOS) if args.scenario == "all" else args.scenario.split(","))
+    )
+    unknown = [n for n in names if n not in scenarios.SCENARIOS]
+    if unknown:
+        raise DeviceRunnerError(
+            f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all, demo"
+        )
+    broker = None
+    url = args.broker
+    if url is None:
+        from devicerunner.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker(port=_free_port())
+        broker.start()
+        url = broker.url
+    t_start = time.time()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="dr-sim-") as tmp:
+        keys = Keys()
+        fleet = Fleet(Path(tmp), args.devices, url, keys, args.seed, workers=args.workers)
+        s = parse_url(url)
+        print(
+            f"fleet: {args.devices} devices in {fleet.n_workers} worker processes, broker {url}", flush=True
+        )
+        try:
+            with Watcher(s, "dr/v1") as w:
+                fleet.start()
+                w.wait(lambda: w.count(lambda _d, st: st.get("online")) == args.devices, 60)
+                print(f"  {w.count(lambda _d, st: st.get('online'))} devices online", flush=True)
+                ctx = scenarios.Ctx(fleet, w)
+                for name in names:
+                    print(f"scenario {name}:", flush=True)
+                    t0 = time.time()
+                    try:
+                        r = scenarios.SCENARIOS[name](ctx)
+                    except Exception as e:  # a scenario's own failure is a result, not a crash
+                        r = {"ok": False, "checks": [f"scenario raised {type(e).__name__}: {e}"]}
+                    r.update(name=name, seconds=time.time() - t0, t_start=round(t0 - w.t0, 2))
+                    results.append(r)
+                    for c in r["checks"]:
+                        print(f"    {c}", flush=True)
+                    print(f"  -> {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.1f} s)", flush=True)
+                data = {
+                    "devices": args.devices,
+                    "broker": url if args.broker else "embedded (amqtt)",
+                    "seed": args.seed,
+                    "duration_s": time.time() - t_start,
+                    "scenarios": results,
+                    "events": list(w.events),
+                    "timeline": list(w.timeline),
+                }
+        finally:
+            fleet.stop()
+            if broker is not None:
+                broker.stop()
+    ok = all(r["ok"] for r in results)
+    print(f"\n{sum(r['ok'] for r in results)}/{len(results)} scenarios ok in {time.time() - t_start:.0f} s")
+    if args.report:
+        sp, hp = report.write(Path(args.report), data)
+        print(f"report: {hp.resolve()}\nsummary: {sp.resolve()}")
+    return 0 if ok else 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("sim", help="simulate a fleet: staged rollouts, bad releases, tampering, key rotation")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument(
+        "--scenario", default="demo", help="NAME[,NAME...], 'all', or 'demo' (happy,bad-release,tampered)"
+    )
+    p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")
+    p.add_argument("--report", metavar="DIR", help="write summary.json and report.html here")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (devices are spread over them)")
+    p.set_defaults(func=cmd_sim)

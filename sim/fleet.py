@@ -1,0 +1,218 @@
+"""A simulated fleet: worker processes of devices, the operator's keys, and a
+watcher that records what the broker saw (status, events) over time."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from devicerunner import bundle, manifest
+from devicerunner.transport import operator
+from devicerunner.transport.settings import BrokerSettings
+from sim import apps, worker
+
+HARDWARE = ("rpi4", "stb-a", "stb-b")
+QUIRKY = "stb-b"
+"""The hardware variant on which the bad release's bug shows."""
+
+
+@dataclass
+class Keys:
+    root: list[Ed25519PrivateKey] = field(default_factory=lambda: [Ed25519PrivateKey.generate()])
+    release: list[Ed25519PrivateKey] = field(
+        default_factory=lambda: [Ed25519PrivateKey.generate() for _ in range(2)]
+    )
+    rollout: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    version: int = 1
+
+    def root_bytes(self, signers: list[Ed25519PrivateKey] | None = None) -> bytes:
+        now = int(time.time())
+        signed = manifest.root_signed(
+            version=self.version,
+            issued=now - 60,
+            expires=now + 30 * 86_400,
+            role_keys={
+                "root": [k.public_key() for k in self.root],
+                "release": [k.public_key() for k in self.release],
+                "rollout": [self.rollout.public_key()],
+            },
+            thresholds={"root": 1, "release": 2, "rollout": 1},
+        )
+        return manifest.sign_envelope(signed, signers or self.root)
+
+    def bundle(
+        self,
+        module: bytes,
+        sequence: int,
+        version: str,
+        *,
+        percent: int = 0,
+        signers: list[Ed25519PrivateKey] | None = None,
+        hardware: tuple[str, ...] = HARDWARE,
+    ) -> bytes:
+        now = int(time.time())
+        signed = manifest.manifest_signed(
+            app="app",
+            version=version,
+            sequence=sequence,
+            module=module,
+            capabilities=["log", "clock", "sensors"],
+            hardware=list(hardware),
+            issued=now - 5,
+            expires=now + 86_400,
+            rollout_percent=percent,
+            rollout_salt=f"sim-{sequence}",
+            trial_ticks=15,
+            trial_seconds=1,
+            chunk_size=4096,
+            # Dozens of daemons share 2 cores here: a tick can wait for the GIL.
+            # The budget and allowance keep CPU contention from failing trials;
+            # the bug under test (a trap) is never allowed.
+            tick_interval_ms=100,
+            tick_budget_ms=50,
+            max_overruns=2,
+        )
+        return bundle.pack(manifest.sign_envelope(signed, signers or self.release), module)
+
+
+class Watcher:
+    """The broker's view of the fleet, sampled over time."""
+
+    def __init__(self, s: BrokerSettings, prefix: str) -> None:
+        self.s, self.p = s, prefix
+        self.status: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.sess = operator.Session(s, client_id=f"sim-watch-{random.randrange(10**9)}")
+
+    def __enter__(self) -> Watcher:
+        self.sess.__enter__()
+        self.sess.client.on_message = lambda _c, _u, m: self._msg(m.topic, bytes(m.payload))
+        self.sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sess.__exit__()
+
+    def _msg(self, topic: str, payload: bytes) -> None:
+        parts = topic[len(self.p) + 1 :].split("/")
+        if len(parts) != 3 or parts[0] != "devices":
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        with self._lock:
+            if parts[2] == "status":
+                self.status[parts[1]] = doc
+            elif parts[2] == "events":
+                doc["hardware"] = (self.status.get(parts[1]) or {}).get("hardware")
+                doc["t"] = round(time.time() - self.t0, 3)
+                self.events.append(doc)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                versions: dict[str, int] = {}
+                online = 0
+                for st in self.status.values():
+                    online += bool(st.get("online"))
+                    a = (st.get("apps") or {}).get("app") or {}
+                    key = str(a.get("version") or "bootstrap")
+                    if a.get("phase") == "TRIAL":
+                        key += " (on trial)"
+                    versions[key] = versions.get(key, 0) + 1
+                self.timeline.append(
+                    {"t": round(time.time() - self.t0, 2), "versions": versions, "online": online}
+                )
+
+    def count(self, pred: Any) -> int:
+        with self._lock:
+            return sum(1 for d, st in self.status.items() if pred(d, st))
+
+    def app_of(self, device: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(((self.status.get(device) or {}).get("apps") or {}).get("app") or {})
+
+    def wait(self, pred: Any, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if pred():
+                return True
+            time.sleep(0.2)
+        return bool(pred())
+
+
+class Fleet:
+    """N devices over W worker processes."""
+
+    def __init__(
+        self, workdir: Path, n: int, broker_url: str, keys: Keys, seed: int, workers: int = 2
+    ) -> None:
+        self.dir, self.n, self.url, self.keys = workdir, n, broker_url, keys
+        self.rng = random.Random(seed)
+        (workdir / "root.json").write_bytes(keys.root_bytes())
+        (workdir / "bootstrap.wasm").write_bytes(apps.good("v0"))
+        self.specs = []
+        for i in range(n):
+            hw = HARDWARE[i % len(HARDWARE)]
+            self.specs.append(
+                {
+                    "id": f"sim-{i:04d}",
+                    "hardware": hw,
+                    "state_dir": str(workdir / "devices" / f"sim-{i:04d}"),
+                    "root": str(workdir / "root.json"),
+                    "bootstrap": str(workdir / "bootstrap.wasm"),
+                    "temp_base": round(self.rng.uniform(18, 26), 2),
+                    "temp_period_s": self.rng.choice([20, 45, 90]),
+                    "seed": self.rng.randrange(2**31),
+                    "quirk": 1.0 if hw == QUIRKY else 0.0,
+                }
+            )
+        self.hardware = {s["id"]: s["hardware"] for s in self.specs}
+        self.workers: list[tuple[Any, Any]] = []
+        self.n_workers = max(1, min(workers, n))
+        self.stats: dict[str, Any] = {}
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        ctx = mp.get_context("spawn")
+        groups = [self.specs[i :: self.n_workers] for i in range(self.n_workers)]
+        for i, group in enumerate(groups):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=worker.run,
+                args=(child, group, self.url, str(self.dir / f"worker{i}.log")),
+                daemon=True,
+            )
+            p.start()
+            self.workers.append((p, parent))
+        for _p, conn in self.workers:
+            if not conn.poll(timeout_s):
+                raise RuntimeError("a simulator worker did not start in time (see worker*.log)")
+            conn.recv()
+
+    def stop(self) -> None:
+        for _p, conn in self.workers:
+            conn.send("stop")
+        for p, conn in self.workers:
+            if conn.poll(60):
+                _, stats = conn.recv()
+                self.stats.update(stats)
+            p.join(10)
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,206 @@
+"""Scenarios: each drives the fleet like an operator would and checks the outcome.
+
+Each returns a dict with ``ok`` (did the fleet do what it must), ``checks``
+(what was verified) and whatever the report plots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from devicerunner import bundle, manifest
+from devicerunner.rollout import Policy, RolloutController
+from devicerunner.transport import operator, topics
+from sim import apps
+from sim.fleet import QUIRKY, Fleet, Watcher
+
+P = "dr/v1"
+
+
+class Ctx:
+    def __init__(self, fleet: Fleet, watcher: Watcher) -> None:
+        self.fleet, self.w = fleet, watcher
+        self.s = watcher.s
+        self.sequence = 0
+
+    def next_sequence(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    def rollout(
+        self,
+        data: bytes,
+        steps: tuple[int, ...],
+        abort_pct: float,
+        min_devices: int,
+        step_wait_s: float = 20.0,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+
+        def emit(ev: dict[str, Any]) -> None:
+            ev["t"] = round(time.time() - self.w.t0, 2)
+            events.append(ev)
+            if ev["event"] in ("published", "step_done", "paused", "completed"):
+                print(
+                    f"    rollout {ev['event']}: "
+                    + ", ".join(
+                        f"{k}={v}"
+                        for k, v in ev.items()
+                        if k in ("step", "eligible", "committed", "failed", "reason")
+                    ),
+                    flush=True,
+                )
+
+        policy = Policy(steps, step_wait_s, abort_pct, min_devices, device_timeout_s=40.0)
+        result = RolloutController(self.s, P, data, self.fleet.keys.rollout, policy, emit).run(discover_s=0.5)
+        return result, events
+
+    def on_seq(self, seq: int) -> Callable[[str, dict[str, Any]], bool]:
+        return lambda _d, st: ((st.get("apps") or {}).get("app") or {}).get("sequence") == seq
+
+
+def happy(ctx: Ctx) -> dict[str, Any]:
+    seq = ctx.next_sequence()
+    data = ctx.fleet.keys.bundle(apps.good(f"v{seq}"), seq, f"1.{seq}.0")
+    result, events = ctx.rollout(data, (10, 50, 100), abort_pct=20, min_devices=3)
+    n = ctx.fleet.n
+    ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 30)
+    committed = ctx.w.count(ctx.on_seq(seq))
+    return {
+        "ok": result["result"] == "completed" and committed == n,
+        "sequence": seq,
+        "rollout": result,
+        "rollout_events": events,
+        "checks": [f"{committed}/{n} devices committed sequence {seq}"],
+    }
+
+
+def bad_release(ctx: Ctx) -> dict[str, Any]:
+    base = ctx.sequence
+    seq = ctx.next_sequence()
+    data = ctx.fleet.keys.bundle(apps.bad_on_quirk(), seq, f"1.{seq}.0-bad")
+    result, events = ctx.rollout(data, (10, 30, 60, 100), abort_pct=25, min_devices=3)
+    time.sleep(3)  # let in-flight trials finish
+    rolled = [e for e in ctx.w.events if e.get("phase") == "ROLLED_BACK" and e.get("sequence") == seq]
+    by_hw = Counter(e.get("hardware") for e in rolled)
+    on_new = ctx.w.count(ctx.on_seq(seq))
+    quirky_on_new = ctx.w.count(lambda d, st: ctx.on_seq(seq)(d, st) and st.get("hardware") == QUIRKY)
+    on_old = ctx.w.count(ctx.on_seq(base))
+    ok = result["result"] == "paused" and bool(rolled) and set(by_hw) == {QUIRKY} and quirky_on_new == 0
+    return {
+        "ok": ok,
+        "sequence": seq,
+        "rollout": result,
+        "rollout_events": events,
+        "rollbacks_by_hardware": dict(by_hw),
+        "checks": [
+            f"rollout {result['result']} at {result['step']}%: {result.get('reason', '')}",
+            f"rolled back on: {dict(by_hw)} (the variant with the bug: {QUIRKY})",
+            f"{on_new} device(s) kept the new release (none of them {QUIRKY}), {on_old} on the old one",
+        ],
+    }
+
+
+def tampered(ctx: Ctx) -> dict[str, Any]:
+    seq = ctx.next_sequence()
+    data = ctx.fleet.keys.bundle(apps.good(f"t{seq}") + b"", seq, f"1.{seq}.0", percent=100)
+    man, module = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    cs = m.artifact.chunk_size
+    chunks = [
+        (topics.chunk(P, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
+        for i in range(len(m.artifact.chunks))
+    ]
+    chunks[0] = (chunks[0][0], b"\0" * len(chunks[0][1]))  # someone on the broker swapped a chunk
+    with operator.Session(ctx.s) as sess:
+        sess.publish_many(chunks, retain=True)
+        sess.publish_many([(topics.release(P, "app", "stable"), man)], retain=True)
+    n = ctx.fleet.n
+    ctx.w.wait(
+        lambda: (
+            len(
+                {
+                    e["device"]
+                    for e in ctx.w.events
+                    if e.get("sequence") == seq and e.get("phase") == "REJECTED"
+                }
+            )
+            == n
+        ),
+        30,
+    )
+    rejected = {
+        e["device"] for e in ctx.w.events if e.get("sequence") == seq and e.get("phase") == "REJECTED"
+    }
+    reasons = Counter(
+        e.get("reason") for e in ctx.w.events if e.get("sequence") == seq and e.get("phase") == "REJECTED"
+    )
+    running = ctx.w.count(ctx.on_seq(seq))
+    return {
+        "ok": len(rejected) == n and running == 0,
+        "sequence": seq,
+        "checks": [f"{len(rejected)}/{n} devices rejected it ({dict(reasons)}); {running} run it"],
+    }
+
+
+def key_rotation(ctx: Ctx) -> dict[str, Any]:
+    keys = ctx.fleet.keys
+    old_release = list(keys.release)
+    new_release = [Ed25519PrivateKey.generate() for _ in range(2)]
+    keys.release, keys.version = new_release, keys.version + 1
+    root2 = keys.root_bytes()
+    operator.publish_root(ctx.s, root2, P)
+    n = ctx.fleet.n
+    ctx.w.wait(lambda: ctx.w.count(lambda _d, st: st.get("root_version") == keys.version) == n, 30)
+    rotated = ctx.w.count(lambda _d, st: st.get("root_version") == keys.version)
+    # a release signed by the retired keys is refused everywhere
+    seq_old = ctx.next_sequence()
+    operator.publish_bundle(
+        ctx.s,
+        keys.bundle(apps.good(f"r{seq_old}"), seq_old, f"1.{seq_old}.0", percent=100, signers=old_release),
+        P,
+    )
+    ctx.w.wait(
+        lambda: (
+            len(
+                {
+                    e["device"]
+                    for e in ctx.w.events
+                    if e.get("sequence") == seq_old and e.get("phase") == "REJECTED"
+                }
+            )
+            == n
+        ),
+        30,
+    )
+    refused = {
+        e["device"] for e in ctx.w.events if e.get("sequence") == seq_old and e.get("phase") == "REJECTED"
+    }
+    # one signed by the new keys is taken
+    seq = ctx.next_sequence()
+    operator.publish_bundle(ctx.s, keys.bundle(apps.good(f"n{seq}"), seq, f"1.{seq}.0", percent=100), P)
+    ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 40)
+    taken = ctx.w.count(ctx.on_seq(seq))
+    return {
+        "ok": rotated == n and len(refused) == n and taken == n,
+        "sequence": seq,
+        "checks": [
+            f"{rotated}/{n} devices rotated to root v{keys.version}",
+            f"{len(refused)}/{n} refused the release signed by the retired keys",
+            f"{taken}/{n} committed the release signed by the new keys",
+        ],
+    }
+
+
+SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
+    "happy": happy,
+    "bad-release": bad_release,
+    "tampered": tampered,
+    "key-rotation": key_rotation,
+}
+DEMO = ("happy", "bad-release", "tampered")
