@@ -33,11 +33,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
         raise DeviceRunnerError(
             f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all, demo"
         )
+    from devicerunner.broker import EmbeddedBroker
+
     broker = None
     url = args.broker
     if url is None:
-        from devicerunner.broker import EmbeddedBroker
-
         broker = EmbeddedBroker(port=_free_port())
         broker.start()
         url = broker.url
@@ -55,7 +55,22 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 fleet.start()
                 w.wait(lambda: w.count(lambda _d, st: st.get("online")) == args.devices, 60)
                 print(f"  {w.count(lambda _d, st: st.get('online'))} devices online", flush=True)
-                ctx = scenarios.Ctx(fleet, w)
+
+                def restart(down_s: float) -> None:
+                    nonlocal broker
+                    assert broker is not None
+                    port = broker.port
+                    broker.stop()
+                    time.sleep(down_s)
+                    for _ in range(50):  # amqtt may take a moment to release its socket
+                        broker = EmbeddedBroker(port=port)
+                        try:
+                            broker.start()
+                            break
+                        except DeviceRunnerError:
+                            time.sleep(0.1)
+
+                ctx = scenarios.Ctx(fleet, w, restart if broker is not None else None)
                 for name in names:
                     print(f"scenario {name}:", flush=True)
                     t0 = time.time()
@@ -76,6 +91,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     "scenarios": results,
                     "events": list(w.events),
                     "timeline": list(w.timeline),
+                    "reconnect_spread": next(
+                        (r["reconnect_spread"] for r in results if "reconnect_spread" in r), None
+                    ),
                 }
         finally:
             fleet.stop()

@@ -91,6 +91,7 @@ class Watcher:
         self.status: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.timeline: list[dict[str, Any]] = []
+        self.status_times: dict[str, list[float]] = {}
         self.t0 = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -99,7 +100,10 @@ class Watcher:
     def __enter__(self) -> Watcher:
         self.sess.__enter__()
         self.sess.client.on_message = lambda _c, _u, m: self._msg(m.topic, bytes(m.payload))
-        self.sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
+        subs = [(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)]
+        # paho reconnects by itself here; clean sessions need the subscriptions again
+        self.sess.client.on_connect = lambda c, *_: c.subscribe(subs)
+        self.sess.client.subscribe(subs)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -120,6 +124,10 @@ class Watcher:
         with self._lock:
             if parts[2] == "status":
                 self.status[parts[1]] = doc
+                # the device's own clock at publish time: a reconnecting device
+                # publishes status at once, while we may only see it later
+                ts = doc.get("ts") if isinstance(doc, dict) else None
+                self.status_times.setdefault(parts[1], []).append(float(ts) if ts else time.time())
             elif parts[2] == "events":
                 doc["hardware"] = (self.status.get(parts[1]) or {}).get("hardware")
                 doc["t"] = round(time.time() - self.t0, 3)
@@ -140,6 +148,16 @@ class Watcher:
                 self.timeline.append(
                     {"t": round(time.time() - self.t0, 2), "versions": versions, "online": online}
                 )
+
+    def first_status_after(self, t: float) -> dict[str, float]:
+        """Per device, the first status it published after ``t`` (its reconnection)."""
+        with self._lock:
+            out = {}
+            for d, ts in self.status_times.items():
+                later = [x for x in ts if x >= t]
+                if later:
+                    out[d] = later[0]
+            return out
 
     def count(self, pred: Any) -> int:
         with self._lock:

@@ -23,10 +23,14 @@ P = "dr/v1"
 
 
 class Ctx:
-    def __init__(self, fleet: Fleet, watcher: Watcher) -> None:
+    def __init__(
+        self, fleet: Fleet, watcher: Watcher, restart_broker: Callable[[float], None] | None = None
+    ) -> None:
         self.fleet, self.w = fleet, watcher
         self.s = watcher.s
         self.sequence = 0
+        self.restart_broker = restart_broker
+        """Stops the broker for the given seconds and starts it again (None: not ours to restart)."""
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -84,7 +88,7 @@ def bad_release(ctx: Ctx) -> dict[str, Any]:
     base = ctx.sequence
     seq = ctx.next_sequence()
     data = ctx.fleet.keys.bundle(apps.bad_on_quirk(), seq, f"1.{seq}.0-bad")
-    result, events = ctx.rollout(data, (10, 30, 60, 100), abort_pct=25, min_devices=3)
+    result, events = ctx.rollout(data, (10, 30, 60, 100), abort_pct=15, min_devices=3)
     time.sleep(3)  # let in-flight trials finish
     rolled = [e for e in ctx.w.events if e.get("phase") == "ROLLED_BACK" and e.get("sequence") == seq]
     by_hw = Counter(e.get("hardware") for e in rolled)
@@ -197,10 +201,52 @@ def key_rotation(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def broker_outage(ctx: Ctx) -> dict[str, Any]:
+    if ctx.restart_broker is None:
+        return {
+            "ok": False,
+            "skipped": True,
+            "checks": ["skipped: needs a broker the simulator controls (run without --broker)"],
+        }
+    seq = ctx.next_sequence()
+    data = ctx.fleet.keys.bundle(apps.good(f"o{seq}") + b"", seq, f"1.{seq}.0", percent=100)
+    operator.publish_bundle(ctx.s, data, P)
+    time.sleep(0.3)  # mid-rollout: some devices are downloading or on trial
+    t_down = time.time()
+    ctx.restart_broker(3.0)
+    t_up = time.time()
+    # An in-memory broker loses retained messages on restart; the operator publishes again.
+    operator.publish_root(ctx.s, ctx.fleet.keys.root_bytes(), P)
+    operator.publish_bundle(ctx.s, data, P)
+    n = ctx.fleet.n
+    ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 60)
+    committed = ctx.w.count(ctx.on_seq(seq))
+    back = sorted(t - t_up for t in ctx.w.first_status_after(t_up).values())
+    spread = {
+        "devices_back": len(back),
+        "first_s": round(back[0], 2) if back else None,
+        "last_s": round(back[-1], 2) if back else None,
+        "median_s": round(back[len(back) // 2], 2) if back else None,
+        "offsets_s": [round(x, 3) for x in back],
+    }
+    return {
+        "ok": committed == n and len(back) == n and (back[-1] - back[0] > 0.5 if len(back) > 2 else True),
+        "sequence": seq,
+        "reconnect_spread": spread,
+        "checks": [
+            f"broker down {t_up - t_down:.1f} s mid-rollout",
+            f"{len(back)}/{n} devices reconnected, spread over {spread['first_s']}..{spread['last_s']} s "
+            f"after the broker returned (median {spread['median_s']} s): full jitter, not lockstep",
+            f"{committed}/{n} committed sequence {seq}",
+        ],
+    }
+
+
 SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "happy": happy,
     "bad-release": bad_release,
     "tampered": tampered,
+    "broker-outage": broker_outage,
     "key-rotation": key_rotation,
 }
 DEMO = ("happy", "bad-release", "tampered")
