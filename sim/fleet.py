@@ -184,6 +184,7 @@ class Fleet:
     ) -> None:
         self.dir, self.n, self.url, self.keys = workdir, n, broker_url, keys
         self.rng = random.Random(seed)
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "root.json").write_bytes(keys.root_bytes())
         (workdir / "bootstrap.wasm").write_bytes(apps.good("v0"))
         self.specs = []
