@@ -22,8 +22,12 @@ from sim import apps
 from sim.fleet import Fleet, Keys, Watcher
 from tests.brokers import Mosquitto
 
-SYS = ["$SYS/broker/messages/received", "$SYS/broker/messages/sent", "$SYS/broker/bytes/received",
-       "$SYS/broker/bytes/sent"]
+SYS = [
+    "$SYS/broker/messages/received",
+    "$SYS/broker/messages/sent",
+    "$SYS/broker/bytes/received",
+    "$SYS/broker/bytes/sent",
+]
 
 
 def _sys(url: str) -> dict[str, int]:
@@ -55,19 +59,30 @@ def run(n: int, workers: int) -> dict[str, Any]:
                 data = keys.bundle(apps.good("bench"), 1, "2.0.0", percent=100)
                 t0 = time.monotonic()
                 operator.publish_bundle(s, data, "dr/v1")
-                done = w.wait(lambda: w.count(lambda _d, st: ((st.get("apps") or {}).get("app") or {})
-                                              .get("sequence") == 1) == n, 600)
+
+                def on_new(_d: str, st: dict[str, Any]) -> bool:
+                    return bool(((st.get("apps") or {}).get("app") or {}).get("sequence") == 1)
+
+                done = w.wait(lambda: w.count(on_new) == n, 600)
                 converge = time.monotonic() - t0
-                committed = w.count(lambda _d, st: ((st.get("apps") or {}).get("app") or {}).get("sequence") == 1)
+                committed = w.count(on_new)
                 after = _sys(b.url)
                 hwm = sum(_hwm_kib(p.pid) for p, _ in fleet.workers)
         finally:
             fleet.stop()
             b.stop()
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    return {"devices": n, "workers": workers, "online": online, "startup_s": round(t_start, 1),
-            "converged": done, "committed": committed, "publish_to_all_committed_s": round(converge, 2),
-            "broker": delta, "peak_rss_per_device_kib": round(hwm / n)}
+    return {
+        "devices": n,
+        "workers": workers,
+        "online": online,
+        "startup_s": round(t_start, 1),
+        "converged": done,
+        "committed": committed,
+        "publish_to_all_committed_s": round(converge, 2),
+        "broker": delta,
+        "peak_rss_per_device_kib": round(hwm / n),
+    }
 
 
 def main() -> int:

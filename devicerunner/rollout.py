@@ -15,7 +15,6 @@ and devices in the rollout that have not reported a result within
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -101,28 +100,25 @@ class RolloutController:
     # -- broker callbacks (paho thread) -------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        parts = topic[len(self.p) + 1 :].split("/")
-        if len(parts) != 3 or parts[0] != "devices":
+        msg = topics.parse_device_message(self.p, topic, payload)
+        if msg is None:
             return
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
+        device, kind, doc = msg
         with self.fleet.lock:
-            if parts[2] == "status" and isinstance(doc, dict):
+            if kind == "status":
                 app = (doc.get("apps") or {}).get(self.m.app)
                 if app is None or doc.get("hardware") not in self.m.targets.hardware:
                     return
-                if self.m.targets.devices and parts[1] not in self.m.targets.devices:
+                if self.m.targets.devices and device not in self.m.targets.devices:
                     return
-                v = self.fleet.dev(parts[1])
+                v = self.fleet.dev(device)
                 v.hardware = doc.get("hardware", "?")
                 if app.get("sequence") == self.m.sequence and app.get("phase") == "COMMITTED":
                     v.result = v.result or "committed"
-            elif parts[2] == "events" and isinstance(doc, dict):
+            else:
                 if doc.get("app") != self.m.app or doc.get("sequence") != self.m.sequence:
                     return
-                v = self.fleet.dev(parts[1])
+                v = self.fleet.dev(device)
                 v.phase = doc.get("phase")
                 if v.phase == "COMMITTED":
                     v.result = "committed"

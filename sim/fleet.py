@@ -3,7 +3,6 @@ watcher that records what the broker saw (status, events) over time."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import random
 import threading
@@ -15,7 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devicerunner import bundle, manifest
-from devicerunner.transport import operator
+from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import BrokerSettings
 from sim import apps, worker
 
@@ -114,22 +113,19 @@ class Watcher:
         self.sess.__exit__()
 
     def _msg(self, topic: str, payload: bytes) -> None:
-        parts = topic[len(self.p) + 1 :].split("/")
-        if len(parts) != 3 or parts[0] != "devices":
+        msg = topics.parse_device_message(self.p, topic, payload)
+        if msg is None:
             return
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
+        device, kind, doc = msg
         with self._lock:
-            if parts[2] == "status":
-                self.status[parts[1]] = doc
+            if kind == "status":
+                self.status[device] = doc
                 # the device's own clock at publish time: a reconnecting device
                 # publishes status at once, while we may only see it later
-                ts = doc.get("ts") if isinstance(doc, dict) else None
-                self.status_times.setdefault(parts[1], []).append(float(ts) if ts else time.time())
-            elif parts[2] == "events":
-                doc["hardware"] = (self.status.get(parts[1]) or {}).get("hardware")
+                ts = doc.get("ts")
+                self.status_times.setdefault(device, []).append(float(ts) if ts else time.time())
+            else:
+                doc["hardware"] = (self.status.get(device) or {}).get("hardware")
                 doc["t"] = round(time.time() - self.t0, 3)
                 self.events.append(doc)
 

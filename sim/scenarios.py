@@ -64,6 +64,12 @@ class Ctx:
         result = RolloutController(self.s, P, data, self.fleet.keys.rollout, policy, emit).run(discover_s=0.5)
         return result, events
 
+    def reported(self, phase: str, seq: int) -> set[str]:
+        """Devices that sent a ``phase`` event for release ``seq``."""
+        return {
+            e["device"] for e in list(self.w.events) if e.get("sequence") == seq and e.get("phase") == phase
+        }
+
     def on_seq(self, seq: int) -> Callable[[str, dict[str, Any]], bool]:
         return lambda _d, st: ((st.get("apps") or {}).get("app") or {}).get("sequence") == seq
 
@@ -125,22 +131,8 @@ def tampered(ctx: Ctx) -> dict[str, Any]:
         sess.publish_many(chunks, retain=True)
         sess.publish_many([(topics.release(P, "app", "stable"), man)], retain=True)
     n = ctx.fleet.n
-    ctx.w.wait(
-        lambda: (
-            len(
-                {
-                    e["device"]
-                    for e in ctx.w.events
-                    if e.get("sequence") == seq and e.get("phase") == "REJECTED"
-                }
-            )
-            == n
-        ),
-        30,
-    )
-    rejected = {
-        e["device"] for e in ctx.w.events if e.get("sequence") == seq and e.get("phase") == "REJECTED"
-    }
+    ctx.w.wait(lambda: len(ctx.reported("REJECTED", seq)) == n, 30)
+    rejected = ctx.reported("REJECTED", seq)
     reasons = Counter(
         e.get("reason") for e in ctx.w.events if e.get("sequence") == seq and e.get("phase") == "REJECTED"
     )
@@ -169,22 +161,8 @@ def key_rotation(ctx: Ctx) -> dict[str, Any]:
         keys.bundle(apps.good(f"r{seq_old}"), seq_old, f"1.{seq_old}.0", percent=100, signers=old_release),
         P,
     )
-    ctx.w.wait(
-        lambda: (
-            len(
-                {
-                    e["device"]
-                    for e in ctx.w.events
-                    if e.get("sequence") == seq_old and e.get("phase") == "REJECTED"
-                }
-            )
-            == n
-        ),
-        30,
-    )
-    refused = {
-        e["device"] for e in ctx.w.events if e.get("sequence") == seq_old and e.get("phase") == "REJECTED"
-    }
+    ctx.w.wait(lambda: len(ctx.reported("REJECTED", seq_old)) == n, 30)
+    refused = ctx.reported("REJECTED", seq_old)
     # one signed by the new keys is taken
     seq = ctx.next_sequence()
     operator.publish_bundle(ctx.s, keys.bundle(apps.good(f"n{seq}"), seq, f"1.{seq}.0", percent=100), P)

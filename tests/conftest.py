@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,16 @@ def make_app(
     res = res or DeviceResources(clock or RealClock(), log_sink=logs)
     spec = AppSpec(name, module, grant, limits or Limits(), tick_interval_ms=interval_ms)
     return App(spec, start_instance(sandbox, spec, res, kv))  # type: ignore[arg-type]
+
+
+def until(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Bounded wait for a condition the code under test makes true by itself."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
 
 
 def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

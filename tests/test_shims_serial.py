@@ -6,7 +6,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +17,8 @@ from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Sensor, Status
 from firmware_shims.env import ShimEnv
 from firmware_shims.serial_sensors import make_parser, nmea_checksum_ok
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, until
 from tests.fakes import ModbusResponder, PtyDevice
-
-
-def until(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,7 @@ from devicerunner.daemon import build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Status
 from firmware_shims.env import ShimEnv
-from tests.conftest import run_cli
-
-
-def until(pred: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
+from tests.conftest import run_cli, until
 
 
 def make_tree(root: Path) -> Path:

@@ -4,7 +4,6 @@ read the fleet's status. Short-lived single clients (paho's own loop thread)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import threading
 import time
@@ -197,13 +196,7 @@ def fleet_status(s: BrokerSettings, prefix: str, quiet_s: float = 0.5) -> dict[s
         msgs = sess.collect([f"{prefix}/devices/+/status"], quiet_s=quiet_s, max_s=30)
     out: dict[str, dict[str, Any]] = {}
     for topic, payload in msgs.items():
-        parts = topic[len(prefix) + 1 :].split("/") if topic.startswith(prefix + "/") else []
-        if len(parts) != 3 or parts[0] != "devices" or parts[2] != "status":
-            continue  # some brokers' wildcard matching is loose; be strict here
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            continue
-        if isinstance(doc, dict):
-            out[topic.split("/")[-2]] = doc
+        msg = topics.parse_device_message(prefix, topic, payload)
+        if msg is not None and msg[1] == "status":
+            out[msg[0]] = msg[2]
     return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 DEFAULT_PREFIX = "dr/v1"
 
 
@@ -42,3 +45,18 @@ def parse_chunk(p: str, topic: str) -> tuple[str, int] | None:
     if len(parts) == 3 and parts[0] == "artifacts" and parts[2].isdigit():
         return parts[1], int(parts[2])
     return None
+
+
+def parse_device_message(p: str, topic: str, payload: bytes) -> tuple[str, str, dict[str, Any]] | None:
+    """``(device, "status" | "events", document)`` for a device's JSON message, else None.
+
+    Strict on purpose: some brokers' wildcard matching is looser than the spec.
+    """
+    parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
+    if len(parts) != 3 or parts[0] != "devices" or parts[2] not in ("status", "events"):
+        return None
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    return (parts[1], parts[2], doc) if isinstance(doc, dict) else None
