@@ -24,9 +24,9 @@ def test_sigkill_at_every_fs_operation_and_at_random_instants_never_leaves_an_ap
 ) -> None:
     random_kills = 1000 if LONG else 150
     res = crash_harness.run(fs_rounds=3 if LONG else 1, random_kills=random_kills, workers=2, seed=20261122)
+    report = capsys.readouterr().out  # read before disabling capture, then show it in the CI log
     with capsys.disabled():
-        print()
-        print(capsys.readouterr().out, end="")
+        print("\n" + report, end="")
     assert res.violations == []
     assert res.by_mode["fs"] >= 20  # every mutating FS operation of one update, at least
     assert res.by_mode["random"] >= random_kills * 0.8  # a few runs may finish before their instant
