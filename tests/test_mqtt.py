@@ -416,3 +416,45 @@ def test_embedded_amqtt_broker_carries_the_same_flow(tmp_path: Path) -> None:
             d.stop()
     finally:
         eb.stop()
+
+
+def test_gc_clears_only_chunks_no_current_release_references(tmp_path: Path, broker: Mosquitto) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    old = _publish(broker.url, kit.bundle(counter_module(1, pad_bytes=3000), 1, chunk_size=1024))
+    new = _publish(
+        broker.url, kit.bundle(counter_module(2, pad_bytes=3000), 2, chunk_size=1024)
+    )  # replaces it
+    s = parse_url(broker.url)
+    kept, removed = operator.gc(s, P)
+    assert removed == len(old.artifact.chunks) and kept == len(new.artifact.chunks)
+    with operator.Session(s) as sess:
+        left = sess.collect([f"{P}/artifacts/+/+"], quiet_s=0.5)
+    assert {t.split("/")[-2] for t, p in left.items() if p} == {new.artifact.sha256}
+
+
+def test_app_telemetry_drains_to_its_mqtt_topic(tmp_path: Path, broker: Mosquitto) -> None:
+    kit = mqtt_kit(tmp_path, broker.url, bootstrap=str(EXAMPLES / "thermostat.wasm"))
+    tel = Listener(broker.url, f"{P}/devices/dev-1/telemetry/app/climate")
+    d = Daemon(kit.cfg)
+    d.start()
+    try:
+        end = time.monotonic() + 20
+        while not tel.messages and time.monotonic() < end:  # the thermostat publishes every 10th tick
+            time.sleep(0.05)
+    finally:
+        d.stop()
+        tel.close()
+    assert tel.messages
+    doc = json.loads(tel.messages[0][1])
+    assert set(doc) == {"temp", "fan", "setpoint"}
+
+
+def test_gc_never_clears_a_current_release(tmp_path: Path, broker: Mosquitto) -> None:
+    kit = mqtt_kit(tmp_path, broker.url)
+    m = _publish(broker.url, kit.bundle(counter_module(1), 1))
+    s = parse_url(broker.url)
+    operator.gc(s, P)
+    with operator.Session(s) as sess:
+        left = sess.collect([f"{P}/releases/+/+", f"{P}/artifacts/+/+"], quiet_s=0.5)
+    assert left.get(topics.release(P, "app", "stable"))  # the release is still there
+    assert len([t for t, p in left.items() if "/artifacts/" in t and p]) == len(m.artifact.chunks)

@@ -294,3 +294,13 @@ driver = "sim"
     finally:
         d.stop()
         dev.close()
+
+
+def test_modbus_sensor_on_a_loop_url_sees_only_its_own_echo_and_never_a_value(env: ShimEnv) -> None:
+    """pyserial's loop:// echoes what is written: the poller reads back its own request,
+    which must fail the response checks (counted malformed), never become a value."""
+    s = sensors_for(
+        {"p": {"driver": "modbus", "port": "loop://", "unit_id": 3, "register": 0, "poll_ms": 20}}, env
+    )["p"]
+    assert until(lambda: s.malformed >= 3)  # type: ignore[attr-defined]
+    assert s.read().status == Status.STALE and math.isnan(s.read().value)

@@ -107,6 +107,8 @@ class Session:
     def collect(self, filters: list[str], quiet_s: float = 0.5, max_s: float = 5.0) -> dict[str, bytes]:
         """Retained messages under ``filters``: until none arrived for ``quiet_s``."""
         start = time.monotonic()
+        with self._lock:
+            self.messages = {}  # only what arrives for these filters
         self.last_message = start
         self.client.subscribe([(f, 1) for f in filters])
         while time.monotonic() - start < max_s and time.monotonic() - self.last_message < quiet_s:
@@ -180,15 +182,16 @@ def gc(s: BrokerSettings, prefix: str, dry_run: bool = False) -> tuple[int, int]
                 with contextlib.suppress(DeviceRunnerError):
                     referenced.add(manifest.parse_manifest(payload).artifact.sha256)
         chunks = sess.collect([f"{prefix}/artifacts/+/+"], quiet_s=1.0, max_s=60)
-        stale = [
-            t
-            for t, p in chunks.items()
-            if p and (topics.parse_chunk(prefix, t) or ("",))[0] not in referenced
-        ]
+        # Only chunk topics are ever cleared, whatever else a loose broker delivers.
+        held: dict[str, str] = {}
+        for t, p in chunks.items():
+            parsed = topics.parse_chunk(prefix, t)
+            if p and parsed is not None:
+                held[t] = parsed[0]
+        stale = [t for t, sha in held.items() if sha not in referenced]
         if not dry_run:
             sess.publish_many([(t, b"") for t in stale], retain=True)
-    kept = sum(1 for t, p in chunks.items() if p) - len(stale)
-    return kept, len(stale)
+    return len(held) - len(stale), len(stale)
 
 
 def fleet_status(s: BrokerSettings, prefix: str, quiet_s: float = 0.5) -> dict[str, dict[str, Any]]:
