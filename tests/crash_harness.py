@@ -241,7 +241,8 @@ class Harness:
         return problems, outcome
 
 
-def run(fs_rounds: int, random_kills: int, workers: int, seed: int, out=sys.stdout) -> Result:  # type: ignore[no-untyped-def]
+def run(fs_rounds: int, random_kills: int, workers: int, seed: int, out=None) -> Result:  # type: ignore[no-untyped-def]
+    out = out or sys.stdout  # looked up now: a default bound at import would miss pytest's capture
     rng = random.Random(seed)
     res = Result()
     t_start = time.monotonic()
