@@ -45,7 +45,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dr-sim-") as tmp:
         keys = Keys()
-        fleet = Fleet(Path(tmp), args.devices, url, keys, args.seed, workers=args.workers)
+        killable = max(2, args.devices // 5) if "power-loss" in names else 0
+        fleet = Fleet(Path(tmp), args.devices, url, keys, args.seed, workers=args.workers, killable=killable)
         s = parse_url(url)
         print(
             f"fleet: {args.devices} devices in {fleet.n_workers} worker processes, broker {url}", flush=True
@@ -108,7 +109,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("sim", help="simulate a fleet: staged rollouts, bad releases, tampering, key rotation")
+    p = sub.add_parser(
+        "sim", help="simulate a fleet: rollouts, bad and tampered releases, outages, power cuts"
+    )
     p.add_argument("--devices", type=int, default=20)
     p.add_argument(
         "--scenario", default="demo", help="NAME[,NAME...], 'all', or 'demo' (happy,bad-release,tampered)"

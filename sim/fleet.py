@@ -176,14 +176,23 @@ class Fleet:
     """N devices over W worker processes."""
 
     def __init__(
-        self, workdir: Path, n: int, broker_url: str, keys: Keys, seed: int, workers: int = 2
+        self,
+        workdir: Path,
+        n: int,
+        broker_url: str,
+        keys: Keys,
+        seed: int,
+        workers: int = 2,
+        killable: int = 0,
     ) -> None:
+        """``killable`` devices get a worker process each, so a power cut can hit one
+        device alone (SIGKILL its process) while the others run on."""
         self.dir, self.n, self.url, self.keys = workdir, n, broker_url, keys
         self.rng = random.Random(seed)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "root.json").write_bytes(keys.root_bytes())
         (workdir / "bootstrap.wasm").write_bytes(apps.good("v0"))
-        self.specs = []
+        self.specs: list[dict[str, Any]] = []
         for i in range(n):
             hw = HARDWARE[i % len(HARDWARE)]
             self.specs.append(
@@ -201,31 +210,56 @@ class Fleet:
             )
         self.hardware = {s["id"]: s["hardware"] for s in self.specs}
         self.workers: list[tuple[Any, Any]] = []
-        self.n_workers = max(1, min(workers, n))
+        self.killable: list[str] = [str(s["id"]) for s in self.specs[: max(0, min(killable, n))]]
+        shared = self.specs[len(self.killable) :]
+        self.n_workers = max(1, min(workers, len(shared))) if shared else 0
         self.stats: dict[str, Any] = {}
+        self._solo: dict[str, int] = {}
+        self._ctx = mp.get_context("spawn")
+
+    def _spawn(self, group: list[dict[str, Any]], name: str) -> int:
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(
+            target=worker.run, args=(child, group, self.url, str(self.dir / f"{name}.log")), daemon=True
+        )
+        p.start()
+        self.workers.append((p, parent))
+        return len(self.workers) - 1
+
+    def _ready(self, i: int, timeout_s: float) -> None:
+        _p, conn = self.workers[i]
+        if not conn.poll(timeout_s):
+            raise RuntimeError("a simulator worker did not start in time (see its .log)")
+        conn.recv()
 
     def start(self, timeout_s: float = 120.0) -> None:
-        ctx = mp.get_context("spawn")
-        groups = [self.specs[i :: self.n_workers] for i in range(self.n_workers)]
-        for i, group in enumerate(groups):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=worker.run,
-                args=(child, group, self.url, str(self.dir / f"worker{i}.log")),
-                daemon=True,
-            )
-            p.start()
-            self.workers.append((p, parent))
-        for _p, conn in self.workers:
-            if not conn.poll(timeout_s):
-                raise RuntimeError("a simulator worker did not start in time (see worker*.log)")
-            conn.recv()
+        shared = self.specs[len(self.killable) :]
+        started = [self._spawn(shared[i :: self.n_workers], f"worker{i}") for i in range(self.n_workers)]
+        for spec in self.specs[: len(self.killable)]:
+            self._solo[str(spec["id"])] = self._spawn([spec], f"solo-{spec['id']}")
+            started.append(self._solo[spec["id"]])
+        for i in started:
+            self._ready(i, timeout_s)
+
+    def power_cut(self, device: str, timeout_s: float = 60.0) -> None:
+        """SIGKILL the device's process (no goodbye: the broker sends its last will),
+        then boot it again on the same state directory."""
+        i = self._solo[device]
+        p, conn = self.workers[i]
+        p.kill()
+        p.join(10)
+        conn.close()
+        self.workers[i] = (p, None)
+        spec = next(s for s in self.specs if s["id"] == device)
+        self._solo[device] = j = self._spawn([spec], f"solo-{device}")
+        self._ready(j, timeout_s)
 
     def stop(self) -> None:
-        for _p, conn in self.workers:
-            conn.send("stop")
         for p, conn in self.workers:
-            if conn.poll(60):
+            if conn is not None and p.is_alive():
+                conn.send("stop")
+        for p, conn in self.workers:
+            if conn is not None and p.is_alive() and conn.poll(60):
                 _, stats = conn.recv()
                 self.stats.update(stats)
             p.join(10)

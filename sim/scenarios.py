@@ -220,11 +220,57 @@ def broker_outage(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def power_loss(ctx: Ctx) -> dict[str, Any]:
+    victims = list(ctx.fleet.killable)
+    if not victims:
+        return {"ok": False, "skipped": True, "checks": ["skipped: the fleet has no killable devices"]}
+    base = ctx.sequence
+    seq = ctx.next_sequence()
+    data = ctx.fleet.keys.bundle(apps.good(f"p{seq}"), seq, f"1.{seq}.0", percent=100)
+    operator.publish_bundle(ctx.s, data, P)
+    rng = ctx.fleet.rng
+    cuts = 0
+    t_end = time.monotonic() + 4.0  # cut power at random instants while the fleet updates
+    for dev in victims * 2:
+        time.sleep(rng.uniform(0.0, 0.8))
+        if time.monotonic() > t_end:
+            break
+        ctx.fleet.power_cut(dev)
+        cuts += 1
+    n = ctx.fleet.n
+
+    def settled(_d: str, st: dict[str, Any]) -> bool:
+        a = (st.get("apps") or {}).get("app") or {}
+        return (
+            bool(st.get("online"))
+            and bool(a.get("running"))
+            and a.get("phase") in ("COMMITTED", "ROLLED_BACK")
+            and a.get("sequence") in (base, seq)
+            and not a.get("pending_sequence")
+        )
+
+    ctx.w.wait(lambda: ctx.w.count(settled) == n and ctx.w.count(ctx.on_seq(seq)) >= n - len(victims), 90)
+    ok_n = ctx.w.count(settled)
+    on_new = ctx.w.count(ctx.on_seq(seq))
+    cut_state = {d: (ctx.w.app_of(d).get("sequence"), ctx.w.app_of(d).get("phase")) for d in victims}
+    return {
+        "ok": ok_n == n and on_new >= n - len(victims),
+        "sequence": seq,
+        "power_cuts": cuts,
+        "checks": [
+            f"{cuts} power cuts (SIGKILL + reboot) on {len(victims)} devices during the update",
+            f"{ok_n}/{n} devices settled on a verified version (old {base} or new {seq}), none mid-update",
+            f"{on_new}/{n} on the new release; the cut devices (sequence, phase): {cut_state}",
+        ],
+    }
+
+
 SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "happy": happy,
     "bad-release": bad_release,
     "tampered": tampered,
     "broker-outage": broker_outage,
+    "power-loss": power_loss,
     "key-rotation": key_rotation,
 }
 DEMO = ("happy", "bad-release", "tampered")

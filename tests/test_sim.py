@@ -11,7 +11,9 @@ from tests.brokers import Mosquitto
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("scenario", ["happy", "bad-release", "tampered", "broker-outage", "key-rotation"])
+@pytest.mark.parametrize(
+    "scenario", ["happy", "bad-release", "tampered", "broker-outage", "power-loss", "key-rotation"]
+)
 def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None:
     r = run_cli(
         "sim", "--devices", "6", "--scenario", scenario, "--report", str(tmp_path / "rep"), timeout=300
