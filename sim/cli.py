@@ -84,6 +84,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     for c in r["checks"]:
                         print(f"    {c}", flush=True)
                     print(f"  -> {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.1f} s)", flush=True)
+                w.sample()  # the fleet as it ended, however short the run
                 data = {
                     "devices": args.devices,
                     "broker": url if args.broker else "embedded (amqtt)",
@@ -114,7 +115,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--devices", type=int, default=20)
     p.add_argument(
-        "--scenario", default="demo", help="NAME[,NAME...], 'all', or 'demo' (happy,bad-release,tampered)"
+        "--scenario",
+        default="demo",
+        help="happy, bad-release, tampered, broker-outage, power-loss, key-rotation (comma-separated), "
+        "'all', or 'demo' (happy,bad-release,tampered)",
     )
     p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")
     p.add_argument("--report", metavar="DIR", help="write summary.json and report.html here")

@@ -130,20 +130,24 @@ class Watcher:
                 self.events.append(doc)
 
     def _sample(self) -> None:
+        self.sample()
         while not self._stop.wait(0.5):
-            with self._lock:
-                versions: dict[str, int] = {}
-                online = 0
-                for st in self.status.values():
-                    online += bool(st.get("online"))
-                    a = (st.get("apps") or {}).get("app") or {}
-                    key = str(a.get("version") or "bootstrap")
-                    if a.get("phase") == "TRIAL":
-                        key += " (on trial)"
-                    versions[key] = versions.get(key, 0) + 1
-                self.timeline.append(
-                    {"t": round(time.time() - self.t0, 2), "versions": versions, "online": online}
-                )
+            self.sample()
+
+    def sample(self) -> None:
+        with self._lock:
+            versions: dict[str, int] = {}
+            online = 0
+            for st in self.status.values():
+                online += bool(st.get("online"))
+                a = (st.get("apps") or {}).get("app") or {}
+                key = str(a.get("version") or "bootstrap")
+                if a.get("phase") == "TRIAL":
+                    key += " (on trial)"
+                versions[key] = versions.get(key, 0) + 1
+            self.timeline.append(
+                {"t": round(time.time() - self.t0, 2), "versions": versions, "online": online}
+            )
 
     def first_status_after(self, t: float) -> dict[str, float]:
         """Per device, the first status it published after ``t`` (its reconnection)."""

@@ -21,14 +21,15 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(data: dict[str, Any]) -> list[tuple[str, str]]:
+def _plots(data: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """The plots, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     out = []
     tl = data["timeline"]
     keys: list[str] = []
@@ -154,9 +155,10 @@ def write(report_dir: Path, data: dict[str, Any]) -> tuple[Path, Path]:
         f"</td><td>{'<br>'.join(html.escape(c) for c in s['checks'])}</td><td>{s['seconds']:.1f}</td></tr>"
         for s in data["scenarios"]
     )
-    figs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>" for t, b in plots) or (
-        "<p>Plots need matplotlib: <code>pip install 'devicerunner[report]'</code></p>"
-    )
+    if plots is None:
+        figs = "<p>Plots need matplotlib: <code>pip install 'devicerunner[report]'</code></p>"
+    else:
+        figs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>" for t, b in plots)
     rb = _rollbacks_by_hw(data["events"])
     rbrows = "".join(
         f"<tr><td>{html.escape(hw)}</td><td>{n}</td><td>{html.escape(why)}</td></tr>"
