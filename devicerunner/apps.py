@@ -281,10 +281,6 @@ class Scheduler:
     def remove(self, name: str) -> App | None:
         return self.apps.pop(name, None)  # its heap entry is dropped lazily
 
-    def swap(self, name: str, instance: AppInstance, spec: AppSpec) -> AppInstance:
-        """Switch ``name`` to ``instance`` between two ticks; returns the old instance."""
-        return self.apps[name].switch_to(instance, spec)
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             timeout = None

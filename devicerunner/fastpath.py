@@ -219,6 +219,3 @@ class FastCaller:
             self._trap_ref = ctypes.byref(self._trap)
             raise trap
         return int(self._raw[0].i32) if self._results else None
-
-
-Factory = Callable[..., Any]

@@ -22,14 +22,12 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from devicerunner.fsutil import atomic_write, fsync_dir, makedirs
 
@@ -192,11 +190,3 @@ class AppSlots:
 
     def mark_committed(self, slot: str, sequence: int) -> None:
         atomic_write(self.slot_dir(slot) / MARKER, f"{sequence}\n".encode())
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        obj = json.loads(Path(path).read_bytes())
-        if isinstance(obj, dict):
-            return obj
-    return None

@@ -77,15 +77,12 @@ Event = dict[str, Any]
 @dataclass(frozen=True)
 class BootPlan:
     state: AppState
-    run_slot: str | None
-    """Slot to run now (None: the bootstrap module, if any)."""
     retrial: bool
     """Re-verify the pending slot and run its trial again."""
     note: str | None = None
 
 
-def plan_boot(st: AppState, attempts: int, active_ok: bool) -> BootPlan:
-    run = st.active if active_ok else None
+def plan_boot(st: AppState, attempts: int) -> BootPlan:
     if st.phase == slots.TRIAL and st.pending is not None:
         if st.trial_attempts >= attempts:
             reason = f"trial interrupted by a crash or power loss ({st.trial_attempts} attempt(s))"
@@ -100,11 +97,11 @@ def plan_boot(st: AppState, attempts: int, active_ok: bool) -> BootPlan:
                 last_error=reason,
                 last_reason="trial_interrupted",
             )
-            return BootPlan(new, run, False, f"rolled back sequence {seq}: {reason}")
-        return BootPlan(st, run, True, "trial interrupted; trying again")
+            return BootPlan(new, False, f"rolled back sequence {seq}: {reason}")
+        return BootPlan(st, True, "trial interrupted; trying again")
     if st.phase == slots.STAGED and st.pending is not None:
-        return BootPlan(st, run, True, "staged update found; verifying it again")
-    return BootPlan(st, run, False)
+        return BootPlan(st, True, "staged update found; verifying it again")
+    return BootPlan(st, False)
 
 
 def plan_commit(st: AppState, m: Manifest) -> AppState:
@@ -217,7 +214,7 @@ class Updater:
                     last_error=f"slot {st.active} corrupt; fell back to committed slot {other}",
                 )
                 active = alt
-        plan = plan_boot(st, self.cfg.trial_attempts, active is not None)
+        plan = plan_boot(st, self.cfg.trial_attempts)
         if plan.state != st or why:
             s.save(plan.state)
         if plan.note:

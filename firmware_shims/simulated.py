@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +73,6 @@ class SimSensor:
         self._walk_k = -1
         self._walk_v = self.base
         self._stuck_value: float | None = None
-        self._hist: deque[tuple[int, float]] = deque(maxlen=_HISTORY)
         self._memo_k = -1
         self._memo_v = math.nan
 
