@@ -29,6 +29,8 @@ def _row(name: str, s: Sensor) -> dict[str, Any]:
         "unit": s.unit,
         "age_s": None if age is None else round(age, 3),
         "malformed": getattr(s, "malformed", 0),
+        "dropped": getattr(s, "dropped", 0),
+        "reconnects": getattr(s, "reconnects", 0),
     }
 
 

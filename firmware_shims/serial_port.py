@@ -105,6 +105,28 @@ class SampleCell:
             log.warning("sensor %s: %s (%d malformed so far)", name, what, self.malformed)
 
 
+class CellSensor:
+    """A sensor whose samples live in a SampleCell filled by a driver's own thread
+    (serial reader, Modbus poller, sysfs I/O worker): reads never touch hardware."""
+
+    name: str
+    unit: str
+    cell: SampleCell
+
+    def read(self) -> SensorReading:
+        return self.cell.reading()
+
+    def samples_since(self, seq: int, max_n: int) -> tuple[list[float], int]:
+        return self.cell.since(seq, max_n)
+
+    @property
+    def malformed(self) -> int:
+        return self.cell.malformed
+
+    def close(self) -> None:
+        pass
+
+
 class Port:
     """Owns one serial port and the thread that talks to it."""
 

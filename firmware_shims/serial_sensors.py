@@ -18,10 +18,10 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from firmware_shims.base import Clock, SensorReading
+from firmware_shims.base import Clock
 from firmware_shims.env import ShimEnv
 from firmware_shims.errors import ShimConfigError
-from firmware_shims.serial_port import Port, PortSettings, SampleCell
+from firmware_shims.serial_port import CellSensor, Port, PortSettings, SampleCell
 from firmware_shims.spec import Options
 
 Parser = Callable[[str], float | None]
@@ -117,23 +117,13 @@ def _num(text: str) -> float:
     return v
 
 
-class _SerialSensorBase:
+class _SerialSensorBase(CellSensor):
     def __init__(self, name: str, o: Options) -> None:
         self.name = name
         self.unit = o.text("unit", "")
         self.scale = o.number("scale", 1.0)
         self.offset = o.number("offset", 0.0)
         self.cell = SampleCell((o.integer("max_age_ms", 5000, min_value=1) or 5000) / 1000.0)
-
-    def read(self) -> SensorReading:
-        return self.cell.reading()
-
-    def samples_since(self, seq: int, max_n: int) -> tuple[list[float], int]:
-        return self.cell.since(seq, max_n)
-
-    @property
-    def malformed(self) -> int:
-        return self.cell.malformed
 
 
 class LineSensor(_SerialSensorBase):
@@ -153,6 +143,15 @@ class LineSensor(_SerialSensorBase):
         self.port.cells.append(self.cell)
         self.port.line_handlers.append(self._line)
         self.port.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines the port threw away as over-long (no newline within 512 bytes)."""
+        return self.port.overlong
+
+    @property
+    def reconnects(self) -> int:
+        return self.port.reconnects
 
     def _line(self, line: str) -> None:
         try:

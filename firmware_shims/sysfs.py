@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from firmware_shims.base import Clock, SensorReading, Status
+from firmware_shims.base import Clock, Status
 from firmware_shims.env import ShimEnv
 from firmware_shims.errors import ShimConfigError
-from firmware_shims.serial_port import SampleCell
+from firmware_shims.serial_port import CellSensor, SampleCell
 from firmware_shims.spec import Options
 
 HWMON_UNITS = {
@@ -59,7 +59,7 @@ def _read_num(path: Path) -> float:
     return float(path.read_text().strip())
 
 
-class SysfsSensor:
+class SysfsSensor(CellSensor):
     driver = "sysfs"
 
     def __init__(self, name: str, table: Mapping[str, Any], clock: Clock, env: ShimEnv) -> None:
@@ -130,17 +130,8 @@ class SysfsSensor:
         self.cell.online = True
         self.cell.put(v * self.scale_extra + self.offset_extra)
 
-    def read(self) -> SensorReading:
-        return self.cell.reading()
-
-    def samples_since(self, seq: int, max_n: int) -> tuple[list[float], int]:
-        return self.cell.since(seq, max_n)
-
     def describe(self) -> str:
         return f"{self.kind} {self.path}"
-
-    def close(self) -> None:
-        pass
 
 
 class SysfsActuator:
