@@ -81,17 +81,22 @@ def _role_keys(args: argparse.Namespace, base: manifest.Root | None) -> tuple[di
     return role_keys, thresholds
 
 
-def cmd_trust_init(args: argparse.Namespace) -> int:
-    role_keys, thresholds = _role_keys(args, None)
+def _signed_root(args: argparse.Namespace, version: int, base: manifest.Root | None) -> bytes:
+    """Root ``version`` from the role options (roles not given come from ``base``), signed with --sign."""
+    role_keys, thresholds = _role_keys(args, base)
     now = _now(args)
     signed = manifest.root_signed(
-        version=1,
+        version=version,
         issued=now,
         expires=now + args.expires_days * DAY,
         role_keys=role_keys,
         thresholds=thresholds,
     )
-    data = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+    return manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+
+
+def cmd_trust_init(args: argparse.Namespace) -> int:
+    data = _signed_root(args, 1, None)
     try:
         root = trust.load_trusted_root(data)
     except VerificationError as e:
@@ -107,16 +112,7 @@ def cmd_trust_init(args: argparse.Namespace) -> int:
 def cmd_trust_rotate(args: argparse.Namespace) -> int:
     current_raw = Path(args.current).read_bytes()
     current = manifest.parse_root(current_raw)
-    role_keys, thresholds = _role_keys(args, current)
-    now = _now(args)
-    signed = manifest.root_signed(
-        version=current.version + 1,
-        issued=now,
-        expires=now + args.expires_days * DAY,
-        role_keys=role_keys,
-        thresholds=thresholds,
-    )
-    data = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+    data = _signed_root(args, current.version + 1, current)
     try:
         new = trust.update_root(current, data)
     except VerificationError as e:
