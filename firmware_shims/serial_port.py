@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import random
+import termios
 import threading
 import time
 from collections import deque
@@ -203,11 +204,13 @@ class Port:
                     self._read_lines(port)
                 else:
                     self._poll(port)
-            except (serial.SerialException, OSError) as e:
+            except (serial.SerialException, OSError, termios.error) as e:
+                # termios.error is not an OSError: a pty or USB adapter that goes away
+                # mid-flush raises it, and it must not kill this thread.
                 log.warning("serial %s: %s; marking its sensors offline", self.settings.url, e)
             finally:
                 self._set_online(False)
-                with contextlib.suppress(serial.SerialException, OSError):
+                with contextlib.suppress(serial.SerialException, OSError, termios.error):
                     port.close()
 
     def _read_lines(self, port: Any) -> None:

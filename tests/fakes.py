@@ -52,6 +52,10 @@ class ModbusResponder(PtyDevice):
         self.corrupt_next = 0
         self.requests = 0
         self._stop = threading.Event()
+        self.restart()
+
+    def restart(self) -> None:
+        """Serve again (after ``plug()``: the old server stopped with its pty)."""
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -65,7 +69,7 @@ class ModbusResponder(PtyDevice):
                 if not r:
                     continue
                 buf += os.read(self.master, 64)
-            except OSError:
+            except (OSError, ValueError):  # unplugged: the pty is gone (fd -1)
                 return
             while len(buf) >= 8:
                 req, buf = buf[:8], buf[8:]

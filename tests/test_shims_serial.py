@@ -231,6 +231,45 @@ def test_modbus_rtu_sensor_reads_registers_and_counts_bad_crcs(tmp_path: Path, e
         dev.close()
 
 
+def test_modbus_bus_unplugged_mid_poll_goes_offline_without_killing_its_thread(
+    tmp_path: Path, env: ShimEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A poll that starts on an unplugged pty fails its tcflush with termios.error,
+    # which is not an OSError: it used to kill the port's thread for good.
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(a.exc_value))
+    dev = ModbusResponder(tmp_path / "rs485", unit=7, registers={100: 215})
+    table = {
+        "driver": "modbus",
+        "port": str(dev.link),
+        "unit_id": 7,
+        "register": 100,
+        "poll_ms": 20,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.2,
+    }
+    try:
+        s = sensors_for({"temp": table}, env)["temp"]
+        gate = threading.Event()
+        gate.set()
+        s.port.pollers.insert(0, lambda _p: gate.wait(5))  # type: ignore[attr-defined]
+        assert until(lambda: s.read().status == Status.OK)
+        for _ in range(3):
+            gate.clear()  # the next poll cycle stops here, before the sensor's own poll
+            time.sleep(0.1)
+            dev.unplug()
+            time.sleep(0.1)  # the kernel hangs the pty up asynchronously
+            gate.set()  # ... and the poll goes on against a dead pty
+            assert until(lambda: s.read().status == Status.OFFLINE)
+            dev.plug()
+            dev.restart()
+            assert until(lambda: s.read().status == Status.OK), s.read()
+        assert died == []
+    finally:
+        gate.set()
+        dev.close()
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
