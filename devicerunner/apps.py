@@ -1,15 +1,16 @@
 """App lifecycle and the scheduler.
 
 What this module owns: turning module bytes + a grant into a running app
-(instantiate, ``dr_init``), per-app counters, and the single scheduler
-thread that runs every app's ticks and health checks on time.
+(instantiate, ``dr_init``), per-app counters, and the device's scheduler
+lane that runs every app's ticks and health checks on time.
 
 Invariants:
-- Only the scheduler thread calls into a *running* instance. The one
-  exception is make-before-break: a new version is instantiated and its
-  ``dr_init`` run on the updater thread, in its own Store, before it is
-  handed to the scheduler. Other threads hand work over with
-  ``Scheduler.submit`` (a queue, no polling).
+- Only the scheduler lane calls into a *running* instance (one task at a
+  time, though not always on the same OS thread: a wasmtime Store may move
+  between threads, never be used from two at once). The one exception is
+  make-before-break: a new version is instantiated and its ``dr_init`` run
+  on the updater lane, in its own Store, before it is handed to the
+  scheduler. Others hand work over with ``Scheduler.submit`` (no polling).
 - A tick's failure (trap, overrun, non-zero) is counted and logged against
   that app only; it never stops the scheduler or another app.
 - ``swap`` replaces an app's instance *between* two ticks: the new instance
@@ -22,8 +23,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devicerunner.errors import AppInitError
+from devicerunner.lanes import Executor, Lane, Timer
 from devicerunner.sandbox import AppInstance, CallResult, Limits, Outcome, Sandbox
 from firmware_shims.base import Actuator, Clock, Sensor
 from hostfuncs.context import AppContext, LogSink
@@ -236,42 +236,63 @@ class App:
 
 
 class Scheduler:
-    """Runs every app's ticks on one thread, on time, and work handed to it."""
+    """Runs every app's ticks on one lane, on time, and work handed to it.
 
-    def __init__(self, clock: Clock) -> None:
+    The lane (on the runtime's ``ticks`` executor) is this device's
+    "scheduler thread": ticks, swaps and anything ``submit``-ted run there one
+    at a time. Without a lane the scheduler brings a one-thread executor of
+    its own."""
+
+    def __init__(self, clock: Clock, lane: Lane | None = None) -> None:
         self.clock = clock
         self.apps: dict[str, App] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._q: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._own: Executor | None = None
+        if lane is None:
+            self._own = Executor(1, "scheduler")
+            lane = self._own.lane("scheduler")
+        self._lane = lane
+        self._started = False
+        self._stopped = False
+        self._timer: Timer | None = None
+        self._timer_due = 0.0
 
     # -- called from any thread ------------------------------------------
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the scheduler thread between ticks; its result via the Future."""
-        fut: Future[Any] = Future()
-        if self._thread is None or threading.current_thread() is self._thread:
+        """Run ``fn`` on the scheduler lane between ticks; its result via the Future."""
+        if not self._started or self._lane.current:
+            fut: Future[Any] = Future()
             _run_into(fn, fut)
-        else:
-            self._q.put((fn, fut))
-        return fut
+            return fut
+
+        def job() -> Any:
+            try:
+                return fn()
+            finally:
+                self._arm()  # fn may have added or resumed an app
+
+        return self._lane.submit(job)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-        self._thread.start()
+        self._started = True
+        self._lane.post(self._arm)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._started and not self._stopped and self._lane.executor.alive()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._q.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._stopped = True
+        self._lane.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._lane.current:
+            self._lane.drain(timeout_s)  # a tick in progress finishes
+        if self._own is not None:
+            self._own.shutdown(timeout_s)
 
-    # -- called on the scheduler thread (or before start) ----------------
+    # -- called on the scheduler lane (or before start) ----------------
 
     def add(self, app: App) -> None:
         app.next_due = self.clock.monotonic_s()
@@ -281,26 +302,28 @@ class Scheduler:
     def remove(self, name: str) -> App | None:
         return self.apps.pop(name, None)  # its heap entry is dropped lazily
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            timeout = None
-            while self._heap:
-                due, _, name = self._heap[0]
-                if name not in self.apps or not self.apps[name].running:
-                    heapq.heappop(self._heap)
-                    continue
-                timeout = max(0.0, due - self.clock.monotonic_s())
+    def _arm(self) -> None:
+        """Make sure a timer is set for the earliest due tick."""
+        if self._stopped:
+            return
+        while self._heap:
+            due, _, name = self._heap[0]
+            if name in self.apps and self.apps[name].running:
                 break
-            try:
-                item = self._q.get(timeout=timeout) if timeout != 0.0 else self._q.get_nowait()
-            except queue.Empty:
-                item = None
-            else:
-                if item is None:
-                    continue
-                _run_into(*item)
-                continue
-            self._run_due()
+            heapq.heappop(self._heap)
+        else:
+            return
+        if self._timer is not None and not self._timer.cancelled and self._timer_due <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._lane.call_later(due - self.clock.monotonic_s(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run_due()
+        self._arm()
 
     def _run_due(self) -> None:
         now = self.clock.monotonic_s()

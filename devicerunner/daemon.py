@@ -23,6 +23,7 @@ from devicerunner.config import AppConfig, DeviceConfig
 from devicerunner.errors import ConfigError, DeviceRunnerError
 from devicerunner.fsutil import atomic_write, clean_temp_files, makedirs
 from devicerunner.kvfile import KvFlusher, open_store
+from devicerunner.runtime import Runtime
 from devicerunner.sandbox import AppInstance, Limits, Sandbox
 from firmware_shims import make_actuator, make_sensor
 from firmware_shims.base import Actuator, Clock, RealClock, Sensor
@@ -100,10 +101,12 @@ class Daemon:
         clock: Clock | None = None,
         log_sink: LogSink | None = None,
         sandbox: Sandbox | None = None,
+        runtime: Runtime | None = None,
         status_file: bool = True,
     ) -> None:
-        """``sandbox``: share one engine (and its compile cache) between the
-        daemons of one process, as the fleet simulator does."""
+        """``sandbox`` and ``runtime``: share one engine (and its compile
+        cache) and one set of threads between the daemons of one process, as
+        the fleet simulator does. A daemon alone owns both."""
         from devicerunner.trust_store import TrustStore
         from devicerunner.updater import Updater
 
@@ -118,8 +121,10 @@ class Daemon:
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(cache_dir=cfg.state_dir / "cache")
         self._status_file = status_file
-        self.scheduler = Scheduler(self.clock)
-        self.kv_flusher = KvFlusher()
+        self._own_runtime = runtime is None
+        self.runtime = runtime or Runtime(name=cfg.id)
+        self.scheduler = Scheduler(self.clock, self.runtime.ticks.lane(f"{cfg.id}/scheduler"))
+        self.kv_flusher = KvFlusher(self.runtime.work.lane(f"{cfg.id}/kv"))
         self.kv: dict[str, KvStore] = {}
         self.failed: dict[str, str] = {}
         self.deferred: dict[str, Any] = {}
@@ -136,7 +141,7 @@ class Daemon:
             from devicerunner.transport.device import DeviceTransport
 
             self.transport = DeviceTransport(self)
-        self._status_thread = threading.Thread(target=self._status_loop, name="status", daemon=True)
+        self._status_lane = self.runtime.work.lane(f"{cfg.id}/status")
 
     def _remember(self, ev: dict[str, Any]) -> None:
         self.recent_events = [*self.recent_events[-19:], ev]
@@ -166,7 +171,7 @@ class Daemon:
                 payload,
                 root=self.trust.root,
                 time_floor=self.trust.time_floor,
-                now=int(time.time()),
+                now=self.clock.wall_ms() // 1000,  # the device's clock: it may be off
                 last_version=current.version if current else 0,
             )
         except RollbackError:
@@ -223,7 +228,7 @@ class Daemon:
         if self.transport is not None:
             self.transport.start()
         if self._status_file:
-            self._status_thread.start()
+            self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
 
     def stop(self) -> None:
         if self.stopped.is_set():
@@ -234,6 +239,8 @@ class Daemon:
         self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()
+        self._status_lane.close()
+        self._status_lane.drain(5)
         if self._status_file:
             self.write_status()
         for s in self.resources.sensors.values():
@@ -243,6 +250,8 @@ class Daemon:
         self.shim_env.close()
         if self._own_sandbox:
             self.sandbox.close()
+        if self._own_runtime:
+            self.runtime.close()
 
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}
@@ -275,10 +284,6 @@ class Daemon:
             )
         except OSError as e:
             log.debug("status not written: %s", e)
-
-    def _status_loop(self) -> None:
-        while not self.stopped.wait(self.STATUS_EVERY_S):
-            self.write_status()
 
 
 STATUS_FILE = "status.json"

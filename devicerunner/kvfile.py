@@ -1,13 +1,13 @@
 """Persistence for app kv stores: one snapshot file per app, written atomically,
-and a flusher thread so host calls never wait on the disk."""
+and a flusher (a timer on a work lane) so host calls never wait on the disk."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from devicerunner.fsutil import atomic_write, makedirs
+from devicerunner.lanes import Lane, Timer
 from hostfuncs.kv import KvCorruptError, KvStore
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,16 @@ def open_store(directory: Path, quota_bytes: int) -> KvStore:
 
 
 class KvFlusher:
-    """Persists dirty stores every ``interval_s`` on its own thread."""
+    """Persists dirty stores every ``interval_s`` on its lane."""
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, lane: Lane, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.stores: list[KvStore] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-flusher", daemon=True)
+        self._lane = lane
+        self._timer: Timer | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._timer = self._lane.every(self.interval_s, self.flush_all)
 
     def flush_all(self) -> None:
         for s in list(self.stores):
@@ -61,11 +61,8 @@ class KvFlusher:
                 log.error("kv flush failed (will retry): %s", e)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._lane.close()
+        self._lane.drain(5)
         self.flush_all()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.flush_all()

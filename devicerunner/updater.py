@@ -3,7 +3,7 @@ with REJECTED and ROLLED_BACK.
 
 Decisions (``plan_*``, ``Trial``) are pure functions of the app state; the
 ``Updater`` carries them out through ``AppSlots`` (the only file writer) on
-its own thread, and hands anything that runs Wasm to the scheduler thread.
+its own lane, and hands anything that runs Wasm to the scheduler lane.
 
 Order of writes for one update (each a crash-safe write; see slots.py):
 
@@ -11,7 +11,7 @@ Order of writes for one update (each a crash-safe write; see slots.py):
    ``committed`` marker, write module + manifest into the *inactive* slot;
 2. state.json: STAGED, pending = that slot;
 3. state.json: TRIAL, trial_attempts += 1  -- before any new code runs;
-4. instantiate + ``dr_init`` the new version on the updater thread while the
+4. instantiate + ``dr_init`` the new version on the updater lane while the
    old one keeps ticking (separate Stores), then switch on the scheduler
    thread between two ticks, keeping the old one warm;
 5. on a pass: ``committed`` marker in the new slot, then state.json:
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from devicerunner.errors import (
     VerificationError,
 )
 from devicerunner.fsutil import atomic_write, makedirs
+from devicerunner.lanes import Timer
 from devicerunner.manifest import Manifest, parse_manifest
 from devicerunner.sandbox import AppInstance, CallResult, Limits
 from devicerunner.slots import AppSlots, AppState
@@ -169,9 +169,12 @@ class Updater:
         self.trust = daemon.trust
         self.inbox = self.cfg.state_dir / "inbox"
         self.slots = {name: AppSlots(self.cfg.state_dir, name) for name in self.cfg.apps}
-        self._q: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="updater", daemon=True)
+        self._lane = daemon.runtime.work.lane(f"{self.cfg.id}/updater", paused=True)
+        self._scan_timer: Timer | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self.inbox_scan_s = INBOX_SCAN_S
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
         self.listeners: list[Callable[[Event], None]] = []
@@ -228,7 +231,7 @@ class Updater:
                     reason_text=plan.state.last_error,
                 )
         if plan.retrial:
-            self._q.put(lambda: self._retrial(app))
+            self.submit(lambda: self._retrial(app))
         if active is not None:
             m = parse_manifest(active.manifest)
             return spec_for(app, m, active.module), None
@@ -239,28 +242,35 @@ class Updater:
             return spec_from_config(app, load_module_bytes(app.module)), None
         return None, "nothing installed and no bootstrap module configured"
 
-    # -- thread ---------------------------------------------------------------
+    # -- the updater lane ---------------------------------------------------------------
 
     def start(self) -> None:
         makedirs(self.inbox)
-        self._thread.start()
+        self.submit(lambda: None)  # a first inbox scan, and ``idle`` once it is done
+        self._scan_timer = self._lane.every(self.inbox_scan_s, lambda: self.submit(lambda: None))
+        self._lane.resume()
 
     def stop(self) -> None:
         self._stop.set()
-        self._q.put(None)
-        if self._thread.is_alive():
-            self._thread.join(10)
+        if self._scan_timer is not None:
+            self._scan_timer.cancel()
+        self._lane.close()
+        self._lane.drain(10)
 
     def submit(self, fn: Callable[[], object]) -> None:
-        self._q.put(fn)
+        """Run ``fn`` on the updater lane (any thread), then scan the inbox."""
+        with self._lock:
+            self._outstanding += 1
+            self.idle.clear()
+        self._lane.post(lambda: self._run(fn))
 
     def offer(self, manifest: bytes, module: bytes, source: str) -> None:
         """Hand a release to the updater (any thread); verified there."""
-        self._q.put(lambda: self._process(_Release(manifest, module, source)))
+        self.submit(lambda: self._process(_Release(manifest, module, source)))
 
     def reject(self, manifest: bytes, error: VerificationError, source: str) -> None:
         """Record a release another channel refused (any thread)."""
-        self._q.put(lambda: self._rejected(_peek_app(manifest), _Release(manifest, b"", source), error))
+        self.submit(lambda: self._rejected(_peek_app(manifest), _Release(manifest, b"", source), error))
 
     def note_downloading(self, m: Manifest, resumed: int) -> None:
         """A verified release's download started (any thread)."""
@@ -279,25 +289,21 @@ class Updater:
                 chunks_held=resumed,
             )
 
-        self._q.put(note)
+        self.submit(note)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self._q.get(timeout=INBOX_SCAN_S)
-            except queue.Empty:
-                job = None
-            if self._stop.is_set():
-                break
-            self.idle.clear()
-            try:
-                if job is not None:
-                    job()
+    def _run(self, job: Callable[[], object]) -> None:
+        try:
+            if not self._stop.is_set():
+                job()
                 self._scan_inbox()
-            except Exception:
-                log.exception("updater job failed")
-            if self._q.empty() and not self._pending_work():
-                self.idle.set()
+        except Exception:
+            log.exception("updater job failed")
+        finally:
+            busy = self._pending_work()
+            with self._lock:
+                self._outstanding -= 1
+                if self._outstanding == 0 and not busy:
+                    self.idle.set()
 
     def _pending_work(self) -> bool:
         if any(a.trial is not None for a in self.d.scheduler.apps.values()) or self.d.deferred:
@@ -420,7 +426,7 @@ class Updater:
             device=device,
             history=history,
             time_floor=self.trust.time_floor,
-            now=int(time.time()),
+            now=self.d.clock.wall_ms() // 1000,  # the device's clock: it may be off
             channel=channel,
         )
         trust.verify_artifact(m, rel.module)
@@ -507,20 +513,20 @@ class Updater:
         s = self.slots[m.app]
         spec = spec_for(app_cfg, m, module)
         try:
-            self.d.sandbox.compile(module)  # compile here, off the scheduler thread
+            self.d.sandbox.compile(module)  # compile here, off the scheduler lane
         except SandboxError as e:
             self._rollback(m, str(e))
             return
         st = replace(st, phase=slots.TRIAL, trial_attempts=st.trial_attempts + 1)
         s.save(st)  # persisted before any of the new code runs
-        # Make: instantiate and run dr_init here, on the updater thread, while
-        # the old version keeps ticking on the scheduler thread (separate Stores).
+        # Make: instantiate and run dr_init here, on the updater lane, while
+        # the old version keeps ticking on the scheduler lane (separate Stores).
         try:
             inst = start_instance(self.d.sandbox, spec, self.d.resources, self.d.kv_for(app_cfg))
         except DeviceRunnerError as e:
             self._rollback(m, str(e))
             return
-        # Break: one switch on the scheduler thread, between two ticks.
+        # Break: one switch on the scheduler lane, between two ticks.
         err = self.d.scheduler.submit(lambda: self._switch_in(m, spec, inst)).exception(timeout=30)
         if err is not None:
             text = str(err) if isinstance(err, DeviceRunnerError) else f"{type(err).__name__}: {err}"
@@ -529,7 +535,7 @@ class Updater:
         # the event means: the new version is running, on trial
         self.emit(m.app, slots.TRIAL, sequence=m.sequence, version=m.version, attempt=st.trial_attempts)
 
-    # -- on the scheduler thread ---------------------------------------------------------
+    # -- on the scheduler lane ---------------------------------------------------------
 
     def _switch_in(self, m: Manifest, spec: AppSpec, inst: AppInstance) -> None:
         """The new instance, already initialised, replaces the old one between
@@ -570,7 +576,7 @@ class Updater:
         m = app.trial_manifest
         app.trial = None
         if verdict == PASSED:
-            self._q.put(lambda: self._commit(m))
+            self.submit(lambda: self._commit(m))
             return
         failed: AppInstance | None = app.instance
         if app.previous is not None and app.previous_spec is not None:
@@ -581,12 +587,12 @@ class Updater:
         app.previous = None
 
         def rollback_later(failed: AppInstance | None = failed) -> None:
-            # the failed instance rides along and is freed on the updater thread
+            # the failed instance rides along and is freed on the updater lane
             self._rollback(m, verdict)
 
-        self._q.put(rollback_later)
+        self.submit(rollback_later)
 
-    # -- back on the updater thread -----------------------------------------------------
+    # -- back on the updater lane -----------------------------------------------------
 
     def _commit(self, m: Manifest) -> None:
         s = self.slots[m.app]
@@ -597,13 +603,13 @@ class Updater:
         s.save(plan_commit(st, m))
         # Release the warm old instance before announcing the commit.
         old = self.d.scheduler.submit(lambda: self._drop_previous(m.app)).result(timeout=30)
-        del old  # freed here, off the scheduler thread
+        del old  # freed here, off the scheduler lane
         self.emit(m.app, slots.COMMITTED, sequence=m.sequence, version=m.version)
         self._resume_deferred(m.app)
 
     def _drop_previous(self, app_name: str) -> AppInstance | None:
         """Detach the old instance; returned so that freeing it (Store teardown,
-        unmapping its memory: ~0.2 ms) happens on the updater thread, not here."""
+        unmapping its memory: ~0.2 ms) happens on the updater lane, not here."""
         app = self.d.scheduler.apps.get(app_name)
         if app is None:
             return None
@@ -627,7 +633,7 @@ class Updater:
     def _resume_deferred(self, app: str) -> None:
         rel = self.d.deferred.pop(app, None)
         if rel is not None:
-            self._q.put(lambda: self._process(rel))
+            self.submit(lambda: self._process(rel))
 
     # -- install (any process) ---------------------------------------------------------------
 

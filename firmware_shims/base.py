@@ -42,6 +42,17 @@ class RealClock:
         return time.time_ns() // 1_000_000
 
 
+class SkewedClock(RealClock):
+    """Real time, with the wall clock off by ``offset_s`` (a device whose RTC
+    drifted, or was never set): simulated fleets are not in lockstep."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_ms = int(offset_s * 1000)
+
+    def wall_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
 class VirtualClock:
     """A clock that moves only when told to: deterministic app runs and tests."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hostfuncs import codes
@@ -36,12 +37,18 @@ class Outbox:
         self._q: deque[TelemetryMessage] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self.dropped = 0
+        self.on_first: Callable[[], None] | None = None
+        """Called (on the putting thread; must not block) when a message
+        arrives in an empty outbox: the drainer need not poll."""
 
     def put(self, msg: TelemetryMessage) -> None:
         with self._lock:
+            was_empty = not self._q
             if len(self._q) == self._q.maxlen:
                 self.dropped += 1
             self._q.append(msg)
+        if was_empty and self.on_first is not None:
+            self.on_first()
 
     def drain(self, max_n: int = 1000) -> list[TelemetryMessage]:
         with self._lock:

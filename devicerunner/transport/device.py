@@ -1,10 +1,11 @@
 """The device's MQTT side: trust roots and releases in, chunks down, status,
 events and telemetry out.
 
-Threads: the connection's network thread only queues what arrives; this
-module's worker thread verifies, persists chunks and hands a complete,
-verified release to the updater (which stages it exactly like a local
-install). Nothing here runs Wasm or touches app slots.
+Lanes: the shared I/O loop only hands over what arrives; this module's
+lane verifies, persists chunks and hands a complete, verified release to
+the updater (which stages it exactly like a local install). Nothing here
+runs Wasm or touches app slots. Periodic work (stall checks, heartbeat) is
+timers on the lane; telemetry is drained when the outbox fills, not polled.
 
 Downloads subscribe to each *missing* chunk's topic only, so a chunk held on
 disk (devicerunner.downloads) is never fetched again after a reconnect or
@@ -18,15 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from devicerunner import manifest, trust
 from devicerunner.downloads import DownloadStore
 from devicerunner.errors import RollbackError, VerificationError
+from devicerunner.lanes import Timer
 from devicerunner.manifest import Manifest
 from devicerunner.transport import topics
 from devicerunner.transport.mqtt import Connection
@@ -81,17 +82,19 @@ class DeviceTransport:
             will=(topics.status(self.p, self.id), offline, 1, True),
             backoff_min_s=b.reconnect_min_s,
             backoff_max_s=b.reconnect_max_s,
+            runtime=daemon.runtime,
         )
         self.store = DownloadStore(cfg.state_dir)
         self.active: dict[str, Download] = {}
         self._by_sha: dict[str, str] = {}
         self._roots: dict[int, bytes] = {}
         self._seen_rejects: set[str] = set()
-        self._q: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="transport", daemon=True)
+        self._lane = daemon.runtime.work.lane(f"{self.id}/transport", paused=True)
+        self._timers: list[Timer] = []
+        self._draining = False
         self.stats = {"chunks_fetched": 0, "chunks_resumed": 0, "releases_seen": 0, "chunk_messages": 0}
-        daemon.updater.listeners.append(lambda ev: self._q.put(("event", ev)))
+        daemon.updater.listeners.append(lambda ev: self._post(self._on_update_event, ev))
+        daemon.resources.outbox.on_first = self._telemetry_waiting
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -101,14 +104,19 @@ class DeviceTransport:
             subs.append(topics.release(self.p, app.name, app.channel))
             subs.append(topics.rollout(self.p, app.name, app.channel))
         self.conn.subscribe(subs)
-        self._thread.start()
+        self._post(self._resume_downloads)
+        self._timers = [
+            self._lane.every(1.0, lambda: self._check_stalls(time.monotonic())),
+            self._lane.every(HEARTBEAT_S, self._publish_status),
+        ]
+        self._lane.resume()
         self.conn.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._q.put(None)
-        if self._thread.is_alive():
-            self._thread.join(5)
+        for t in self._timers:
+            t.cancel()
+        self._lane.close()
+        self._lane.drain(5)
         if self.conn.connected.is_set():
             try:  # a clean stop says so; a crash leaves it to the last will
                 info = self.conn.publish(
@@ -122,47 +130,29 @@ class DeviceTransport:
     def lost_s(self) -> float:
         return self.conn.lost_s()
 
-    # -- network thread: hand over only --------------------------------------------
+    # -- I/O loop and other lanes: hand over only ---------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("transport: %s failed", getattr(fn, "__name__", fn))
+
+        self._lane.post(run)
 
     def _inbound(self, topic: str, payload: bytes, retained: bool) -> None:
-        self._q.put(("msg", (topic, payload)))
+        self._post(self._dispatch, topic, payload)
 
     def _on_connect(self) -> None:
-        self._q.put(("connected", None))
+        self._post(self._publish_status)
+        self._post(self._drain_telemetry)
 
-    # -- worker thread ---------------------------------------------------------------
+    def _telemetry_waiting(self) -> None:
+        """The outbox was empty and is not (called on the scheduler lane)."""
+        self._lane.call_later(TELEMETRY_EVERY_S, self._drain_telemetry)
 
-    def _loop(self) -> None:
-        self._resume_downloads()
-        next_tel = next_check = time.monotonic()
-        next_beat = time.monotonic() + HEARTBEAT_S
-        while not self._stop.is_set():
-            try:
-                item = self._q.get(timeout=TELEMETRY_EVERY_S)
-            except queue.Empty:
-                item = ("tick", None)
-            if item is None:
-                break
-            kind, data = item
-            try:
-                if kind == "msg":
-                    self._dispatch(*data)
-                elif kind == "event":
-                    self._on_update_event(data)
-                elif kind == "connected":
-                    self._publish_status()
-                now = time.monotonic()
-                if now >= next_tel:
-                    self._drain_telemetry()
-                    next_tel = now + TELEMETRY_EVERY_S
-                if now >= next_check:
-                    self._check_stalls(now)
-                    next_check = now + 1.0
-                if now >= next_beat:
-                    self._publish_status()
-                    next_beat = now + HEARTBEAT_S
-            except Exception:
-                log.exception("transport: handling %s failed", kind)
+    # -- the transport lane ---------------------------------------------------------------
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         p = self.p
@@ -219,7 +209,7 @@ class DeviceTransport:
             device=device,
             history=history,
             time_floor=self.d.trust.time_floor,
-            now=int(time.time()),
+            now=self.d.clock.wall_ms() // 1000,  # the device's clock: it may be off
             channel=channel,
         )
 
@@ -407,10 +397,16 @@ class DeviceTransport:
             self.conn.publish(topics.status(self.p, self.id), self._status_payload(), qos=1, retain=True)
 
     def _drain_telemetry(self) -> None:
+        """Batches of up to TELEMETRY_MAX_PER_DRAIN every TELEMETRY_EVERY_S
+        until the outbox is empty; offline, the (bounded) outbox waits for
+        the next connection."""
+        outbox = self.d.resources.outbox
         if not self.conn.connected.is_set():
             return
-        for msg in self.d.resources.outbox.drain(TELEMETRY_MAX_PER_DRAIN):
+        for msg in outbox.drain(TELEMETRY_MAX_PER_DRAIN):
             self.conn.publish(topics.telemetry(self.p, self.id, msg.app, msg.name), msg.payload, qos=0)
+        if len(outbox):
+            self._lane.call_later(TELEMETRY_EVERY_S, self._drain_telemetry)
 
 
 def _peek(payload: bytes) -> str:

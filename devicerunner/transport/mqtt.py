@@ -1,11 +1,16 @@
 """One supervised MQTT connection (paho), with reconnection outside the client.
 
 Invariants:
-- paho's network I/O runs on this object's own thread (``client.loop``);
-  callbacks only hand messages over (``on_message`` must not block).
+- Network I/O runs on the runtime's shared I/O loop (transport/ioloop.py),
+  connecting on the connection's own lane of the runtime's ``connect``
+  executor (it blocks): no thread of its own,
+  so a process can hold a thousand of them. Callbacks run on the I/O loop
+  and only hand messages over (``on_message`` must not block).
 - Reconnection is ours, not paho's: capped exponential backoff with *full
   jitter* (sleep uniform in [0, min(cap, base * 2^attempt)]), every attempt
   logged, so a broker restart does not bring the fleet back in lockstep.
+- At most one (re)connection is scheduled at a time, however many ways the
+  loss is reported (``on_disconnect``, a failed read, a keepalive timeout).
 - Subscriptions are remembered and renewed on every (re)connection (clean
   sessions: retained messages carry the state, nothing queues on the broker).
 - paho return codes and socket errors are translated here into log lines
@@ -27,6 +32,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from devicerunner.lanes import Timer
+from devicerunner.runtime import Runtime
 from devicerunner.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class Connection:
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
         rng: random.Random | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.settings = settings
         self.client = make_client(settings, client_id)
@@ -91,19 +99,35 @@ class Connection:
         self.lost_since: float | None = time.monotonic()
         self.connects: list[float] = []
         """Wall-clock times of successful (re)connections (for reports)."""
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{client_id}", daemon=True)
+        self._own_runtime = runtime is None
+        self.runtime = runtime or Runtime(name=f"mqtt-{client_id}")
+        self._io = self.runtime.io
+        self._lane = self.runtime.connect.lane(f"mqtt-{client_id}")
+        self._attempt = 0
+        self._first = True
+        self._scheduled: Timer | None = None
+        self._socket_closed = threading.Event()
+        self._socket_closed.set()
+        self._io.attach(self)
 
     # -- public ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self._lane.post(self._connect)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        with self._lock:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+        self._lane.close()
+        self._lane.drain(timeout_s)  # a connect in progress
         with contextlib.suppress(OSError, ValueError):
-            self.client.disconnect()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+            self.client.disconnect()  # sent by the I/O loop, which then closes the socket
+        if not self._socket_closed.wait(timeout_s):
+            self._io.call(self._force_close)
+        if self._own_runtime:
+            self.runtime.close()
 
     def lost_s(self) -> float:
         since = self.lost_since
@@ -130,7 +154,7 @@ class Connection:
     ) -> paho.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
-    # -- paho callbacks (network thread) ------------------------------------------
+    # -- paho callbacks (I/O loop) ------------------------------------------------
 
     def _on_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
@@ -139,6 +163,7 @@ class Connection:
         no_delay(client)
         self.connected.set()
         self.lost_since = None
+        self._attempt = 0
         self.connects.append(time.time())
         with self._lock:
             subs = list(self._subs.items())
@@ -149,11 +174,7 @@ class Connection:
             self._user_on_connect()
 
     def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
-        if self.connected.is_set():
-            self.lost_since = time.monotonic()
-        self.connected.clear()
-        if not self._stop.is_set():
-            log.warning("disconnected from %s: %s", self.settings.url, rc)
+        self._lost(f"disconnected: {rc}")
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         try:
@@ -161,45 +182,62 @@ class Connection:
         except Exception:
             log.exception("message handler failed for %s", msg.topic)
 
+    # -- I/O loop ------------------------------------------------------------------------
+
+    def socket_state(self, is_open: bool) -> None:
+        if is_open:
+            self._socket_closed.clear()
+        else:
+            self._socket_closed.set()
+
+    def io_failed(self, rc: int) -> None:
+        if not self._socket_closed.is_set():  # paho kept the socket: let it go, or we never reconnect
+            self._force_close()
+        self._lost(f"connection lost: {paho.error_string(rc)}")
+
     # -- supervision ------------------------------------------------------------------
 
     def backoff_s(self, attempt: int) -> float:
         return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_min_s * 2**attempt))
 
-    def _run(self) -> None:
-        attempt = 0
-        first = True
-        while not self._stop.is_set():
-            try:
-                if first:
-                    self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
-                    first = False
-                else:
-                    self.client.reconnect()
-            except (OSError, ssl.SSLError, ValueError) as e:
-                delay = self.backoff_s(attempt)
-                log.info(
-                    "connect to %s failed (%s); attempt %d, retrying in %.2f s",
-                    self.settings.url,
-                    e,
-                    attempt + 1,
-                    delay,
-                )
-                attempt += 1
-                self._stop.wait(delay)
-                continue
-            while not self._stop.is_set():
-                rc = self.client.loop(timeout=0.2)
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    break
-                if self.connected.is_set():
-                    attempt = 0
-            if self._stop.is_set():
-                break
-            if self.connected.is_set():  # loop failed without an on_disconnect
-                self.connected.clear()
-                self.lost_since = time.monotonic()
-            delay = self.backoff_s(attempt)
-            log.info("reconnecting to %s in %.2f s (attempt %d)", self.settings.url, delay, attempt + 1)
-            attempt += 1
-            self._stop.wait(delay)
+    def _lost(self, why: str) -> None:
+        if self.connected.is_set():
+            self.lost_since = time.monotonic()
+            self.connected.clear()
+            if not self._stop.is_set():
+                log.warning("%s from %s", why, self.settings.url)
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        with self._lock:
+            # Once: a loss is reported by on_disconnect *and* the failed read, and a
+            # connection attempt already under way (its socket open) must not be cut.
+            if self._stop.is_set() or self._scheduled is not None or not self._socket_closed.is_set():
+                return
+            delay = self.backoff_s(self._attempt)
+            self._attempt += 1
+            log.info("reconnecting to %s in %.2f s (attempt %d)", self.settings.url, delay, self._attempt)
+            self._scheduled = self._lane.call_later(delay, self._connect)
+
+    def _connect(self) -> None:
+        with self._lock:
+            self._scheduled = None
+        if self._stop.is_set():
+            return
+        try:
+            if self._first:
+                self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
+                self._first = False
+            else:
+                self.client.reconnect()
+        except (OSError, ssl.SSLError, ValueError) as e:
+            log.info("connect to %s failed (%s)", self.settings.url, e)
+            self._retry_later()
+
+    def _force_close(self) -> None:
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            self._io.drop(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._socket_closed.set()

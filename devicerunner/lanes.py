@@ -1,0 +1,291 @@
+"""Serial lanes on a small shared pool of threads, with timers.
+
+A device's scheduler, updater and transport each need a thread of their own
+in one sense only: their work must run one thing at a time, in order. A
+thousand simulated devices in one process cannot have five thousand OS
+threads, so each of those components owns a ``Lane`` on an ``Executor``
+that a whole process (or one device, standalone) shares.
+
+Invariants:
+- The tasks of one lane run one at a time, in the order they were posted
+  (a timer's task is posted when it is due), never two at once; the lane
+  may move between pool threads from one task to the next.
+- A lane holds a pool thread only while it has tasks to run, and yields it
+  after ``BATCH`` tasks so a busy lane cannot starve the others.
+- An exception escaping a task is logged against its lane; it never kills
+  a pool thread or the lane.
+- A paused lane queues but runs nothing until ``resume()``; a closed lane
+  drops what is queued and refuses new work (silently: closing is a stop).
+- A task may block waiting on a lane of *another* executor (the updater
+  waits for the scheduler); never on a lane of its own executor, whose
+  threads could all be taken by such waiters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Task = Callable[[], object]
+
+BATCH = 16
+"""Tasks a lane runs before it goes to the back of the ready queue."""
+
+_local = threading.local()
+
+
+class Timer:
+    """A pending ``call_at``/``every``; ``cancel()`` is safe from any thread."""
+
+    __slots__ = ("cancelled", "fn", "lane", "period", "queued", "when")
+
+    def __init__(self, lane: Lane, fn: Task, when: float, period: float | None) -> None:
+        self.lane = lane
+        self.fn = fn
+        self.when = when
+        self.period = period
+        self.cancelled = False
+        self.queued = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # dropped lazily when it reaches the top of the heap
+
+    def _run_periodic(self) -> None:
+        self.queued = False
+        if not self.cancelled:
+            self.fn()
+
+
+class Lane:
+    """Tasks in order, one at a time, on its executor's threads."""
+
+    def __init__(self, executor: Executor, name: str, paused: bool) -> None:
+        self.executor = executor
+        self.name = name
+        self._tasks: deque[Task] = deque()
+        self._paused = paused
+        self._closed = False
+        self._running = False
+        self._ready = False  # in the executor's ready queue
+        self._drainers = 0
+
+    # -- any thread --------------------------------------------------------------
+
+    @property
+    def current(self) -> bool:
+        """Is the calling code running as a task of this lane?"""
+        return getattr(_local, "lane", None) is self
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def post(self, fn: Task) -> None:
+        ex = self.executor
+        with ex._cond:
+            if self._closed:
+                return
+            self._tasks.append(fn)
+            ex._make_ready(self)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on this lane; its result or exception via the Future.
+        Called from the lane itself it runs at once (waiting would deadlock)."""
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        if self.current:
+            run()
+        else:
+            with self.executor._cond:
+                closed = self._closed
+            if closed:
+                fut.set_exception(RuntimeError(f"lane {self.name} is closed"))
+            else:
+                self.post(run)
+        return fut
+
+    def call_later(self, delay_s: float, fn: Task) -> Timer:
+        return self.call_at(time.monotonic() + max(0.0, delay_s), fn)
+
+    def call_at(self, when: float, fn: Task) -> Timer:
+        """``fn`` posted to this lane at ``when`` (``time.monotonic()`` seconds)."""
+        return self.executor._add_timer(Timer(self, fn, when, None))
+
+    def every(self, period_s: float, fn: Task, first_s: float | None = None) -> Timer:
+        """``fn`` every ``period_s`` from its due times (no drift); periods
+        missed while the lane was busy are skipped, not run in a burst."""
+        if period_s <= 0:
+            raise ValueError("period must be positive")
+        first = period_s if first_s is None else first_s
+        return self.executor._add_timer(Timer(self, fn, time.monotonic() + first, period_s))
+
+    def resume(self) -> None:
+        ex = self.executor
+        with ex._cond:
+            self._paused = False
+            if self._tasks:
+                ex._make_ready(self)
+
+    def pending(self) -> int:
+        """Tasks queued and not yet started."""
+        with self.executor._cond:
+            return len(self._tasks)
+
+    def close(self) -> None:
+        """Drop queued tasks and timers; a task already running finishes."""
+        with self.executor._cond:
+            self._closed = True
+            self._tasks.clear()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait (from another lane or thread) until nothing is queued or
+        running here; False on timeout."""
+        if self.current:
+            raise RuntimeError(f"lane {self.name} cannot wait for itself")
+        ex = self.executor
+        deadline = time.monotonic() + timeout_s
+        with ex._cond:
+            self._drainers += 1
+            try:
+                while self._running or (self._tasks and not self._paused):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    ex._idle.wait(left)
+                return True
+            finally:
+                self._drainers -= 1
+
+
+class Executor:
+    """``threads`` pool threads running lanes; one timer heap for all of them."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        if threads < 1:
+            raise ValueError("an executor needs at least one thread")
+        self.name = name
+        self._cond = threading.Condition()
+        self._idle = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
+        self._ready: deque[Lane] = deque()
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def lane(self, name: str, *, paused: bool = False) -> Lane:
+        return Lane(self, name, paused)
+
+    def alive(self) -> bool:
+        return not self._stopping and all(t.is_alive() for t in self._threads)
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- under self._cond --------------------------------------------------------------
+
+    def _make_ready(self, lane: Lane) -> None:
+        if lane._ready or lane._running or lane._paused or lane._closed:
+            return
+        lane._ready = True
+        self._ready.append(lane)
+        self._cond.notify()
+
+    def _add_timer(self, timer: Timer) -> Timer:
+        with self._cond:
+            if timer.lane._closed:
+                timer.cancelled = True
+                return timer
+            earliest = self._heap[0][0] if self._heap else None
+            heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+            if earliest is None or timer.when < earliest:
+                self._cond.notify()  # a waiting thread must shorten its wait
+        return timer
+
+    def _fire_due(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, timer = heapq.heappop(heap)
+            lane = timer.lane
+            if timer.cancelled or lane._closed:
+                continue
+            if timer.period is None:
+                lane._tasks.append(timer.fn)
+            elif not timer.queued:  # still waiting in a busy lane: this period is skipped
+                timer.queued = True
+                lane._tasks.append(timer._run_periodic)
+            self._make_ready(lane)
+            if timer.period is not None:
+                nxt = timer.when + timer.period
+                if nxt <= now:  # skip missed periods instead of bursting
+                    nxt += ((now - nxt) // timer.period + 1) * timer.period
+                timer.when = nxt
+                heapq.heappush(heap, (nxt, next(self._seq), timer))
+
+    # -- pool threads ------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    self._fire_due(now)
+                    if self._ready:
+                        lane = self._ready.popleft()
+                        lane._ready = False
+                        if lane._closed or lane._paused or not lane._tasks:
+                            continue
+                        lane._running = True
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            self._run(lane)
+
+    def _run(self, lane: Lane) -> None:
+        _local.lane = lane
+        try:
+            for _ in range(BATCH):
+                with self._cond:
+                    if lane._closed or lane._paused or not lane._tasks:
+                        break
+                    fn = lane._tasks.popleft()
+                try:
+                    fn()
+                except BaseException:
+                    log.exception("task on lane %s failed", lane.name)
+        finally:
+            _local.lane = None
+            with self._cond:
+                lane._running = False
+                if lane._tasks:
+                    self._make_ready(lane)
+                if lane._drainers:
+                    self._idle.notify_all()

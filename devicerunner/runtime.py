@@ -1,0 +1,83 @@
+"""The threads a process runs its devices on.
+
+A standalone daemon owns one ``Runtime``; the fleet simulator shares one
+between all the devices of a worker process, so a device costs lanes and
+timers, not threads: a thousand devices fit on a 2-core machine.
+
+- ``ticks``: the executor every scheduler lane runs on (Wasm ticks and
+  swaps). Its tasks never wait for anything else.
+- ``work``: updater, transport, kv flushing, status files: file I/O,
+  signature checks, compiling. Its tasks may wait for a scheduler lane
+  (never the other way round: see lanes.py). One thread by default, so a
+  device's file operations happen in one thread, in order (the crash
+  harness counts them per thread).
+- ``connect``: MQTT (re)connecting, which blocks (DNS, TCP, TLS handshake,
+  up to paho's connect timeout): one thread, so an unreachable broker never
+  holds up the updater.
+- ``io``: one selector thread for every MQTT socket (transport/ioloop.py).
+
+Each is created on first use, so a device without a broker has no I/O thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from devicerunner.lanes import Executor
+
+if TYPE_CHECKING:
+    from devicerunner.transport.ioloop import IoLoop
+
+
+class Runtime:
+    def __init__(self, tick_threads: int = 1, work_threads: int = 1, name: str = "dr") -> None:
+        self.tick_threads = tick_threads
+        self.work_threads = work_threads
+        self.name = name
+        self._lock = threading.Lock()
+        self._ticks: Executor | None = None
+        self._work: Executor | None = None
+        self._connect: Executor | None = None
+        self._io: IoLoop | None = None
+        self.closed = False
+
+    @property
+    def ticks(self) -> Executor:
+        with self._lock:
+            if self._ticks is None:
+                self._ticks = Executor(self.tick_threads, f"{self.name}-ticks")
+            return self._ticks
+
+    @property
+    def work(self) -> Executor:
+        with self._lock:
+            if self._work is None:
+                self._work = Executor(self.work_threads, f"{self.name}-work")
+            return self._work
+
+    @property
+    def connect(self) -> Executor:
+        with self._lock:
+            if self._connect is None:
+                self._connect = Executor(1, f"{self.name}-connect")
+            return self._connect
+
+    @property
+    def io(self) -> IoLoop:
+        from devicerunner.transport.ioloop import IoLoop
+
+        with self._lock:
+            if self._io is None:
+                self._io = IoLoop(f"{self.name}-io")
+            return self._io
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            self.closed = True
+            io, executors = self._io, (self._connect, self._work, self._ticks)
+        if io is not None:
+            io.close(timeout_s)
+        for ex in executors:
+            if ex is not None:
+                ex.shutdown(timeout_s)

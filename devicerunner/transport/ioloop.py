@@ -1,0 +1,210 @@
+"""One thread, one ``selectors`` loop, the network I/O of many paho clients.
+
+paho's own loops (``loop_start``/``loop``) cost a thread per client and use
+``select()``, which cannot watch a descriptor >= 1024: past ~339 clients a
+process silently stops connecting (FACTS.md). Here every client's socket is
+registered with one epoll selector through paho's socket callbacks and
+served with ``loop_read``/``loop_write``/``loop_misc``.
+
+Invariants:
+- Only the loop thread reads, writes or ``loop_misc``-es a registered
+  client, and only the loop thread touches the selector: other threads
+  hand changes over as commands (and wake the loop through a socketpair).
+- A socket is unregistered *before* paho closes it (``on_socket_close``
+  waits for the loop when called from another thread), so a descriptor
+  number reused by the next connection can never be confused with it.
+- Connecting (DNS, TCP, TLS handshake) never happens here: it blocks. The
+  owner connects on its own lane; the socket arrives via ``on_socket_open``.
+- A client whose I/O fails is reported once to its ``IoOwner`` (on the loop
+  thread); reconnecting is the owner's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger(__name__)
+
+MISC_EVERY_S = 1.0
+"""How often keepalive (PINGREQ, dead-peer detection) is checked for every client."""
+
+
+class IoOwner(Protocol):
+    client: paho.Client
+
+    def socket_state(self, is_open: bool) -> None:
+        """Told (on the opening or closing thread) when paho opens or closes the socket."""
+
+    def io_failed(self, rc: int) -> None:
+        """The connection's I/O failed (paho has closed the socket)."""
+
+
+class IoLoop:
+    def __init__(self, name: str = "mqtt-io") -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._cmds: deque[Callable[[], None]] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- attaching a client (any thread, before it connects) ------------------------------
+
+    def attach(self, owner: IoOwner) -> None:
+        c = owner.client
+
+        def opened(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
+            owner.socket_state(True)
+            self._call(lambda: self._register(sock, owner))
+
+        def closing(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
+            self._call(lambda: self._unregister(sock), wait=True)
+            owner.socket_state(False)
+
+        c.on_socket_open = opened
+        c.on_socket_close = closing
+
+        def writing(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
+            self._call(lambda: self._want_write(sock, owner, True))
+
+        def written(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
+            self._call(lambda: self._want_write(sock, owner, False))
+
+        c.on_socket_register_write = writing
+        c.on_socket_unregister_write = written
+
+    def clients(self) -> int:
+        return len(self._sel.get_map()) - 1
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stopping = True
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def drop(self, sock: socket.socket) -> None:
+        """Stop watching ``sock`` (the owner is about to close it itself)."""
+        self._call(lambda: self._unregister(sock), wait=True)
+
+    def call(self, fn: Callable[[], None], timeout_s: float = 5.0) -> bool:
+        """Run ``fn`` on the loop thread and wait for it; False on timeout."""
+        return self._call(fn, wait=True, timeout_s=timeout_s)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], None], wait: bool = False, timeout_s: float = 5.0) -> bool:
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            fn()
+            return True
+        done = threading.Event() if wait else None
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                if done is not None:
+                    done.set()
+
+        with self._lock:
+            self._cmds.append(run)
+        self._wake()
+        return done.wait(timeout_s) if done is not None else True
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"x")
+
+    def _register(self, sock: paho.SocketLike, owner: IoOwner) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        stale = self._sel.get_map().get(fd)
+        if stale is not None:  # a descriptor reused before its old socket was let go
+            self._sel.unregister(stale.fileobj)
+        self._sel.register(sock, selectors.EVENT_READ, owner)
+
+    def _unregister(self, sock: paho.SocketLike) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
+
+    def _want_write(self, sock: paho.SocketLike, owner: IoOwner, on: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(sock, events, owner)
+
+    # -- the loop thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + MISC_EVERY_S
+        while not self._stopping:
+            try:
+                events = self._sel.select(max(0.0, next_misc - time.monotonic()))
+            except OSError as e:  # a socket closed under us: drop it and go on
+                log.debug("select failed: %s", e)
+                events = []
+            for key, mask in events:
+                owner = key.data
+                if owner is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._serve(owner, mask)
+            self._run_commands()
+            if time.monotonic() >= next_misc:
+                next_misc = time.monotonic() + MISC_EVERY_S
+                for key in list(self._sel.get_map().values()):
+                    if key.data is not None:
+                        self._check(key.data, key.data.client.loop_misc())
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._cmds:
+                    return
+                cmd = self._cmds.popleft()
+            try:
+                cmd()
+            except Exception:
+                log.exception("I/O loop command failed")
+
+    def _serve(self, owner: IoOwner, mask: int) -> None:
+        c = owner.client
+        rc = paho.MQTT_ERR_SUCCESS
+        if mask & selectors.EVENT_READ:
+            rc = c.loop_read()
+            # TLS may hold decrypted bytes the socket will not signal again.
+            for _ in range(64):
+                sock = c.socket()
+                if rc != paho.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                    break
+                rc = c.loop_read()
+        if rc == paho.MQTT_ERR_SUCCESS and mask & selectors.EVENT_WRITE:
+            rc = c.loop_write()
+        self._check(owner, rc)
+
+    def _check(self, owner: IoOwner, rc: int) -> None:
+        if rc == paho.MQTT_ERR_SUCCESS:
+            return
+        try:
+            owner.io_failed(rc)
+        except Exception:
+            log.exception("I/O failure handler failed")

@@ -1,0 +1,188 @@
+"""Lanes: ordered, never concurrent, fair, with timers; many MQTT connections
+on one I/O loop. Real threads, real sockets, a real Mosquitto."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devicerunner.lanes import Executor
+from devicerunner.runtime import Runtime
+from devicerunner.transport.mqtt import Connection
+from devicerunner.transport.settings import parse_url
+from tests.brokers import Mosquitto
+from tests.conftest import until
+
+
+@pytest.fixture
+def ex() -> Iterator[Executor]:
+    e = Executor(3, "test")
+    yield e
+    e.shutdown()
+
+
+def test_tasks_of_a_lane_run_in_order_and_never_two_at_once(ex: Executor) -> None:
+    lanes = [ex.lane(f"l{i}") for i in range(8)]
+    seen: dict[str, list[int]] = {lane.name: [] for lane in lanes}
+    active = {lane.name: 0 for lane in lanes}
+    overlaps = []
+    guard = threading.Lock()
+
+    def task(name: str, i: int) -> None:
+        with guard:
+            active[name] += 1
+            if active[name] > 1:
+                overlaps.append((name, i))
+        time.sleep(0.0002)
+        seen[name].append(i)
+        with guard:
+            active[name] -= 1
+
+    for i in range(200):
+        for lane in lanes:
+            lane.post(lambda n=lane.name, i=i: task(n, i))  # type: ignore[misc]
+    for lane in lanes:
+        assert lane.drain(20)
+    assert overlaps == []
+    for name, xs in seen.items():
+        assert xs == list(range(200)), name
+
+
+def test_a_failing_task_is_logged_and_the_lane_goes_on(
+    ex: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    lane = ex.lane("l")
+    out: list[int] = []
+    lane.post(lambda: 1 / 0)
+    lane.post(lambda: out.append(1))
+    assert lane.drain(5)
+    assert out == [1]
+    assert "task on lane l failed" in caplog.text
+
+
+def test_a_busy_lane_does_not_starve_the_others() -> None:
+    ex = Executor(1, "one")  # one thread: fairness is all that lets the other lane run
+    try:
+        hog, other = ex.lane("hog"), ex.lane("other")
+        stop = threading.Event()
+        done = threading.Event()
+
+        def spin() -> None:
+            if not stop.is_set():
+                time.sleep(0.001)
+                hog.post(spin)
+
+        hog.post(spin)
+        other.post(done.set)
+        assert done.wait(5)
+        stop.set()
+    finally:
+        ex.shutdown()
+
+
+def test_timers_fire_in_order_and_a_cancelled_one_never(ex: Executor) -> None:
+    lane = ex.lane("t")
+    fired: list[str] = []
+    lane.call_later(0.06, lambda: fired.append("c"))
+    lane.call_later(0.02, lambda: fired.append("a"))
+    gone = lane.call_later(0.04, lambda: fired.append("cancelled"))
+    lane.call_later(0.04, lambda: fired.append("b"))
+    gone.cancel()
+    assert until(lambda: len(fired) == 3, 5)
+    time.sleep(0.05)
+    assert fired == ["a", "b", "c"]
+
+
+def test_a_periodic_timer_skips_periods_missed_while_the_lane_was_busy(ex: Executor) -> None:
+    lane = ex.lane("p")
+    ticks: list[float] = []
+    t = lane.every(0.01, lambda: ticks.append(time.monotonic()))
+    lane.post(lambda: time.sleep(0.2))  # ~20 periods missed
+    time.sleep(0.35)
+    t.cancel()
+    n = len(ticks)
+    time.sleep(0.05)
+    assert len(ticks) == n  # cancelled: no more
+    # Without skipping, the 20 missed periods would arrive as a burst right after the sleep.
+    burst = sum(1 for a, b in itertools.pairwise(ticks) if b - a < 0.002)
+    assert burst <= 2, ticks
+    assert n >= 8  # and it kept going after the busy spell
+
+
+def test_a_paused_lane_runs_nothing_until_resumed(ex: Executor) -> None:
+    lane = ex.lane("p", paused=True)
+    out: list[int] = []
+    lane.post(lambda: out.append(1))
+    time.sleep(0.05)
+    assert out == []
+    lane.resume()
+    assert until(lambda: out == [1], 5)
+
+
+def test_close_drops_queued_work_and_drain_waits_for_the_running_task(ex: Executor) -> None:
+    lane = ex.lane("c")
+    started, out = threading.Event(), []
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.1)
+        out.append("slow")
+
+    lane.post(slow)
+    lane.post(lambda: out.append("dropped"))
+    assert started.wait(5)
+    lane.close()
+    assert lane.drain(5)
+    assert out == ["slow"]
+    lane.post(lambda: out.append("after close"))
+    with pytest.raises(RuntimeError, match="closed"):
+        lane.submit(lambda: 1).result(1)
+    time.sleep(0.02)
+    assert out == ["slow"]
+
+
+def test_submit_from_the_lane_itself_runs_inline_instead_of_deadlocking(ex: Executor) -> None:
+    lane = ex.lane("s")
+    assert lane.submit(lambda: lane.submit(lambda: 41).result(1) + 1).result(5) == 42
+
+
+def test_one_process_holds_more_mqtt_connections_than_select_can_watch(tmp_path: Path) -> None:
+    """paho's own loop uses select(), blind past descriptor 1024 (~339 clients):
+    these 1,100 share one I/O loop and a fixed handful of threads."""
+    n = 1100
+    broker = Mosquitto(tmp_path / "b").start()
+    rt = Runtime(name="many")
+    threads_before = threading.active_count()
+    conns: list[Connection] = []
+    got: list[str] = []
+    try:
+        settings = parse_url(broker.url, keepalive_s=30)
+        for i in range(n):
+            c = Connection(
+                settings, f"c{i}", on_message=lambda t, p, r: got.append(t), runtime=rt, backoff_max_s=2.0
+            )
+            c.subscribe(["t/all"], qos=0)
+            conns.append(c)
+        for c in conns:
+            c.start()
+        assert until(lambda: all(c.connected.is_set() for c in conns), 60), sum(
+            c.connected.is_set() for c in conns
+        )
+        assert max(c.client.socket().fileno() for c in conns) > 1024  # type: ignore[union-attr]
+        assert (
+            threading.active_count() - threads_before <= 2
+        )  # the I/O loop and the connect thread, not 1,100
+        # Every one of them is served: a message to all arrives at all (retained:
+        # live or at subscription, whichever comes first, exactly once).
+        conns[0].publish("t/all", b"x", qos=1, retain=True)
+        assert until(lambda: len(got) == n, 30), len(got)
+    finally:
+        for c in conns:
+            c.stop(timeout_s=1)
+        rt.close()
+        broker.stop()
