@@ -21,6 +21,8 @@ from sim import apps, worker
 HARDWARE = ("rpi4", "stb-a", "stb-b")
 QUIRKY = "stb-b"
 """The hardware variant on which the bad release's bug shows."""
+RTC_UNSET_EPOCH = 946_684_800
+"""2000-01-01: where a device without a battery-backed clock starts."""
 
 
 @dataclass
@@ -208,18 +210,34 @@ class Fleet:
                     "bootstrap": str(workdir / "bootstrap.wasm"),
                     "temp_base": round(self.rng.uniform(18, 26), 2),
                     "temp_period_s": self.rng.choice([20, 45, 90]),
+                    "temp_noise": round(self.rng.uniform(0.0, 0.3), 2),
+                    # one in eight has a flaky temperature sensor
+                    "temp_fault": self.rng.choice(["dropout", "spike", "stuck"])
+                    if self.rng.random() < 0.125
+                    else "none",
                     "seed": self.rng.randrange(2**31),
                     "quirk": 1.0 if hw == QUIRKY else 0.0,
+                    "clock_offset_s": self._clock_offset(),
                 }
             )
         self.hardware = {s["id"]: s["hardware"] for s in self.specs}
+        self.threads: dict[str, int] = {}
+        """Worker name -> its thread count once all its devices run."""
         self.workers: list[tuple[Any, Any]] = []
+        self._names: list[str] = []
         self.killable: list[str] = [str(s["id"]) for s in self.specs[: max(0, min(killable, n))]]
         shared = self.specs[len(self.killable) :]
         self.n_workers = max(1, min(workers, len(shared))) if shared else 0
         self.stats: dict[str, Any] = {}
         self._solo: dict[str, int] = {}
         self._ctx = mp.get_context("spawn")
+
+    def _clock_offset(self) -> float:
+        """Most clocks are a little off; one in ten never got set (no RTC, no
+        NTP yet) and still thinks it is 2000-01-01."""
+        if self.rng.random() < 0.1:
+            return RTC_UNSET_EPOCH - time.time()
+        return round(self.rng.uniform(-120, 120), 1)
 
     def _spawn(self, group: list[dict[str, Any]], name: str) -> int:
         parent, child = self._ctx.Pipe()
@@ -228,13 +246,15 @@ class Fleet:
         )
         p.start()
         self.workers.append((p, parent))
+        self._names.append(name)
         return len(self.workers) - 1
 
     def _ready(self, i: int, timeout_s: float) -> None:
         _p, conn = self.workers[i]
         if not conn.poll(timeout_s):
             raise RuntimeError("a simulator worker did not start in time (see its .log)")
-        conn.recv()
+        _, info = conn.recv()
+        self.threads[self._names[i]] = int(info["threads"])
 
     def start(self, timeout_s: float = 120.0) -> None:
         shared = self.specs[len(self.killable) :]

@@ -1,10 +1,13 @@
 """A worker process hosting many simulated devices (real daemons: real sandbox,
-real slots on disk, real MQTT session), sharing one wasmtime engine."""
+real slots on disk, real MQTT session), sharing one wasmtime engine and one
+``Runtime``: a fixed handful of threads (ticks, work, connect, one selector
+loop for every MQTT socket) however many devices it hosts."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,9 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
                 "amplitude": 2.0,
                 "period_s": spec["temp_period_s"],
                 "seed": spec["seed"],
+                "noise": spec.get("temp_noise", 0.0),
+                "fault": spec.get("temp_fault", "none"),
+                "fault_after_s": 5.0,
             },
             "quirk": {"driver": "sim", "waveform": "constant", "base": spec["quirk"]},
         },
@@ -47,16 +53,28 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
     )
     from devicerunner import config
     from devicerunner.daemon import Daemon
+    from devicerunner.runtime import Runtime
     from devicerunner.sandbox import Sandbox
+    from firmware_shims.base import SkewedClock
 
     sandbox = Sandbox(cache_dir=Path(specs[0]["state_dir"]).parent / "cache")
+    # Ticks are GIL-bound: two threads keep one busy while the other waits on
+    # the GIL or in Wasm; three work threads overlap fsyncs of many devices.
+    runtime = Runtime(tick_threads=2, work_threads=3, name="sim")
     daemons = []
     for spec in specs:
         cfg = config.parse(device_config(spec, broker_url), Path(spec["state_dir"]).parent)
-        d = Daemon(cfg, sandbox=sandbox, status_file=False)
+        d = Daemon(
+            cfg,
+            sandbox=sandbox,
+            runtime=runtime,
+            clock=SkewedClock(spec["clock_offset_s"]),
+            status_file=False,
+        )
+        d.updater.inbox_scan_s = 5.0  # simulated devices take releases over MQTT only
         d.start()
         daemons.append(d)
-    conn.send(("ready", len(daemons)))
+    conn.send(("ready", {"devices": len(daemons), "threads": threading.active_count()}))
     while True:
         msg = conn.recv()
         if msg == "stop":
@@ -64,6 +82,7 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
     for d in daemons:
         d.stop()
     stats = {d.cfg.id: {"reconnects": [t for t in d.transport.conn.connects]} for d in daemons}
+    runtime.close()
     sandbox.close()
     conn.send(("stopped", stats))
     conn.close()
