@@ -194,7 +194,7 @@ class Daemon:
         if store is None:
             store = open_store(self.cfg.state_dir / "apps" / app.name / "kv", app.kv_quota_bytes)
             self.kv[app.name] = store
-            self.kv_flusher.stores.append(store)
+            self.kv_flusher.add(store)
         return store
 
     def add_app(self, spec: AppSpec, inst: AppInstance) -> App:

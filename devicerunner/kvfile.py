@@ -4,6 +4,7 @@ and a flusher (a timer on a work lane) so host calls never wait on the disk."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from devicerunner.fsutil import atomic_write, makedirs
@@ -42,16 +43,38 @@ def open_store(directory: Path, quota_bytes: int) -> KvStore:
 
 
 class KvFlusher:
-    """Persists dirty stores every ``interval_s`` on its lane."""
+    """Persists dirty stores on its lane, at most ``interval_s`` after the
+    first change: a timer armed by the change, not a poll (a thousand idle
+    simulated devices must not wake up twice a second for nothing)."""
 
     def __init__(self, lane: Lane, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.stores: list[KvStore] = []
         self._lane = lane
+        self._lock = threading.Lock()
         self._timer: Timer | None = None
+        self._started = False
+
+    def add(self, store: KvStore) -> None:
+        self.stores.append(store)
+        store.on_dirty = self._changed
 
     def start(self) -> None:
-        self._timer = self._lane.every(self.interval_s, self.flush_all)
+        self._started = True
+        if any(s.dirty for s in self.stores):
+            self._changed()
+
+    def _changed(self) -> None:
+        with self._lock:
+            if self._started and self._timer is None:
+                self._timer = self._lane.call_later(self.interval_s, self._flush_due)
+
+    def _flush_due(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush_all()
+        if any(s.dirty for s in self.stores):  # changed while saving, or a failed save: again later
+            self._changed()
 
     def flush_all(self) -> None:
         for s in list(self.stores):
@@ -61,8 +84,10 @@ class KvFlusher:
                 log.error("kv flush failed (will retry): %s", e)
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        with self._lock:
+            self._started = False
+            if self._timer is not None:
+                self._timer.cancel()
         self._lane.close()
         self._lane.drain(5)
         self.flush_all()

@@ -176,12 +176,18 @@ class Lane:
 
 
 class Executor:
-    """``threads`` pool threads running lanes; one timer heap for all of them."""
+    """``threads`` pool threads running lanes; one timer heap for all of them.
 
-    def __init__(self, threads: int, name: str) -> None:
+    ``slack_s``: a timer may fire up to this much late (never early), so that
+    timers due close together fire in one wake-up. A wake-up costs 15-30 us of
+    CPU on these machines; a thousand devices ticking at 10 Hz each would
+    otherwise spend most of the CPU going to sleep and waking up."""
+
+    def __init__(self, threads: int, name: str, slack_s: float = 0.0) -> None:
         if threads < 1:
             raise ValueError("an executor needs at least one thread")
         self.name = name
+        self.slack_s = slack_s
         self._cond = threading.Condition()
         self._idle = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._ready: deque[Lane] = deque()
@@ -266,7 +272,7 @@ class Executor:
                             continue
                         lane._running = True
                         break
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    self._cond.wait(self._heap[0][0] - now + self.slack_s if self._heap else None)
             self._run(lane)
 
     def _run(self, lane: Lane) -> None:

@@ -31,9 +31,14 @@ if TYPE_CHECKING:
 
 
 class Runtime:
-    def __init__(self, tick_threads: int = 1, work_threads: int = 1, name: str = "dr") -> None:
+    def __init__(
+        self, tick_threads: int = 1, work_threads: int = 1, name: str = "dr", timer_slack_s: float = 0.0
+    ) -> None:
+        """``timer_slack_s``: how late a timer may fire so that timers due close
+        together share a wake-up (lanes.Executor); 0 for a device on its own."""
         self.tick_threads = tick_threads
         self.work_threads = work_threads
+        self.timer_slack_s = timer_slack_s
         self.name = name
         self._lock = threading.Lock()
         self._ticks: Executor | None = None
@@ -46,14 +51,14 @@ class Runtime:
     def ticks(self) -> Executor:
         with self._lock:
             if self._ticks is None:
-                self._ticks = Executor(self.tick_threads, f"{self.name}-ticks")
+                self._ticks = Executor(self.tick_threads, f"{self.name}-ticks", self.timer_slack_s)
             return self._ticks
 
     @property
     def work(self) -> Executor:
         with self._lock:
             if self._work is None:
-                self._work = Executor(self.work_threads, f"{self.name}-work")
+                self._work = Executor(self.work_threads, f"{self.name}-work", self.timer_slack_s)
             return self._work
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from hostfuncs import codes
@@ -44,6 +45,9 @@ class KvStore:
         self._lock = threading.Lock()
         self._version = 0
         self._saved_version = 0
+        self.on_dirty: Callable[[], None] | None = None
+        """Called (outside the lock; must not block) when a clean store
+        changes: its flusher need not poll."""
         if backend is not None:
             raw = backend.load()
             if raw:
@@ -69,7 +73,10 @@ class KvStore:
                 return codes.ERR_QUOTA
             self._data[key] = value
             self._used += delta
+            was_clean = self._version == self._saved_version
             self._version += 1
+        if was_clean and self.on_dirty is not None:
+            self.on_dirty()
         return codes.OK
 
     def delete(self, key: bytes) -> int:
@@ -78,7 +85,10 @@ class KvStore:
             if old is None:
                 return codes.ERR_NOT_FOUND
             self._used -= len(key) + len(old)
+            was_clean = self._version == self._saved_version
             self._version += 1
+        if was_clean and self.on_dirty is not None:
+            self.on_dirty()
         return codes.OK
 
     def flush(self) -> None:

@@ -6,16 +6,20 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from devicerunner import config
 from devicerunner.errors import ConfigError
-from devicerunner.kvfile import open_store
+from devicerunner.kvfile import KvFlusher, open_store
+from devicerunner.lanes import Executor
 from devicerunner.sandbox import Sandbox
 from hostfuncs import codes
-from tests.conftest import ROOT, make_app, run_cli, wat
+from hostfuncs.kv import KvStore
+from hostfuncs.kv import decode as kv_decode
+from tests.conftest import ROOT, make_app, run_cli, until, wat
 
 # On init: boots = kv["boots"] + 1; store it; log "boots=N"; then try to
 # store 2000 bytes (over a 100-byte quota) and keep the result at 512.
@@ -72,6 +76,42 @@ tick_interval_ms = 50
 {extra}
 """)
     return cfg
+
+
+class CountingBackend:
+    def __init__(self) -> None:
+        self.saves: list[bytes] = []
+
+    def load(self) -> bytes | None:
+        return None
+
+    def save(self, data: bytes) -> None:
+        self.saves.append(data)
+
+
+def test_kv_flusher_saves_after_each_change_and_never_while_idle() -> None:
+    ex = Executor(1, "kv")
+    try:
+        backend = CountingBackend()
+        store = KvStore(1000, backend)
+        flusher = KvFlusher(ex.lane("kv"), interval_s=0.05)
+        flusher.add(store)
+        flusher.start()
+        time.sleep(0.2)
+        assert backend.saves == []  # idle: nothing written, no wake-ups needed
+        store.set(b"a", b"1")
+        assert until(lambda: len(backend.saves) == 1, 5)
+        store.set(b"a", b"2")  # dirty again after a save: a new flush is armed
+        store.set(b"b", b"3")
+        assert until(lambda: len(backend.saves) == 2, 5)
+        assert kv_decode(backend.saves[-1]) == {b"a": b"2", b"b": b"3"}
+        time.sleep(0.2)
+        assert len(backend.saves) == 2
+        store.delete(b"b")
+        flusher.stop()  # stop saves what is still dirty
+        assert kv_decode(backend.saves[-1]) == {b"a": b"2"}
+    finally:
+        ex.shutdown()
 
 
 def test_daemon_keeps_kv_across_clean_restarts(tmp_path: Path) -> None:

@@ -91,6 +91,8 @@ class DeviceTransport:
         self._seen_rejects: set[str] = set()
         self._lane = daemon.runtime.work.lane(f"{self.id}/transport", paused=True)
         self._timers: list[Timer] = []
+        self._stall_timer: Timer | None = None
+        """Armed while a download is active (idle devices do not wake up for it)."""
         self._draining = False
         self.stats = {"chunks_fetched": 0, "chunks_resumed": 0, "releases_seen": 0, "chunk_messages": 0}
         daemon.updater.listeners.append(lambda ev: self._post(self._on_update_event, ev))
@@ -105,16 +107,14 @@ class DeviceTransport:
             subs.append(topics.rollout(self.p, app.name, app.channel))
         self.conn.subscribe(subs)
         self._post(self._resume_downloads)
-        self._timers = [
-            self._lane.every(1.0, lambda: self._check_stalls(time.monotonic())),
-            self._lane.every(HEARTBEAT_S, self._publish_status),
-        ]
+        self._timers = [self._lane.every(HEARTBEAT_S, self._publish_status)]
         self._lane.resume()
         self.conn.start()
 
     def stop(self) -> None:
-        for t in self._timers:
-            t.cancel()
+        for t in [*self._timers, self._stall_timer]:
+            if t is not None:
+                t.cancel()
         self._lane.close()
         self._lane.drain(5)
         if self.conn.connected.is_set():
@@ -257,6 +257,8 @@ class DeviceTransport:
             return
         dl = Download(m, set(range(len(m.artifact.chunks))) - held, resumed=len(held))
         self.active[m.app] = dl
+        if self._stall_timer is None:
+            self._stall_timer = self._lane.every(1.0, lambda: self._check_stalls(time.monotonic()))
         self._by_sha[m.artifact.sha256] = m.app
         self.stats["chunks_resumed"] += dl.resumed
         self.d.updater.note_downloading(m, resumed=dl.resumed)
@@ -321,6 +323,10 @@ class DeviceTransport:
         self.d.updater.offer(dl.m.raw, module, "mqtt")
 
     def _check_stalls(self, now: float) -> None:
+        if not self.active and self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+            return
         if not self.conn.connected.is_set():
             for dl in self.active.values():
                 dl.last_progress = now  # no progress is possible offline: not a stall
