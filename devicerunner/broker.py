@@ -40,6 +40,17 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def _client_gone(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """amqtt leaves tasks failing when a client vanishes mid-exchange (a reset
+    link, a PUBACK that never comes); asyncio would print each as a traceback.
+    They are the client's problem, not the broker's: one log line each."""
+    exc = context.get("exception")
+    if isinstance(exc, (TimeoutError, ConnectionError, asyncio.IncompleteReadError)):
+        log.info("broker: a client went away: %s: %s", type(exc).__name__, exc)
+        return
+    loop.default_exception_handler(context)
+
+
 class EmbeddedBroker:
     """Runs amqtt on its own thread and event loop; ``start`` returns once it listens."""
 
@@ -72,6 +83,7 @@ class EmbeddedBroker:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_client_gone)
 
         async def main() -> None:
             self._broker = Broker(_config(self.host, self.port))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import wasmtime
 
 # v1: a healthy counter that reads the temperature every tick.
@@ -35,8 +37,16 @@ BAD_ON_QUIRK = """(module
   (func (export "dr_health") (result i32) (i32.const 0)))"""
 
 
-def good(tag: str) -> bytes:
-    return bytes(wasmtime.wat2wasm(GOOD % tag))
+def good(tag: str, pad_kib: int = 0) -> bytes:
+    """``pad_kib``: a data segment that makes the module (and its download)
+    that much bigger: many chunks, so a broken connection has a download to
+    resume."""
+    wat = GOOD % tag
+    if pad_kib:
+        rng = random.Random(tag)
+        blob = "".join(f"\\{rng.randrange(256):02x}" for _ in range(min(pad_kib, 60) * 1024))
+        wat = wat.replace("(global $t", f'(data (i32.const 4096) "{blob}")\n  (global $t', 1)
+    return bytes(wasmtime.wat2wasm(wat))
 
 
 def bad_on_quirk() -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import tempfile
 import time
@@ -35,18 +36,38 @@ def cmd_sim(args: argparse.Namespace) -> int:
         )
     from devicerunner.broker import EmbeddedBroker
 
+    # The embedded broker warns about every client that vanishes mid-exchange; the
+    # scenarios make that happen on purpose.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
     broker = None
     url = args.broker
     if url is None:
         broker = EmbeddedBroker(port=_free_port())
         broker.start()
         url = broker.url
+    proxy = None
+    if "flaky-network" in names:
+        from sim.netfault import FaultProxy
+
+        # Devices reach the broker through it for the whole run; faults only during that scenario.
+        up = parse_url(url)
+        proxy = FaultProxy(up.host, up.port, seed=args.seed).start()
     t_start = time.time()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dr-sim-") as tmp:
         keys = Keys()
         killable = max(2, args.devices // 5) if "power-loss" in names else 0
-        fleet = Fleet(Path(tmp), args.devices, url, keys, args.seed, workers=args.workers, killable=killable)
+        fleet = Fleet(
+            Path(tmp),
+            args.devices,
+            proxy.url if proxy else url,
+            keys,
+            args.seed,
+            workers=args.workers,
+            killable=killable,
+            # a stalled link is only noticed by keepalive: keep it short there
+            keepalive_s=5 if proxy else 30,
+        )
         s = parse_url(url)
         print(
             f"fleet: {args.devices} devices in {fleet.n_workers} worker processes, broker {url}", flush=True
@@ -71,7 +92,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                         except DeviceRunnerError:
                             time.sleep(0.1)
 
-                ctx = scenarios.Ctx(fleet, w, restart if broker is not None else None)
+                ctx = scenarios.Ctx(fleet, w, restart if broker is not None else None, proxy)
                 for name in names:
                     print(f"scenario {name}:", flush=True)
                     t0 = time.time()
@@ -99,6 +120,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 }
         finally:
             fleet.stop()
+            if proxy is not None:
+                proxy.stop()
             if broker is not None:
                 broker.stop()
     ok = all(r["ok"] for r in results)
@@ -117,7 +140,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--scenario",
         default="demo",
-        help="happy, bad-release, tampered, broker-outage, power-loss, key-rotation (comma-separated), "
+        help="happy, bad-release, tampered, broker-outage, power-loss, key-rotation, flaky-network "
+        "(comma-separated), "
         "'all', or 'demo' (happy,bad-release,tampered)",
     )
     p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")

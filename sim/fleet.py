@@ -190,6 +190,7 @@ class Fleet:
         seed: int,
         workers: int = 2,
         killable: int = 0,
+        keepalive_s: int = 30,
     ) -> None:
         """``killable`` devices get a worker process each, so a power cut can hit one
         device alone (SIGKILL its process) while the others run on."""
@@ -218,6 +219,7 @@ class Fleet:
                     "seed": self.rng.randrange(2**31),
                     "quirk": 1.0 if hw == QUIRKY else 0.0,
                     "clock_offset_s": self._clock_offset(),
+                    "keepalive_s": keepalive_s,
                 }
             )
         self.hardware = {s["id"]: s["hardware"] for s in self.specs}

@@ -18,19 +18,26 @@ from devicerunner.rollout import Policy, RolloutController
 from devicerunner.transport import operator, topics
 from sim import apps
 from sim.fleet import QUIRKY, Fleet, Watcher
+from sim.netfault import FaultProxy, Faults
 
 P = "dr/v1"
 
 
 class Ctx:
     def __init__(
-        self, fleet: Fleet, watcher: Watcher, restart_broker: Callable[[float], None] | None = None
+        self,
+        fleet: Fleet,
+        watcher: Watcher,
+        restart_broker: Callable[[float], None] | None = None,
+        proxy: FaultProxy | None = None,
     ) -> None:
         self.fleet, self.w = fleet, watcher
         self.s = watcher.s
         self.sequence = 0
         self.restart_broker = restart_broker
         """Stops the broker for the given seconds and starts it again (None: not ours to restart)."""
+        self.proxy = proxy
+        """The fault-injecting proxy the devices reach the broker through (None: they connect directly)."""
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -265,6 +272,73 @@ def power_loss(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def _median(xs: list[float]) -> float:
+    return xs[len(xs) // 2] if xs else 0.0
+
+
+FLAKY = Faults(
+    latency_ms=40, jitter_ms=30, disconnects_per_min=10, stalls_per_min=4, refuse=0.2, kib_per_s=16
+)
+"""A bad link: ~40 ms latency, 16 KiB/s, a reset every ~6 s and a silent stall every
+~15 s per connection, one connection attempt in five refused."""
+FLAKY_MIN_S = 12.0
+"""The fleet lives with the bad link at least this long, however fast it updates."""
+
+
+def flaky_network(ctx: Ctx) -> dict[str, Any]:
+    proxy = ctx.proxy
+    if proxy is None:
+        return {
+            "ok": False,
+            "skipped": True,
+            "checks": ["skipped: the devices do not connect through the proxy"],
+        }
+    seq = ctx.next_sequence()
+    # 40 KiB: ten chunks, so a broken connection leaves a download to resume.
+    data = ctx.fleet.keys.bundle(apps.good(f"f{seq}", pad_kib=40), seq, f"1.{seq}.0", percent=100)
+    before = Counter(proxy.stats)
+    proxy.set_faults(FLAKY)
+    t_bad = time.monotonic()
+    try:
+        time.sleep(2.0)  # the links are already bad when the release comes
+        t0 = time.monotonic()
+        operator.publish_bundle(ctx.s, data, P)
+        n = ctx.fleet.n
+        ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 120)
+        took = time.monotonic() - t0
+        time.sleep(max(0.0, FLAKY_MIN_S - (time.monotonic() - t_bad)))
+    finally:
+        proxy.set_faults(Faults())
+    committed = ctx.w.count(ctx.on_seq(seq))
+    injected = {k: v - before.get(k, 0) for k, v in proxy.stats.items() if v - before.get(k, 0)}
+    took_dl = sorted(
+        float(e.get("seconds") or 0)
+        for e in ctx.w.events
+        if e.get("sequence") == seq and e.get("phase") == "DOWNLOADED"
+    )
+    failed = [
+        e for e in ctx.w.events if e.get("sequence") == seq and e.get("phase") in ("REJECTED", "ROLLED_BACK")
+    ]
+    faults = injected.get("disconnects", 0) + injected.get("stalls", 0) + injected.get("refused", 0)
+    return {
+        "ok": committed == n and not failed and faults > 0,
+        "sequence": seq,
+        "network_faults": injected,
+        "download_seconds": took_dl,
+        "checks": [
+            f"through the proxy for {time.monotonic() - t_bad:.0f} s: "
+            f"{injected.get('disconnects', 0)} resets, "
+            f"{injected.get('stalls', 0)} silent stalls, {injected.get('refused', 0)} refused connections, "
+            f"{FLAKY.latency_ms:.0f}±{FLAKY.jitter_ms:.0f} ms latency, {FLAKY.kib_per_s:.0f} KiB/s",
+            f"{committed}/{n} committed sequence {seq} in {took:.1f} s; its 40 KiB (10 chunks, ~2.5 s on a "
+            f"clean 16 KiB/s link) took median {_median(took_dl):.1f} s, "
+            f"at most {max(took_dl, default=0):.1f} s",
+            f"{len(failed)} rejected or rolled back",
+            *(f"  {e['device']} {e['phase']}: {e.get('reason_text') or e.get('reason')}" for e in failed[:5]),
+        ],
+    }
+
+
 SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "happy": happy,
     "bad-release": bad_release,
@@ -272,5 +346,6 @@ SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "broker-outage": broker_outage,
     "power-loss": power_loss,
     "key-rotation": key_rotation,
+    "flaky-network": flaky_network,
 }
 DEMO = ("happy", "bad-release", "tampered")

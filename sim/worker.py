@@ -21,7 +21,13 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
             "state_dir": str(spec["state_dir"]),
             "trust_root": str(spec["root"]),
         },
-        "broker": {"url": broker_url, "reconnect_min_s": 0.5, "reconnect_max_s": 8.0, "download_stall_s": 10},
+        "broker": {
+            "url": broker_url,
+            "reconnect_min_s": 0.5,
+            "reconnect_max_s": 8.0,
+            "download_stall_s": 10,
+            "keepalive_s": spec.get("keepalive_s", 30),
+        },
         "apps": {
             "app": {
                 "module": str(spec["bootstrap"]),

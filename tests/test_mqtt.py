@@ -24,7 +24,7 @@ from devicerunner.slots import AppSlots
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
 from tests.brokers import Mosquitto, free_port
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES, ROOT, until
 from tests.devicekit import Events, Kit, counter_module
 
 P = "dr/v1"
@@ -458,3 +458,39 @@ def test_gc_never_clears_a_current_release(tmp_path: Path, broker: Mosquitto) ->
         left = sess.collect([f"{P}/releases/+/+", f"{P}/artifacts/+/+"], quiet_s=0.5)
     assert left.get(topics.release(P, "app", "stable"))  # the release is still there
     assert len([t for t, p in left.items() if "/artifacts/" in t and p]) == len(m.artifact.chunks)
+
+
+def test_release_redelivered_by_a_reconnect_while_it_is_being_staged_is_not_taken_twice(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """A flaky link reconnects between download and staging: the retained release
+    arrives again. It must not be fetched and offered a second time (which
+    ended in a spurious REJECTED 'sequence 1 is not above 1' after the commit)."""
+    import socket
+
+    from devicerunner.runtime import Runtime
+
+    kit = mqtt_kit(tmp_path, broker.url)
+    rt = Runtime(work_threads=2)  # one thread is held by the blocked updater below
+    d = Daemon(kit.cfg, runtime=rt)
+    ev = Events(d)
+    d.start()
+    gate = threading.Event()
+    try:
+        assert d.transport.conn.connected.wait(10)
+        d.updater.submit(lambda: gate.wait(20))  # the updater is busy: the release waits for it
+        _publish(broker.url, kit.bundle(counter_module(3), 1))
+        ev.wait("DOWNLOADED", 1)
+        sock = d.transport.conn.client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # the link drops; the device reconnects by itself
+        assert until(lambda: len(d.transport.conn.connects) >= 2 and d.transport.stats["releases_seen"] >= 2)
+        gate.set()
+        ev.wait("COMMITTED", 1)
+        time.sleep(0.5)  # a second offer would be processed right after the first
+        phases = [e["phase"] for e in ev.items if e.get("sequence") == 1]
+        assert phases.count("DOWNLOADED") == 1 and "REJECTED" not in phases, phases
+    finally:
+        gate.set()
+        d.stop()
+        rt.close()

@@ -12,7 +12,8 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(
-    "scenario", ["happy", "bad-release", "tampered", "broker-outage", "power-loss", "key-rotation"]
+    "scenario",
+    ["happy", "bad-release", "tampered", "broker-outage", "power-loss", "key-rotation", "flaky-network"],
 )
 def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None:
     r = run_cli(

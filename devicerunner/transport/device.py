@@ -89,6 +89,8 @@ class DeviceTransport:
         self._by_sha: dict[str, str] = {}
         self._roots: dict[int, bytes] = {}
         self._seen_rejects: set[str] = set()
+        self._offered: dict[str, int] = {}
+        """app -> the highest sequence handed to the updater (not fetched again)."""
         self._lane = daemon.runtime.work.lane(f"{self.id}/transport", paused=True)
         self._timers: list[Timer] = []
         self._stall_timer: Timer | None = None
@@ -239,6 +241,8 @@ class DeviceTransport:
         self.start_download(m)
 
     def start_download(self, m: Manifest) -> None:
+        if m.sequence <= self._offered.get(m.app, 0):
+            return  # handed to the updater already; redelivered (reconnect) before it settled
         cur = self.active.get(m.app)
         if cur is not None:
             if cur.m.sequence >= m.sequence:
@@ -320,6 +324,7 @@ class DeviceTransport:
             chunks_resumed=dl.resumed,
             seconds=round(time.monotonic() - dl.started, 3),
         )
+        self._offered[dl.m.app] = dl.m.sequence
         self.d.updater.offer(dl.m.raw, module, "mqtt")
 
     def _check_stalls(self, now: float) -> None:
@@ -366,6 +371,8 @@ class DeviceTransport:
 
     def _on_update_event(self, ev: dict[str, Any]) -> None:
         self.conn.publish(topics.events(self.p, self.id), json.dumps(ev, default=str).encode(), qos=1)
+        if ev.get("phase") == "FAILED" and ev.get("sequence") == self._offered.get(str(ev.get("app"))):
+            del self._offered[str(ev["app"])]  # not staged (e.g. disk full): take it again when redelivered
         if ev.get("phase") in ("STAGED", "REJECTED", "COMMITTED", "ROLLED_BACK") and ev.get("sequence"):
             for m in self.store.pending():
                 if m.app == ev.get("app") and m.sequence <= int(ev["sequence"]):
