@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from devicerunner.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
@@ -183,11 +184,49 @@ class Daemon:
         if doc.app != app or app not in self.cfg.apps:
             return
         self.rollouts[app] = doc
+        try:  # kept across reboots: a replayed older document stays refused
+            makedirs(self._rollout_path(app).parent)
+            atomic_write(self._rollout_path(app), payload)
+        except OSError as e:
+            log.warning("rollout document for %s not persisted: %s", app, e)
         waiting = self.waiting.get(app)
         if waiting is not None and self.eligible(waiting) and self.transport is not None:
             del self.waiting[app]
             log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
             self.transport.start_download(waiting)
+
+    def _rollout_path(self, app: str) -> Path:
+        return self.cfg.state_dir / "apps" / app / ROLLOUT_FILE
+
+    def _restore_rollouts(self) -> None:
+        """The last rollout document accepted per app, verified again (a stored
+        file is not trusted more than a message)."""
+        from devicerunner import trust
+        from devicerunner.errors import VerificationError
+
+        for app in self.cfg.apps:
+            try:
+                payload = self._rollout_path(app).read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("rollout document for %s unreadable: %s", app, e)
+                continue
+            if self.trust.root is None:
+                continue
+            try:
+                doc = trust.verify_rollout(
+                    payload,
+                    root=self.trust.root,
+                    time_floor=self.trust.time_floor,
+                    now=self.clock.wall_ms() // 1000,
+                    last_version=0,
+                )
+            except VerificationError as e:
+                log.info("stored rollout document for %s no longer applies: %s", app, e)
+                continue
+            if doc.app == app:
+                self.rollouts[app] = doc
 
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
@@ -209,6 +248,7 @@ class Daemon:
         cleaned = clean_temp_files(self.cfg.state_dir, recursive=True)
         if cleaned:
             log.info("removed %d temp file(s) left by an interrupted write", cleaned)
+        self._restore_rollouts()
         for name, app in self.cfg.apps.items():
             try:
                 spec, why = self.updater.boot_app(app)
@@ -286,5 +326,7 @@ class Daemon:
             log.debug("status not written: %s", e)
 
 
+ROLLOUT_FILE = "rollout.json"
+"""The last accepted rollout document of an app (its version is the replay floor)."""
 STATUS_FILE = "status.json"
 """Runtime status the daemon rewrites every second (informational, not a commit point)."""

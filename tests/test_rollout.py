@@ -17,7 +17,7 @@ from devicerunner.rollout import Policy, decide
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
 from tests.brokers import Mosquitto
-from tests.conftest import run_cli
+from tests.conftest import run_cli, until
 from tests.devicekit import Events, Kit, counter_module
 from tests.trustsim import NOW, Repo
 
@@ -104,11 +104,10 @@ def test_controller_pauses_only_past_the_threshold_with_enough_devices() -> None
     assert decide(included=10, failed=3, policy=pol) == "abort"
 
 
-def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tmp_path: Path) -> None:
-    b = Mosquitto(tmp_path / "mosq").start()
+def _kit_with_rollout_key(tmp_path: Path, url: str) -> tuple[Kit, Ed25519PrivateKey]:
+    """A device whose root lists a rollout key."""
     rollout_key = Ed25519PrivateKey.generate()
-    kit = Kit(tmp_path / "dev", extra_config=f'\n[broker]\nurl = "{b.url}"\n')
-    # the device's root must list the rollout key
+    kit = Kit(tmp_path / "dev", extra_config=f'\n[broker]\nurl = "{url}"\n')
     now = int(time.time())
     signed = manifest.root_signed(
         version=1,
@@ -122,6 +121,31 @@ def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tm
         thresholds={"root": 1, "release": 2, "rollout": 1},
     )
     (kit.dir / "root.json").write_bytes(manifest.sign_envelope(signed, [kit.root_key]))
+    return kit, rollout_key
+
+
+def _publish_rollout(url: str, key: Ed25519PrivateKey, version: int, percent: int, paused: bool) -> None:
+    now = int(time.time())
+    r = manifest.rollout_signed(
+        app="app",
+        channel="stable",
+        sequence=1,
+        percent=percent,
+        salt="app-1",
+        paused=paused,
+        version=version,
+        issued=now,
+        expires=now + 3600,
+    )
+    with operator.Session(parse_url(url)) as sess:
+        sess.publish_many(
+            [(topics.rollout(P, "app", "stable"), manifest.sign_envelope(r, [key]))], retain=True
+        )
+
+
+def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tmp_path: Path) -> None:
+    b = Mosquitto(tmp_path / "mosq").start()
+    kit, rollout_key = _kit_with_rollout_key(tmp_path, b.url)
     d = Daemon(kit.cfg)
     ev = Events(d)
     d.start()
@@ -131,24 +155,41 @@ def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tm
         operator.publish_bundle(s, kit.bundle(counter_module(4), 1, rollout_percent=0), P)
         time.sleep(1.0)
         assert not [e for e in ev.items if e.get("sequence") == 1]  # 0%: nothing happens
-        r = manifest.rollout_signed(
-            app="app",
-            channel="stable",
-            sequence=1,
-            percent=100,
-            salt="app-1",
-            paused=False,
-            version=1,
-            issued=now,
-            expires=now + 3600,
-        )
-        with operator.Session(s) as sess:
-            sess.publish_many(
-                [(topics.rollout(P, "app", "stable"), manifest.sign_envelope(r, [rollout_key]))], retain=True
-            )
+        _publish_rollout(b.url, rollout_key, version=1, percent=100, paused=False)
         ev.wait("COMMITTED", 1)
     finally:
         d.stop()
+        b.stop()
+
+
+def test_replayed_older_rollout_document_after_a_reboot_cannot_undo_a_pause(tmp_path: Path) -> None:
+    """The replay floor survives a reboot: an attacker who puts back an older
+    (genuinely signed, unpaused) document while the device restarts gains nothing."""
+    b = Mosquitto(tmp_path / "mosq").start()
+    kit, rollout_key = _kit_with_rollout_key(tmp_path, b.url)
+    try:
+        d = Daemon(kit.cfg)
+        d.start()
+        try:
+            assert d.transport.conn.connected.wait(10)
+            operator.publish_bundle(parse_url(b.url), kit.bundle(counter_module(4), 1, rollout_percent=0), P)
+            _publish_rollout(b.url, rollout_key, version=2, percent=100, paused=True)
+            assert until(lambda: getattr(d.rollouts.get("app"), "version", 0) == 2)
+        finally:
+            d.stop()
+        _publish_rollout(b.url, rollout_key, version=1, percent=100, paused=False)  # the replay
+        d2 = Daemon(kit.cfg)
+        ev = Events(d2)
+        d2.start()
+        try:
+            assert d2.transport.conn.connected.wait(10)
+            assert until(lambda: d2.transport.stats["releases_seen"] >= 1)
+            time.sleep(1.5)  # the replayed document has arrived by now (retained)
+            assert not [e for e in ev.items if e.get("sequence") == 1], ev.items  # still paused
+            assert d2.rollouts["app"].version == 2 and d2.rollouts["app"].paused
+        finally:
+            d2.stop()
+    finally:
         b.stop()
 
 
