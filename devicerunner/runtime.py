@@ -41,32 +41,28 @@ class Runtime:
         self.timer_slack_s = timer_slack_s
         self.name = name
         self._lock = threading.Lock()
-        self._ticks: Executor | None = None
-        self._work: Executor | None = None
-        self._connect: Executor | None = None
+        self._executors: dict[str, Executor] = {}
         self._io: IoLoop | None = None
         self.closed = False
 
+    def _executor(self, role: str, threads: int, slack_s: float) -> Executor:
+        with self._lock:
+            ex = self._executors.get(role)
+            if ex is None:
+                ex = self._executors[role] = Executor(threads, f"{self.name}-{role}", slack_s)
+            return ex
+
     @property
     def ticks(self) -> Executor:
-        with self._lock:
-            if self._ticks is None:
-                self._ticks = Executor(self.tick_threads, f"{self.name}-ticks", self.timer_slack_s)
-            return self._ticks
+        return self._executor("ticks", self.tick_threads, self.timer_slack_s)
 
     @property
     def work(self) -> Executor:
-        with self._lock:
-            if self._work is None:
-                self._work = Executor(self.work_threads, f"{self.name}-work", self.timer_slack_s)
-            return self._work
+        return self._executor("work", self.work_threads, self.timer_slack_s)
 
     @property
     def connect(self) -> Executor:
-        with self._lock:
-            if self._connect is None:
-                self._connect = Executor(1, f"{self.name}-connect")
-            return self._connect
+        return self._executor("connect", 1, 0.0)
 
     @property
     def io(self) -> IoLoop:
@@ -80,9 +76,8 @@ class Runtime:
     def close(self, timeout_s: float = 5.0) -> None:
         with self._lock:
             self.closed = True
-            io, executors = self._io, (self._connect, self._work, self._ticks)
+            io, executors = self._io, list(self._executors.values())
         if io is not None:
             io.close(timeout_s)
-        for ex in executors:
-            if ex is not None:
-                ex.shutdown(timeout_s)
+        for ex in reversed(executors):
+            ex.shutdown(timeout_s)
