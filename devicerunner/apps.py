@@ -284,11 +284,7 @@ class Scheduler:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopped = True
-        self._lane.close()
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._lane.current:
-            self._lane.drain(timeout_s)  # a tick in progress finishes
+        self._lane.close(timeout_s)  # a tick in progress finishes
         if self._own is not None:
             self._own.shutdown(timeout_s)
 

@@ -160,7 +160,6 @@ class Daemon:
     def on_rollout_document(self, topic: str, payload: bytes) -> None:
         """A rollout document (signed by the rollout role) arrived: accept it if it
         verifies and is newer, then start a waiting release if we are now in it."""
-        from devicerunner import trust
         from devicerunner.errors import RollbackError, VerificationError
 
         if not payload or self.trust.root is None:
@@ -168,13 +167,7 @@ class Daemon:
         app = topic.rsplit("/", 2)[-2]
         current = self.rollouts.get(app)
         try:
-            doc = trust.verify_rollout(
-                payload,
-                root=self.trust.root,
-                time_floor=self.trust.time_floor,
-                now=self.clock.wall_ms() // 1000,  # the device's clock: it may be off
-                last_version=current.version if current else 0,
-            )
+            doc = self._verify_rollout(payload, current.version if current else 0)
         except RollbackError:
             return  # the same (or an older) document again: nothing new
         except VerificationError as e:
@@ -195,13 +188,24 @@ class Daemon:
             log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
             self.transport.start_download(waiting)
 
+    def _verify_rollout(self, payload: bytes, last_version: int) -> Any:
+        from devicerunner import trust
+
+        assert self.trust.root is not None
+        return trust.verify_rollout(
+            payload,
+            root=self.trust.root,
+            time_floor=self.trust.time_floor,
+            now=self.clock.wall_ms() // 1000,  # the device's clock: it may be off
+            last_version=last_version,
+        )
+
     def _rollout_path(self, app: str) -> Path:
         return self.cfg.state_dir / "apps" / app / ROLLOUT_FILE
 
     def _restore_rollouts(self) -> None:
         """The last rollout document accepted per app, verified again (a stored
         file is not trusted more than a message)."""
-        from devicerunner import trust
         from devicerunner.errors import VerificationError
 
         for app in self.cfg.apps:
@@ -215,13 +219,7 @@ class Daemon:
             if self.trust.root is None:
                 continue
             try:
-                doc = trust.verify_rollout(
-                    payload,
-                    root=self.trust.root,
-                    time_floor=self.trust.time_floor,
-                    now=self.clock.wall_ms() // 1000,
-                    last_version=0,
-                )
+                doc = self._verify_rollout(payload, last_version=0)
             except VerificationError as e:
                 log.info("stored rollout document for %s no longer applies: %s", app, e)
                 continue
@@ -279,8 +277,7 @@ class Daemon:
         self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()
-        self._status_lane.close()
-        self._status_lane.drain(5)
+        self._status_lane.close(5)
         if self._status_file:
             self.write_status()
         for s in self.resources.sensors.values():

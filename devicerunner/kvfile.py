@@ -88,6 +88,5 @@ class KvFlusher:
             self._started = False
             if self._timer is not None:
                 self._timer.cancel()
-        self._lane.close()
-        self._lane.drain(5)
+        self._lane.close(5)
         self.flush_all()

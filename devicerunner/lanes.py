@@ -149,11 +149,15 @@ class Lane:
         with self.executor._cond:
             return len(self._tasks)
 
-    def close(self) -> None:
-        """Drop queued tasks and timers; a task already running finishes."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Drop queued tasks and timers (their ``cancel()`` is not needed); a
+        task already running finishes, and ``wait_s`` > 0 waits that long for
+        it (unless called from the lane itself)."""
         with self.executor._cond:
             self._closed = True
             self._tasks.clear()
+        if wait_s > 0 and not self.current:
+            self.drain(wait_s)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (from another lane or thread) until nothing is queued or

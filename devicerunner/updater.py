@@ -52,7 +52,6 @@ from devicerunner.errors import (
     VerificationError,
 )
 from devicerunner.fsutil import atomic_write, makedirs
-from devicerunner.lanes import Timer
 from devicerunner.manifest import Manifest, parse_manifest
 from devicerunner.sandbox import AppInstance, CallResult, Limits
 from devicerunner.slots import AppSlots, AppState
@@ -170,7 +169,6 @@ class Updater:
         self.inbox = self.cfg.state_dir / "inbox"
         self.slots = {name: AppSlots(self.cfg.state_dir, name) for name in self.cfg.apps}
         self._lane = daemon.runtime.work.lane(f"{self.cfg.id}/updater", paused=True)
-        self._scan_timer: Timer | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._outstanding = 0
@@ -247,15 +245,12 @@ class Updater:
     def start(self) -> None:
         makedirs(self.inbox)
         self.submit(lambda: None)  # a first inbox scan, and ``idle`` once it is done
-        self._scan_timer = self._lane.every(self.inbox_scan_s, lambda: self.submit(lambda: None))
+        self._lane.every(self.inbox_scan_s, lambda: self.submit(lambda: None))
         self._lane.resume()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._scan_timer is not None:
-            self._scan_timer.cancel()
-        self._lane.close()
-        self._lane.drain(10)
+        self._lane.close(10)
 
     def submit(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the updater lane (any thread), then scan the inbox."""

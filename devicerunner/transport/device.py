@@ -92,10 +92,8 @@ class DeviceTransport:
         self._offered: dict[str, int] = {}
         """app -> the highest sequence handed to the updater (not fetched again)."""
         self._lane = daemon.runtime.work.lane(f"{self.id}/transport", paused=True)
-        self._timers: list[Timer] = []
         self._stall_timer: Timer | None = None
         """Armed while a download is active (idle devices do not wake up for it)."""
-        self._draining = False
         self.stats = {"chunks_fetched": 0, "chunks_resumed": 0, "releases_seen": 0, "chunk_messages": 0}
         daemon.updater.listeners.append(lambda ev: self._post(self._on_update_event, ev))
         daemon.resources.outbox.on_first = self._telemetry_waiting
@@ -109,16 +107,12 @@ class DeviceTransport:
             subs.append(topics.rollout(self.p, app.name, app.channel))
         self.conn.subscribe(subs)
         self._post(self._resume_downloads)
-        self._timers = [self._lane.every(HEARTBEAT_S, self._publish_status)]
+        self._lane.every(HEARTBEAT_S, self._publish_status)
         self._lane.resume()
         self.conn.start()
 
     def stop(self) -> None:
-        for t in [*self._timers, self._stall_timer]:
-            if t is not None:
-                t.cancel()
-        self._lane.close()
-        self._lane.drain(5)
+        self._lane.close(5)
         if self.conn.connected.is_set():
             try:  # a clean stop says so; a crash leaves it to the last will
                 info = self.conn.publish(
@@ -251,13 +245,7 @@ class DeviceTransport:
         try:
             held = self.store.begin(m)
         except OSError as e:
-            self.d.updater.emit(
-                m.app,
-                "FAILED",
-                sequence=m.sequence,
-                reason="io_error",
-                reason_text=f"cannot start download: {e}",
-            )
+            self._failed(m, "io_error", f"cannot start download: {e}")
             return
         dl = Download(m, set(range(len(m.artifact.chunks))) - held, resumed=len(held))
         self.active[m.app] = dl
@@ -291,13 +279,7 @@ class DeviceTransport:
             return
         except OSError as e:
             self._abandon(dl)
-            self.d.updater.emit(
-                dl.m.app,
-                "FAILED",
-                sequence=dl.m.sequence,
-                reason="io_error",
-                reason_text=f"cannot store chunk {index}: {e}",
-            )
+            self._failed(dl.m, "io_error", f"cannot store chunk {index}: {e}")
             return
         dl.missing.discard(index)
         dl.fetched += 1
@@ -327,6 +309,9 @@ class DeviceTransport:
         self._offered[dl.m.app] = dl.m.sequence
         self.d.updater.offer(dl.m.raw, module, "mqtt")
 
+    def _failed(self, m: Manifest, reason: str, text: str) -> None:
+        self.d.updater.emit(m.app, "FAILED", sequence=m.sequence, reason=reason, reason_text=text)
+
     def _check_stalls(self, now: float) -> None:
         if not self.active and self._stall_timer is not None:
             self._stall_timer.cancel()
@@ -348,12 +333,10 @@ class DeviceTransport:
                 self.conn.subscribe(topics_)
             else:
                 self._abandon(dl)
-                self.d.updater.emit(
-                    dl.m.app,
-                    "FAILED",
-                    sequence=dl.m.sequence,
-                    reason="download_stalled",
-                    reason_text=f"no progress for {self.stall_s:.0f} s after {STALL_RETRIES} "
+                self._failed(
+                    dl.m,
+                    "download_stalled",
+                    f"no progress for {self.stall_s:.0f} s after {STALL_RETRIES} "
                     f"retries; {len(dl.missing)} chunk(s) missing (kept for resume)",
                 )
 

@@ -117,11 +117,7 @@ class Connection:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        with self._lock:
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-        self._lane.close()
-        self._lane.drain(timeout_s)  # a connect in progress
+        self._lane.close(timeout_s)  # drops a scheduled reconnect; waits for one in progress
         with contextlib.suppress(OSError, ValueError):
             self.client.disconnect()  # sent by the I/O loop, which then closes the socket
         if not self._socket_closed.wait(timeout_s):
