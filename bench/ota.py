@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import Stat, from_samples
-from devicerunner.daemon import Daemon
+from devicerunner.device.daemon import Daemon
 from devicerunner.transport import operator
 from devicerunner.transport.settings import parse_url
 from tests.brokers import Mosquitto

@@ -17,9 +17,9 @@ from pathlib import Path
 import wasmtime
 
 from bench.common import Stat, measure
-from devicerunner.apps import App, AppSpec, DeviceResources, start_instance
-from devicerunner.daemon import build_hardware
-from devicerunner.sandbox import Limits, Sandbox
+from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
+from devicerunner.device.daemon import build_hardware
+from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import RealClock, Status
 from firmware_shims.env import ShimEnv
 

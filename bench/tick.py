@@ -11,10 +11,10 @@ from pathlib import Path
 import wasmtime
 
 from bench.common import Stat, measure
-from devicerunner.apps import App, AppSpec, DeviceResources, start_instance
-from devicerunner.cli import DEFAULT_ACTUATORS, DEFAULT_SENSORS
-from devicerunner.daemon import build_hardware
-from devicerunner.sandbox import Limits, Sandbox
+from devicerunner.cli.main import DEFAULT_ACTUATORS, DEFAULT_SENSORS
+from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
+from devicerunner.device.daemon import build_hardware
+from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import VirtualClock
 from hostfuncs.kv import KvStore
 

@@ -51,7 +51,7 @@ class AppInitError(SandboxError):
     """Instantiation or ``dr_init`` failed (trap, non-zero code, memory limit)."""
 
 
-# -- updates / trust (filled in by devicerunner.trust) ---------------------
+# -- updates / trust (filled in by devicerunner.trust.verify) ---------------------
 
 
 class UpdateError(DeviceRunnerError):

@@ -6,7 +6,7 @@ Invariants:
   changes nothing.
 - A host call never waits on storage: ``set``/``delete`` change memory and
   mark the store dirty; the daemon's flusher persists a whole snapshot
-  atomically (see devicerunner.kvfile). A clean stop flushes; a power cut
+  atomically (see devicerunner.device.kvfile). A clean stop flushes; a power cut
   loses at most the writes of the last flush interval, never corrupts.
 - The store belongs to the app, not to an instance: a swap or rollback keeps it.
 """

@@ -34,7 +34,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         raise DeviceRunnerError(
             f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all, demo"
         )
-    from devicerunner.broker import EmbeddedBroker
+    from devicerunner.fleet.broker import EmbeddedBroker
 
     # The embedded broker warns about every client that vanishes mid-exchange; the
     # scenarios make that happen on purpose.

@@ -13,9 +13,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import bundle, manifest
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import BrokerSettings
+from devicerunner.trust import bundle, manifest
 from sim import apps, worker
 
 HARDWARE = ("rpi4", "stb-a", "stb-b")

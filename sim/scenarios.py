@@ -13,9 +13,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import bundle, manifest
-from devicerunner.rollout import Policy, RolloutController
+from devicerunner.fleet.rollout import Policy, RolloutController
 from devicerunner.transport import operator, topics
+from devicerunner.trust import bundle, manifest
 from sim import apps
 from sim.fleet import QUIRKY, Fleet, Watcher
 from sim.netfault import FaultProxy, Faults

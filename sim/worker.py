@@ -57,10 +57,10 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
     logging.basicConfig(
         filename=log_path, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from devicerunner import config
-    from devicerunner.daemon import Daemon
-    from devicerunner.runtime import Runtime
-    from devicerunner.sandbox import Sandbox
+    from devicerunner.device import config
+    from devicerunner.device.daemon import Daemon
+    from devicerunner.runtime.process import Runtime
+    from devicerunner.sandbox.engine import Sandbox
     from firmware_shims.base import SkewedClock
 
     sandbox = Sandbox(cache_dir=Path(specs[0]["state_dir"]).parent / "cache")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from devicerunner.apps import App, AppSpec, DeviceResources, start_instance
-from devicerunner.sandbox import Limits, Sandbox
+from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
+from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import Clock, RealClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def until(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
 
 def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "devicerunner.cli", *args],
+        [sys.executable, "-m", "devicerunner.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -42,8 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devicerunner.fsutil import TMP_MARK
-from devicerunner.slots import AppSlots, AppState
+from devicerunner.runtime.fsutil import TMP_MARK
+from devicerunner.update.slots import AppSlots, AppState
 from tests.devicekit import Kit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ class Harness:
         return [
             sys.executable,
             "-m",
-            "devicerunner.cli",
+            "devicerunner.cli.main",
             "run",
             "--config",
             str(dev / "device.toml"),

@@ -11,8 +11,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import bundle, config, manifest
-from devicerunner.daemon import Daemon
+from devicerunner.device import config
+from devicerunner.device.daemon import Daemon
+from devicerunner.trust import bundle, manifest
 from tests.conftest import wat
 
 ALL = ["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"]

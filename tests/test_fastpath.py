@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from devicerunner import fastpath
-from devicerunner.apps import DeviceResources
-from devicerunner.sandbox import Limits, Outcome, Sandbox
+from devicerunner.device.apps import DeviceResources
+from devicerunner.sandbox import fastpath
+from devicerunner.sandbox.engine import Limits, Outcome, Sandbox
 from firmware_shims.base import VirtualClock
 from firmware_shims.simulated import SimActuator, SimSensor
 from hostfuncs.kv import KvStore

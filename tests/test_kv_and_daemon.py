@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner import config
+from devicerunner.device import config
+from devicerunner.device.kvfile import KvFlusher, open_store
 from devicerunner.errors import ConfigError
-from devicerunner.kvfile import KvFlusher, open_store
-from devicerunner.lanes import Executor
-from devicerunner.sandbox import Sandbox
+from devicerunner.runtime.lanes import Executor
+from devicerunner.sandbox.engine import Sandbox
 from hostfuncs import codes
 from hostfuncs.kv import KvStore
 from hostfuncs.kv import decode as kv_decode
@@ -127,7 +127,7 @@ def test_daemon_keeps_kv_across_clean_restarts(tmp_path: Path) -> None:
 def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     cfg = _write_config(tmp_path)
     p = subprocess.Popen(
-        [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(cfg)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.lanes import Executor
-from devicerunner.runtime import Runtime
+from devicerunner.runtime.lanes import Executor
+from devicerunner.runtime.process import Runtime
 from devicerunner.transport.mqtt import Connection
 from devicerunner.transport.settings import parse_url
 from tests.brokers import Mosquitto

@@ -18,11 +18,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devicerunner import bundle, manifest
-from devicerunner.daemon import Daemon
-from devicerunner.slots import AppSlots
+from devicerunner.device.daemon import Daemon
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
+from devicerunner.trust import bundle, manifest
+from devicerunner.update.slots import AppSlots
 from tests.brokers import Mosquitto, free_port
 from tests.conftest import EXAMPLES, ROOT, until
 from tests.devicekit import Events, Kit, counter_module
@@ -219,7 +219,7 @@ def test_sigkill_mid_download_resumes_without_refetching_held_chunks(
     n = len(m.artifact.chunks)
     _publish_chunks(broker.url, data, range(n // 2))
     _publish_manifest(broker.url, data)
-    cmd = [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(kit.config_path)]
+    cmd = [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path)]
     dl_dir = kit.state_dir / "downloads" / m.artifact.sha256
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
@@ -399,7 +399,7 @@ def test_release_is_committed_over_tls_with_client_certificates(tmp_path: Path) 
 
 
 def test_embedded_amqtt_broker_carries_the_same_flow(tmp_path: Path) -> None:
-    from devicerunner.broker import EmbeddedBroker
+    from devicerunner.fleet.broker import EmbeddedBroker
 
     eb = EmbeddedBroker(port=free_port())
     eb.start()
@@ -468,7 +468,7 @@ def test_release_redelivered_by_a_reconnect_while_it_is_being_staged_is_not_take
     ended in a spurious REJECTED 'sequence 1 is not above 1' after the commit)."""
     import socket
 
-    from devicerunner.runtime import Runtime
+    from devicerunner.runtime.process import Runtime
 
     kit = mqtt_kit(tmp_path, broker.url)
     rt = Runtime(work_threads=2)  # one thread is held by the blocked updater below

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import manifest, trust
-from devicerunner.daemon import Daemon
+from devicerunner.device.daemon import Daemon
 from devicerunner.errors import BadSignatureError, ExpiredError, RollbackError
-from devicerunner.rollout import Policy, decide
+from devicerunner.fleet.rollout import Policy, decide
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
+from devicerunner.trust import manifest
+from devicerunner.trust import verify as trust
 from tests.brokers import Mosquitto
 from tests.conftest import run_cli, until
 from tests.devicekit import Events, Kit, counter_module

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from devicerunner.apps import DeviceResources, Scheduler
+from devicerunner.device.apps import DeviceResources, Scheduler
 from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError
-from devicerunner.sandbox import Limits, Outcome, Sandbox
+from devicerunner.sandbox.engine import Limits, Outcome, Sandbox
 from firmware_shims.base import RealClock, SensorReading
 from hostfuncs import codes
 from tests.conftest import EXAMPLES, LogCapture, make_app, wat

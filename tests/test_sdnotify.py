@@ -20,7 +20,16 @@ def test_daemon_sends_ready_watchdog_and_stopping_to_systemd(tmp_path: Path) -> 
     srv.settimeout(10)
     env = dict(os.environ, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="200000")
     p = subprocess.Popen(
-        [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(kit.config_path), "--for", "1.5"],
+        [
+            sys.executable,
+            "-m",
+            "devicerunner.cli.main",
+            "run",
+            "--config",
+            str(kit.config_path),
+            "--for",
+            "1.5",
+        ],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

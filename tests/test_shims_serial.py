@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner import config
-from devicerunner.daemon import Daemon, build_hardware
+from devicerunner.device import config
+from devicerunner.device.daemon import Daemon, build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Sensor, Status
 from firmware_shims.env import ShimEnv
@@ -125,8 +125,8 @@ def test_host_sensor_read_does_not_wait_while_the_port_is_wedged(tmp_path: Path)
     (a blocking read would cost the 500 ms port timeout each)."""
     import wasmtime
 
-    from devicerunner.apps import App, AppSpec, DeviceResources, start_instance
-    from devicerunner.sandbox import Limits, Sandbox
+    from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
+    from devicerunner.sandbox.engine import Limits, Sandbox
 
     dev = PtyDevice(tmp_path / "wedged")
     env = ShimEnv()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import struct
 
-from devicerunner.apps import DeviceResources
-from devicerunner.sandbox import Sandbox
+from devicerunner.device.apps import DeviceResources
+from devicerunner.sandbox.engine import Sandbox
 from firmware_shims.base import Status, VirtualClock
 from firmware_shims.simulated import SimSensor
 from hostfuncs import codes

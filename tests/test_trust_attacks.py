@@ -7,7 +7,6 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import bundle, manifest, trust
 from devicerunner.errors import (
     ArtifactMismatchError,
     BadSignatureError,
@@ -21,6 +20,8 @@ from devicerunner.errors import (
     UnsupportedError,
     WrongTargetError,
 )
+from devicerunner.trust import bundle, manifest
+from devicerunner.trust import verify as trust
 from tests.trustsim import DAY, NOW, WAT_MODULE, Repo, verify
 
 

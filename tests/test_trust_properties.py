@@ -9,8 +9,9 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devicerunner import manifest, trust
 from devicerunner.errors import VerificationError
+from devicerunner.trust import manifest
+from devicerunner.trust import verify as trust
 from tests.trustsim import Repo, verify
 
 REPO = Repo()

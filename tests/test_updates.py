@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.daemon import Daemon
-from devicerunner.slots import AppSlots
-from devicerunner.updater import install_bundle
+from devicerunner.device.daemon import Daemon
+from devicerunner.update.slots import AppSlots
+from devicerunner.update.updater import install_bundle
 from tests.conftest import EXAMPLES, ROOT
 from tests.devicekit import Events, Kit, counter_module
 
@@ -168,7 +168,7 @@ def test_corrupt_state_json_falls_back_to_the_committed_slot(kit: Kit) -> None:
 
 def _run_daemon(kit: Kit, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "devicerunner.cli", "run", "--config", str(kit.config_path), *args],
+        [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -198,7 +198,7 @@ def test_kill_during_trial_reverts_on_reboot(kit: Kit) -> None:
         [
             sys.executable,
             "-m",
-            "devicerunner.cli",
+            "devicerunner.cli.main",
             "run",
             "--config",
             str(kit.config_path),

@@ -8,7 +8,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import manifest, trust
+from devicerunner.trust import manifest
+from devicerunner.trust import verify as trust
 
 NOW = 1_800_000_000
 DAY = 86_400

@@ -1,1 +1,1 @@
-"""Transports: MQTT (paho) for fleets; the local inbox lives in devicerunner.updater."""
+"""Transports: MQTT (paho) for fleets; the local inbox lives in devicerunner.update.updater."""

@@ -32,8 +32,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from devicerunner.lanes import Timer
-from devicerunner.runtime import Runtime
+from devicerunner.runtime.lanes import Timer
+from devicerunner.runtime.process import Runtime
 from devicerunner.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)

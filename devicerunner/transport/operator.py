@@ -12,11 +12,12 @@ from typing import Any, TextIO
 
 import paho.mqtt.client as paho
 
-from devicerunner import bundle, manifest, trust
 from devicerunner.errors import DeviceRunnerError, TransportError
 from devicerunner.transport import topics
 from devicerunner.transport.mqtt import make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
+from devicerunner.trust import bundle, manifest
+from devicerunner.trust import verify as trust
 
 WINDOW = 20
 """QoS 1 publishes in flight at once: a flat-out publisher overruns a broker's

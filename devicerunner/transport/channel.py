@@ -8,7 +8,7 @@ runs Wasm or touches app slots. Periodic work (stall checks, heartbeat) is
 timers on the lane; telemetry is drained when the outbox fills, not polled.
 
 Downloads subscribe to each *missing* chunk's topic only, so a chunk held on
-disk (devicerunner.downloads) is never fetched again after a reconnect or
+disk (devicerunner.update.downloads) is never fetched again after a reconnect or
 a power cut. A download with no progress for ``download_stall_s`` while
 connected is retried (re-subscribed) up to ``STALL_RETRIES`` times, then
 reported FAILED; the next delivery of its release (e.g. after a reconnect)
@@ -24,17 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from devicerunner import manifest, trust
-from devicerunner.downloads import DownloadStore
 from devicerunner.errors import RollbackError, VerificationError
-from devicerunner.lanes import Timer
-from devicerunner.manifest import Manifest
+from devicerunner.runtime.lanes import Timer
 from devicerunner.transport import topics
 from devicerunner.transport.mqtt import Connection
 from devicerunner.transport.settings import parse_url
+from devicerunner.trust import manifest
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Manifest
+from devicerunner.update.downloads import DownloadStore
 
 if TYPE_CHECKING:
-    from devicerunner.daemon import Daemon
+    from devicerunner.device.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devicerunner import bundle, slots, trust
-from devicerunner.apps import App, AppSpec, start_instance
+from devicerunner.device.apps import App, AppSpec, start_instance
 from devicerunner.errors import (
     BadSignatureError,
     DeviceRunnerError,
@@ -51,15 +50,18 @@ from devicerunner.errors import (
     UpdateError,
     VerificationError,
 )
-from devicerunner.fsutil import atomic_write, makedirs
-from devicerunner.manifest import Manifest, parse_manifest
-from devicerunner.sandbox import AppInstance, CallResult, Limits
-from devicerunner.slots import AppSlots, AppState
-from devicerunner.trial import PASSED, Snapshot, Trial
+from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.sandbox.engine import AppInstance, CallResult, Limits
+from devicerunner.trust import bundle
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Manifest, parse_manifest
+from devicerunner.update import slots
+from devicerunner.update.slots import AppSlots, AppState
+from devicerunner.update.trial import PASSED, Snapshot, Trial
 
 if TYPE_CHECKING:
-    from devicerunner.config import AppConfig
-    from devicerunner.daemon import Daemon
+    from devicerunner.device.config import AppConfig
+    from devicerunner.device.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +236,8 @@ class Updater:
             m = parse_manifest(active.manifest)
             return spec_for(app, m, active.module), None
         if app.module is not None:
-            from devicerunner.daemon import spec_from_config
-            from devicerunner.sandbox import load_module_bytes
+            from devicerunner.device.daemon import spec_from_config
+            from devicerunner.sandbox.engine import load_module_bytes
 
             return spec_from_config(app, load_module_bytes(app.module)), None
         return None, "nothing installed and no bootstrap module configured"

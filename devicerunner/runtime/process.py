@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from devicerunner.lanes import Executor
+from devicerunner.runtime.lanes import Executor
 
 if TYPE_CHECKING:
     from devicerunner.transport.ioloop import IoLoop

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devicerunner import config
-from devicerunner.daemon import STATUS_FILE
-from devicerunner.slots import AppSlots
-from devicerunner.updater import install_bundle
+from devicerunner.device import config
+from devicerunner.device.daemon import STATUS_FILE
+from devicerunner.update.slots import AppSlots
+from devicerunner.update.updater import install_bundle
 
 FRESH_S = 5.0
 

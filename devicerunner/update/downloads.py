@@ -14,10 +14,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from devicerunner import trust
 from devicerunner.errors import VerificationError
-from devicerunner.fsutil import atomic_write, makedirs
-from devicerunner.manifest import Manifest, parse_manifest
+from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

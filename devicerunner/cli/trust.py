@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devicerunner import bundle, keys, manifest, trust
-from devicerunner.config import parse_capabilities
+from devicerunner.device.config import parse_capabilities
 from devicerunner.errors import ConfigError, DeviceRunnerError, VerificationError
-from devicerunner.fsutil import atomic_write
+from devicerunner.runtime.fsutil import atomic_write
+from devicerunner.trust import bundle, keys, manifest
+from devicerunner.trust import verify as trust
 
 DAY = 86_400
 
@@ -129,7 +130,7 @@ def cmd_trust_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from devicerunner.sandbox import Sandbox, load_module_bytes
+    from devicerunner.sandbox.engine import Sandbox, load_module_bytes
 
     module = load_module_bytes(Path(args.module))
     try:

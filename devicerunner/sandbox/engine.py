@@ -6,7 +6,7 @@ What this module owns:
 - the epoch ticker: a thread that advances the engine's epoch every
   ``EPOCH_PERIOD_S`` while calls into Wasm keep happening, and sleeps after
   ``IDLE_AFTER_S`` without any (a call costs one attribute write, no lock);
-- the call path: the fast unchecked path (devicerunner.fastpath) when
+- the call path: the fast unchecked path (devicerunner.sandbox.fastpath) when
   available, else the stock wasmtime-py API; both give identical results;
 - the AOT compile cache, keyed by wasmtime version, engine config and the
   module's sha256, holding only artifacts this process compiled itself:
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import wasmtime
 
 from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError, SandboxError
-from devicerunner.fsutil import atomic_write, makedirs
+from devicerunner.runtime.fsutil import atomic_write, makedirs
 from hostfuncs.context import AppContext
 from hostfuncs.memory import GuestMemoryError, check_range
 from hostfuncs.registry import CAPABILITIES, NAMESPACE_TO_CAPABILITY, REGISTRY, HostFunc
@@ -220,7 +220,7 @@ class Sandbox:
     """
 
     def __init__(self, cache_dir: Path | None = None, path: str = "auto") -> None:
-        from devicerunner import fastpath
+        from devicerunner.sandbox import fastpath
 
         ok, why = fastpath.available()
         if path == "auto":
@@ -406,7 +406,7 @@ class Sandbox:
         linker = wasmtime.Linker(self.engine)
         inst = AppInstance(self, store, ctx, limits)
         if self.path == "fast":
-            from devicerunner import fastpath
+            from devicerunner.sandbox import fastpath
 
             for f in needed:
                 cb = fastpath.make_callback(f, ctx, inst.host_error)
@@ -440,7 +440,7 @@ class AppInstance:
         self._deadline_ticks = max(1, math.ceil(hard_limit_s(limits.tick_budget_ms) / EPOCH_PERIOD_S))
         self._deadline_epoch = -1
         if sandbox.path == "fast":
-            from devicerunner.fastpath import deadline_setter
+            from devicerunner.sandbox.fastpath import deadline_setter
 
             self._set_deadline = deadline_setter(store)
         else:
@@ -450,7 +450,7 @@ class AppInstance:
         self.memory: wasmtime.Memory | None = None
         self.last_value: Any = None
         self.keepalive: list[Any] = []
-        from devicerunner.fastpath import HostError
+        from devicerunner.sandbox.fastpath import HostError
 
         self.host_error = HostError()
 
@@ -463,7 +463,7 @@ class AppInstance:
             if isinstance(f, wasmtime.Func):
                 self._exports[name] = f
                 if fast:
-                    from devicerunner.fastpath import FastCaller
+                    from devicerunner.sandbox.fastpath import FastCaller
 
                     self._callers[name] = FastCaller(store, f, len(compiled.exports[name][2]))
                 else:
@@ -472,7 +472,7 @@ class AppInstance:
         assert isinstance(mem, wasmtime.Memory)
         self.memory = mem
         if fast:
-            from devicerunner.fastpath import FastMemory
+            from devicerunner.sandbox.fastpath import FastMemory
 
             self.ctx.memory = FastMemory(self.store, mem)
         else:

@@ -7,8 +7,8 @@ import logging
 import threading
 from pathlib import Path
 
-from devicerunner.fsutil import atomic_write, makedirs
-from devicerunner.lanes import Lane, Timer
+from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.lanes import Lane, Timer
 from hostfuncs.kv import KvCorruptError, KvStore
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from devicerunner.errors import DeviceRunnerError
-from devicerunner.manifest import key_id
+from devicerunner.trust.manifest import key_id
 
 
 class KeyFileError(DeviceRunnerError):

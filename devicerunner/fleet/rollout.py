@@ -24,10 +24,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner import bundle, manifest, trust
 from devicerunner.errors import DeviceRunnerError
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import BrokerSettings
+from devicerunner.trust import bundle, manifest
+from devicerunner.trust import verify as trust
 
 FAILED_PHASES = ("REJECTED", "ROLLED_BACK", "FAILED")
 

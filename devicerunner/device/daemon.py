@@ -19,13 +19,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from devicerunner.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
-from devicerunner.config import AppConfig, DeviceConfig
+from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
+from devicerunner.device.config import AppConfig, DeviceConfig
+from devicerunner.device.kvfile import KvFlusher, open_store
 from devicerunner.errors import ConfigError, DeviceRunnerError
-from devicerunner.fsutil import atomic_write, clean_temp_files, makedirs
-from devicerunner.kvfile import KvFlusher, open_store
-from devicerunner.runtime import Runtime
-from devicerunner.sandbox import AppInstance, Limits, Sandbox
+from devicerunner.runtime.fsutil import atomic_write, clean_temp_files, makedirs
+from devicerunner.runtime.process import Runtime
+from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox
 from firmware_shims import make_actuator, make_sensor
 from firmware_shims.base import Actuator, Clock, RealClock, Sensor
 from firmware_shims.env import ShimEnv
@@ -108,8 +108,8 @@ class Daemon:
         """``sandbox`` and ``runtime``: share one engine (and its compile
         cache) and one set of threads between the daemons of one process, as
         the fleet simulator does. A daemon alone owns both."""
-        from devicerunner.trust_store import TrustStore
-        from devicerunner.updater import Updater
+        from devicerunner.trust.store import TrustStore
+        from devicerunner.update.updater import Updater
 
         self.cfg = cfg
         self.clock = clock or RealClock()
@@ -139,7 +139,7 @@ class Daemon:
         self.rollouts: dict[str, Any] = {}
         self.transport: Any = None
         if cfg.broker is not None:
-            from devicerunner.transport.device import DeviceTransport
+            from devicerunner.transport.channel import DeviceTransport
 
             self.transport = DeviceTransport(self)
         self._status_lane = self.runtime.work.lane(f"{cfg.id}/status")
@@ -153,7 +153,7 @@ class Daemon:
 
     def eligible(self, m: Any) -> bool:
         """Is this device in the release's rollout (stable hash of id and salt)?"""
-        from devicerunner import trust
+        from devicerunner.trust import verify as trust
 
         return trust.eligible(self.cfg.id, m, self.rollouts.get(m.app))
 
@@ -189,7 +189,7 @@ class Daemon:
             self.transport.start_download(waiting)
 
     def _verify_rollout(self, payload: bytes, last_version: int) -> Any:
-        from devicerunner import trust
+        from devicerunner.trust import verify as trust
 
         assert self.trust.root is not None
         return trust.verify_rollout(

@@ -36,7 +36,7 @@ from devicerunner.errors import (
     VerificationError,
     WrongTargetError,
 )
-from devicerunner.manifest import (
+from devicerunner.trust.manifest import (
     MAX_MANIFEST_BYTES,
     MAX_ROLLOUT_BYTES,
     MAX_ROOT_BYTES,

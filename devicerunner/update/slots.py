@@ -29,7 +29,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from devicerunner.fsutil import atomic_write, fsync_dir, makedirs
+from devicerunner.runtime.fsutil import atomic_write, fsync_dir, makedirs
 
 log = logging.getLogger(__name__)
 

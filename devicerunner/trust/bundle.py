@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from devicerunner.errors import MalformedError, TooLargeError
-from devicerunner.manifest import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES
+from devicerunner.trust.manifest import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES
 
 MAGIC = b"DRBUNDLE1\n"
 _LEN = struct.Struct(">I")

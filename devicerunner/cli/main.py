@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from devicerunner import __version__, logfmt, sdnotify
+from devicerunner import __version__
+from devicerunner.device import logfmt, sdnotify
 from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
 
 log = logging.getLogger("devicerunner")
@@ -90,7 +91,7 @@ def parse_device_spec(arg: str, kind: str = "sensor") -> tuple[str, dict[str, An
 
 
 def _caps(text: str) -> frozenset[str]:
-    from devicerunner.config import parse_capabilities
+    from devicerunner.device.config import parse_capabilities
 
     caps = [c.strip() for c in text.split(",") if c.strip()]
     try:
@@ -103,10 +104,10 @@ def _caps(text: str) -> frozenset[str]:
 
 
 def cmd_app_run(args: argparse.Namespace) -> int:
-    from devicerunner.apps import App, DeviceResources, start_instance
-    from devicerunner.daemon import build_hardware
-    from devicerunner.kvfile import open_store
-    from devicerunner.sandbox import Limits, Sandbox, load_module_bytes
+    from devicerunner.device.apps import App, DeviceResources, start_instance
+    from devicerunner.device.daemon import build_hardware
+    from devicerunner.device.kvfile import open_store
+    from devicerunner.sandbox.engine import Limits, Sandbox, load_module_bytes
     from firmware_shims.base import RealClock, VirtualClock
     from hostfuncs.telemetry import Outbox
 
@@ -129,7 +130,7 @@ def cmd_app_run(args: argparse.Namespace) -> int:
     app_name = Path(args.module).stem.lower().replace(".", "-")[:63] or "app"
     tmp = None
     state = Path(args.state) if args.state else Path(tmp := tempfile.mkdtemp(prefix="dr-app-"))
-    from devicerunner.apps import AppSpec
+    from devicerunner.device.apps import AppSpec
 
     spec = AppSpec(
         name=app_name,
@@ -205,8 +206,8 @@ def _start_watchdog(daemon: Any, every_s: float, stop: threading.Event) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from devicerunner import config
-    from devicerunner.daemon import Daemon
+    from devicerunner.device import config
+    from devicerunner.device.daemon import Daemon
 
     cfg = config.load(Path(args.config))
     logfmt.setup(logging.DEBUG if args.debug else logging.INFO, cfg.log_format)
@@ -308,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
 
-    from devicerunner import cli_device, cli_mqtt, cli_sensors, cli_trust
+    from devicerunner.cli import device as cli_device
+    from devicerunner.cli import mqtt as cli_mqtt
+    from devicerunner.cli import sensors as cli_sensors
+    from devicerunner.cli import trust as cli_trust
 
     cli_sensors.register(sub)
     trust_sub = cli_trust.register(sub)

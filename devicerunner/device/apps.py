@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devicerunner.errors import AppInitError
-from devicerunner.lanes import Executor, Lane, Timer
-from devicerunner.sandbox import AppInstance, CallResult, Limits, Outcome, Sandbox
+from devicerunner.runtime.lanes import Executor, Lane, Timer
+from devicerunner.sandbox.engine import AppInstance, CallResult, Limits, Outcome, Sandbox
 from firmware_shims.base import Actuator, Clock, Sensor
 from hostfuncs.context import AppContext, LogSink
 from hostfuncs.kv import KvStore
@@ -173,7 +173,7 @@ class App:
         self.running = True
         self.on_tick: Callable[[App, CallResult], None] | None = None
         # Set by the updater while a new version is on trial:
-        self.trial: Any = None  # devicerunner.trial.Trial
+        self.trial: Any = None  # devicerunner.update.trial.Trial
         self.trial_manifest: Any = None
         self.previous: AppInstance | None = None
         self.previous_spec: AppSpec | None = None

@@ -99,7 +99,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from devicerunner.broker import EmbeddedBroker
+    from devicerunner.fleet.broker import EmbeddedBroker
 
     b = EmbeddedBroker(args.host, args.port)
     b.start()
@@ -155,8 +155,8 @@ def register(sub: Any, trust_sub: Any) -> None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from devicerunner import keys
-    from devicerunner.rollout import Policy, RolloutController
+    from devicerunner.fleet.rollout import Policy, RolloutController
+    from devicerunner.trust import keys
 
     steps = tuple(int(x) for x in args.steps.split(","))
     if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):

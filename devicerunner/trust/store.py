@@ -12,10 +12,10 @@ import logging
 import threading
 from pathlib import Path
 
-from devicerunner import trust
 from devicerunner.errors import ConfigError, VerificationError
-from devicerunner.fsutil import atomic_write, makedirs
-from devicerunner.manifest import Root
+from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Root
 
 log = logging.getLogger(__name__)
 

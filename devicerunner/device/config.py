@@ -6,7 +6,7 @@ ConfigError whose message starts with the dotted key at fault
 (a typo must not silently fall back to a default). Relative paths are
 resolved against the config file's directory. Driver options of sensors
 and actuators are validated by the driver itself when the daemon builds
-them, before anything starts (see devicerunner.daemon).
+them, before anything starts (see devicerunner.device.daemon).
 
 This module reads one file (``load``); ``parse`` is pure.
 """

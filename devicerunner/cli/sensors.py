@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devicerunner import config
-from devicerunner.daemon import build_hardware
+from devicerunner.device import config
+from devicerunner.device.daemon import build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Sensor, Status
 from firmware_shims.env import ShimEnv

@@ -7,7 +7,7 @@ Parsing is strict: a missing field, an unknown field, a wrong type or an
 out-of-range value raises MalformedError naming the field; an oversized
 input raises TooLargeError *before* it is parsed.
 
-Signatures are Ed25519 over ``canonical(signed)`` (devicerunner.canonical).
+Signatures are Ed25519 over ``canonical(signed)`` (devicerunner.trust.canonical).
 A key id is the hex sha256 of the raw 32-byte public key; a root that lists
 a key under any other id is malformed (so one key cannot count twice).
 """
@@ -26,8 +26,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from devicerunner.canonical import NotCanonicalError, canonical
 from devicerunner.errors import MalformedError, TooLargeError, UnsupportedError
+from devicerunner.trust.canonical import NotCanonicalError, canonical
 
 SCHEMA = 1
 ABI_VERSION = 1

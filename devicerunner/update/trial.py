@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from devicerunner.manifest import Health
+from devicerunner.trust.manifest import Health
 
 PASSED = "passed"
 
