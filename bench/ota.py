@@ -29,7 +29,7 @@ def run(runs: int = 9) -> list[Stat]:
             d = Daemon(kit.cfg)
             ev = Events(d)
             d.start()
-            d.transport.conn.connected.wait(10)
+            d.channel.wait_connected(10)
             s = parse_url(b.url)
             for seq in range(1, runs + 1):
                 module = counter_module(seq, pad_bytes=100 * 1024 - 300)

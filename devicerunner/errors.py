@@ -67,6 +67,12 @@ class VerificationError(UpdateError):
     reason = "unverified"
 
 
+class NoTrustRootError(VerificationError):
+    """The device has no trust root yet, so nothing can be verified."""
+
+    reason = "no_trust_root"
+
+
 class MalformedError(VerificationError):
     """Not parseable as the expected document (bad JSON, missing/extra field, bad type)."""
 

@@ -78,8 +78,8 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
             runtime=runtime,
             clock=SkewedClock(spec["clock_offset_s"]),
             status_file=False,
+            inbox_scan_s=5.0,  # simulated devices take releases over MQTT only
         )
-        d.updater.inbox_scan_s = 5.0  # simulated devices take releases over MQTT only
         d.start()
         daemons.append(d)
     conn.send(("ready", {"devices": len(daemons), "threads": threading.active_count()}))
@@ -89,7 +89,7 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
             break
     for d in daemons:
         d.stop()
-    stats = {d.cfg.id: {"reconnects": [t for t in d.transport.conn.connects]} for d in daemons}
+    stats = {d.cfg.id: {"reconnects": d.channel.connections() if d.channel else []} for d in daemons}
     runtime.close()
     sandbox.close()
     conn.send(("stopped", stats))

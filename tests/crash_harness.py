@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devicerunner.runtime.fsutil import TMP_MARK
-from devicerunner.update.slots import AppSlots, AppState
+from devicerunner.update.slots import AppSlots
+from devicerunner.update.state import AppState
 from tests.devicekit import Kit
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -138,7 +138,7 @@ class Events:
     def __init__(self, daemon: Daemon) -> None:
         self.items: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        daemon.updater.listeners.append(self._add)
+        daemon.add_event_listener(self._add)
 
     def _add(self, ev: dict[str, Any]) -> None:
         with self._cond:

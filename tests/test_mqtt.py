@@ -101,7 +101,7 @@ def test_good_release_is_committed_end_to_end_and_reported_in_fleet_status(
     ev = Events(d)
     d.start()
     try:
-        assert d.transport.conn.connected.wait(10)
+        assert d.channel.wait_connected(10)
         _publish(broker.url, kit.bundle(counter_module(3), 1))
         ev.wait("COMMITTED", 1)
         fleet: dict[str, Any] = {}
@@ -196,16 +196,16 @@ def test_broker_restart_mid_download_resumes_without_fetching_a_chunk_twice(
     try:
         ev.wait("DOWNLOADING", 1)
         end = time.monotonic() + 20
-        while d.transport.stats["chunks_fetched"] < half and time.monotonic() < end:
+        while d.delivery.stats["chunks_fetched"] < half and time.monotonic() < end:
             time.sleep(0.02)
-        assert d.transport.stats["chunks_fetched"] == half
+        assert d.delivery.stats["chunks_fetched"] == half
         broker.restart(down_s=0.5)  # retained messages survive (persistence), the device reconnects
         _publish_chunks(broker.url, data, range(half, n))
         done = ev.wait("DOWNLOADED", 1, timeout_s=30)
         ev.wait("COMMITTED", 1)
         assert done["chunks_fetched"] == n
-        assert d.transport.stats["chunk_messages"] == n  # not one chunk delivered twice
-        assert len(d.transport.conn.connects) >= 2
+        assert d.delivery.stats["chunk_messages"] == n  # not one chunk delivered twice
+        assert len(d.channel.connections()) >= 2
     finally:
         d.stop()
 
@@ -253,7 +253,7 @@ def test_burst_of_100_releases_leaves_the_device_on_the_highest_sequence(
     ev = Events(d)
     d.start()
     try:
-        assert d.transport.conn.connected.wait(10)
+        assert d.channel.wait_connected(10)
         bundles = [kit.bundle(counter_module(seq), seq, trial_ticks=2) for seq in range(1, 101)]
         s = parse_url(broker.url)
         for b in bundles:
@@ -409,7 +409,7 @@ def test_embedded_amqtt_broker_carries_the_same_flow(tmp_path: Path) -> None:
         ev = Events(d)
         d.start()
         try:
-            assert d.transport.conn.connected.wait(10)
+            assert d.channel.wait_connected(10)
             _publish(eb.url, kit.bundle(counter_module(2, pad_bytes=3000), 1, chunk_size=1024))
             ev.wait("COMMITTED", 1)
         finally:
@@ -477,14 +477,14 @@ def test_release_redelivered_by_a_reconnect_while_it_is_being_staged_is_not_take
     d.start()
     gate = threading.Event()
     try:
-        assert d.transport.conn.connected.wait(10)
+        assert d.channel.wait_connected(10)
         d.updater.submit(lambda: gate.wait(20))  # the updater is busy: the release waits for it
         _publish(broker.url, kit.bundle(counter_module(3), 1))
         ev.wait("DOWNLOADED", 1)
-        sock = d.transport.conn.client.socket()
+        sock = d.channel.conn.client.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)  # the link drops; the device reconnects by itself
-        assert until(lambda: len(d.transport.conn.connects) >= 2 and d.transport.stats["releases_seen"] >= 2)
+        assert until(lambda: len(d.channel.connections()) >= 2 and d.delivery.stats["releases_seen"] >= 2)
         gate.set()
         ev.wait("COMMITTED", 1)
         time.sleep(0.5)  # a second offer would be processed right after the first

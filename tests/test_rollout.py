@@ -152,7 +152,7 @@ def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tm
     d.start()
     s = parse_url(b.url)
     try:
-        assert d.transport.conn.connected.wait(10)
+        assert d.channel.wait_connected(10)
         operator.publish_bundle(s, kit.bundle(counter_module(4), 1, rollout_percent=0), P)
         time.sleep(1.0)
         assert not [e for e in ev.items if e.get("sequence") == 1]  # 0%: nothing happens
@@ -172,10 +172,10 @@ def test_replayed_older_rollout_document_after_a_reboot_cannot_undo_a_pause(tmp_
         d = Daemon(kit.cfg)
         d.start()
         try:
-            assert d.transport.conn.connected.wait(10)
+            assert d.channel.wait_connected(10)
             operator.publish_bundle(parse_url(b.url), kit.bundle(counter_module(4), 1, rollout_percent=0), P)
             _publish_rollout(b.url, rollout_key, version=2, percent=100, paused=True)
-            assert until(lambda: getattr(d.rollouts.get("app"), "version", 0) == 2)
+            assert until(lambda: getattr(d.rollouts.documents.get("app"), "version", 0) == 2)
         finally:
             d.stop()
         _publish_rollout(b.url, rollout_key, version=1, percent=100, paused=False)  # the replay
@@ -183,11 +183,11 @@ def test_replayed_older_rollout_document_after_a_reboot_cannot_undo_a_pause(tmp_
         ev = Events(d2)
         d2.start()
         try:
-            assert d2.transport.conn.connected.wait(10)
-            assert until(lambda: d2.transport.stats["releases_seen"] >= 1)
+            assert d2.channel.wait_connected(10)
+            assert until(lambda: d2.delivery.stats["releases_seen"] >= 1)
             time.sleep(1.5)  # the replayed document has arrived by now (retained)
             assert not [e for e in ev.items if e.get("sequence") == 1], ev.items  # still paused
-            assert d2.rollouts["app"].version == 2 and d2.rollouts["app"].paused
+            assert d2.rollouts.documents["app"].version == 2 and d2.rollouts.documents["app"].paused
         finally:
             d2.stop()
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner.device import config
-from devicerunner.device.daemon import STATUS_FILE
+from devicerunner.device.paths import STATUS_FILE
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.updater import install_bundle
 

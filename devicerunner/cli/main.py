@@ -9,6 +9,7 @@ stderr naming the cause, never a traceback (``--debug`` shows one).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import signal
@@ -158,7 +159,7 @@ def cmd_app_run(args: argparse.Namespace) -> int:
                 sink(m.app, logging.INFO, f"telemetry {m.name} {m.payload.decode('utf-8', 'replace')}")
         app.health()
         kv.flush()
-        summary = app.status()
+        summary = app.status(clock.monotonic_s())
         summary["kv_bytes"] = kv.used_bytes
         summary["actuators"] = {n: a.value for n, a in actuators.items()}
     finally:
@@ -320,10 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     cli_mqtt.register(sub, trust_sub)
     cli_mqtt.register_rollout(sub)
 
-    from sim import cli as sim_cli  # the simulator drives the public API, like a user
-
-    sim_cli.register(sub)
+    _register_plugins(sub)
     return p
+
+
+def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands of other installed packages (entry-point group
+    ``devicerunner.commands``). The fleet simulator plugs in this way: it
+    drives the product's public API like a user, and the product never
+    imports it."""
+    for ep in importlib.metadata.entry_points(group="devicerunner.commands"):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken plugin must not take the whole CLI down
+            log.warning("command plugin %s unavailable: %s", ep.name, e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 from devicerunner.errors import AppInitError
 from devicerunner.runtime.lanes import Executor, Lane, Timer
 from devicerunner.sandbox.engine import AppInstance, CallResult, Limits, Outcome, Sandbox
+from devicerunner.update.trial import Trial
 from firmware_shims.base import Actuator, Clock, Sensor
 from hostfuncs.context import AppContext, LogSink
 from hostfuncs.kv import KvStore
@@ -172,9 +173,8 @@ class App:
         runaway app cannot keep taking 50 ms slices from the others."""
         self.running = True
         self.on_tick: Callable[[App, CallResult], None] | None = None
-        # Set by the updater while a new version is on trial:
-        self.trial: Any = None  # devicerunner.update.trial.Trial
-        self.trial_manifest: Any = None
+        # Set by device.trials while a new version is on trial:
+        self.trial: Trial | None = None
         self.previous: AppInstance | None = None
         self.previous_spec: AppSpec | None = None
 
@@ -214,14 +214,14 @@ class App:
             self.counters.last_error = f"unhealthy: {r.message}"
         return r
 
-    def status(self) -> dict[str, Any]:
+    def status(self, now_s: float) -> dict[str, Any]:
         trial = None
         if self.trial is not None:
             h = self.trial.health
             trial = {
                 "ticks": self.counters.ticks - self.trial.base.ticks,
                 "of_ticks": h.trial_ticks,
-                "seconds": round(self.trial.elapsed(), 1),
+                "seconds": round(self.trial.elapsed(now_s), 1),
                 "of_seconds": h.trial_seconds,
             }
         return {
@@ -294,9 +294,6 @@ class Scheduler:
         app.next_due = self.clock.monotonic_s()
         self.apps[app.name] = app
         heapq.heappush(self._heap, (app.next_due, next(self._seq), app.name))
-
-    def remove(self, name: str) -> App | None:
-        return self.apps.pop(name, None)  # its heap entry is dropped lazily
 
     def _arm(self) -> None:
         """Make sure a timer is set for the earliest due tick."""

@@ -15,17 +15,29 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
-from devicerunner.device.config import AppConfig, DeviceConfig
+from devicerunner.device.config import AppConfig, BrokerConfig, DeviceConfig
 from devicerunner.device.kvfile import KvFlusher, open_store
+from devicerunner.device.paths import STATUS_FILE
+from devicerunner.device.trials import TrialHost
 from devicerunner.errors import ConfigError, DeviceRunnerError
 from devicerunner.runtime.fsutil import atomic_write, clean_temp_files, makedirs
 from devicerunner.runtime.process import Runtime
-from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox
+from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox, load_module_bytes
+from devicerunner.transport.channel import DeviceChannel, Subscription
+from devicerunner.transport.settings import parse_url
+from devicerunner.trust.manifest import Manifest
+from devicerunner.trust.store import TrustStore
+from devicerunner.trust.verify import DeviceIdentity
+from devicerunner.update.delivery import Delivery
+from devicerunner.update.events import Event
+from devicerunner.update.host import UpdateSettings
+from devicerunner.update.rollouts import RolloutGate
+from devicerunner.update.updater import Updater
 from firmware_shims import make_actuator, make_sensor
 from firmware_shims.base import Actuator, Clock, RealClock, Sensor
 from firmware_shims.env import ShimEnv
@@ -35,6 +47,10 @@ from hostfuncs.kv import KvStore
 from hostfuncs.telemetry import Outbox
 
 log = logging.getLogger(__name__)
+
+RECENT_EVENTS = 20
+INBOX_SCAN_S = 0.25
+"""How often the local inbox is looked at by default (seconds)."""
 
 
 def build_hardware(
@@ -75,23 +91,35 @@ def _naming(kind: str, name: str) -> Iterator[None]:
         raise ConfigError(f"{kind}.{name}.driver: {e}") from e
 
 
-def spec_from_config(app: AppConfig, wasm: bytes, grant: frozenset[str] | None = None) -> AppSpec:
+def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> AppSpec:
+    """The one place an app spec is built: the device's settings for the app,
+    and the manifest's grant and limits when a signed release runs (the
+    bootstrap module runs under the device policy itself)."""
+    grant, limits, interval = app.policy, app.memory_limit_bytes, app.tick_interval_ms
+    budget = app.tick_budget_ms
+    if m is not None:
+        grant, limits, interval = m.capabilities, m.limits.memory_bytes, m.limits.tick_interval_ms
+        budget = m.limits.tick_budget_ms
     return AppSpec(
         name=app.name,
         wasm=wasm,
-        grant=app.policy if grant is None else grant,
-        limits=Limits(memory_bytes=app.memory_limit_bytes, tick_budget_ms=app.tick_budget_ms),
-        tick_interval_ms=app.tick_interval_ms,
+        grant=grant,
+        limits=Limits(memory_bytes=limits, tick_budget_ms=budget),
+        tick_interval_ms=interval,
         health_interval_ms=app.health_interval_ms,
         sensors=app.sensors,
         actuators=app.actuators,
         telemetry_rate_per_s=app.telemetry_rate_per_s,
         telemetry_burst=app.telemetry_burst,
+        version=m.version if m is not None else "local",
+        sequence=m.sequence if m is not None else 0,
     )
 
 
 class Daemon:
-    """One device: hardware, sandbox, scheduler, kv flusher, updater."""
+    """One device: hardware, sandbox, scheduler, kv flusher, updater and,
+    with a broker, its channel. Builds the parts and wires them through
+    their seams (update.host.AppHost, transport.channel.Inbound)."""
 
     STATUS_EVERY_S = 1.0
 
@@ -104,13 +132,13 @@ class Daemon:
         sandbox: Sandbox | None = None,
         runtime: Runtime | None = None,
         status_file: bool = True,
+        inbox_scan_s: float = INBOX_SCAN_S,
     ) -> None:
         """``sandbox`` and ``runtime``: share one engine (and its compile
         cache) and one set of threads between the daemons of one process, as
-        the fleet simulator does. A daemon alone owns both."""
-        from devicerunner.trust.store import TrustStore
-        from devicerunner.update.updater import Updater
-
+        the fleet simulator does. A daemon alone owns both. ``inbox_scan_s``:
+        how often the local inbox is looked at (devices that take releases
+        over MQTT only can look rarely)."""
         self.cfg = cfg
         self.clock = clock or RealClock()
         self.shim_env = ShimEnv(sysfs_root=cfg.sysfs_root)
@@ -128,103 +156,97 @@ class Daemon:
         self.kv_flusher = KvFlusher(self.runtime.work.lane(f"{cfg.id}/kv"))
         self.kv: dict[str, KvStore] = {}
         self.failed: dict[str, str] = {}
-        self.deferred: dict[str, Any] = {}
         self.stopped = threading.Event()
         self.started_at = time.time()
-        self.updater = Updater(self)
-        self.recent_events: list[dict[str, Any]] = []
-        self.updater.listeners.append(self._remember)
-        self.waiting: dict[str, Any] = {}
-        """app -> a verified release this device is not (yet) in the rollout of."""
-        self.rollouts: dict[str, Any] = {}
-        self.transport: Any = None
+        self.channel: DeviceChannel | None = None
+        settings = UpdateSettings(
+            state_dir=cfg.state_dir,
+            identity=DeviceIdentity(cfg.id, cfg.hardware, {n: a.policy for n, a in cfg.apps.items()}),
+            channels={n: a.channel for n, a in cfg.apps.items()},
+            trial_attempts=cfg.trial_attempts,
+            inbox_scan_s=inbox_scan_s,
+        )
+        host = TrialHost(
+            sandbox=self.sandbox,
+            scheduler=self.scheduler,
+            resources=self.resources,
+            clock=self.clock,
+            spec_for=lambda app, m, module: spec_from_config(cfg.apps[app], module, m),
+            kv_for=lambda app: self.kv_for(cfg.apps[app]),
+            add_app=self.add_app,
+            broker_lost_s=self.broker_lost_s,
+        )
+        self.updater = Updater(
+            settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
+        )
+        self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.updater.listeners.append(self._on_event)
+        self.delivery: Delivery | None = None
         if cfg.broker is not None:
-            from devicerunner.transport.channel import DeviceTransport
-
-            self.transport = DeviceTransport(self)
+            self._build_channel(cfg.broker)
         self._status_lane = self.runtime.work.lane(f"{cfg.id}/status")
 
-    def _remember(self, ev: dict[str, Any]) -> None:
-        self.recent_events = [*self.recent_events[-19:], ev]
+    def _build_channel(self, b: BrokerConfig) -> None:
+        lane = self.runtime.work.lane(f"{self.cfg.id}/transport", paused=True)
+        settings = parse_url(
+            b.url,
+            ca_file=b.ca_file,
+            cert_file=b.cert_file,
+            key_file=b.key_file,
+            username=b.username,
+            password=b.password,
+            keepalive_s=b.keepalive_s,
+        )
+        self.channel = DeviceChannel(
+            settings,
+            prefix=b.prefix,
+            device_id=self.cfg.id,
+            hardware=self.cfg.hardware,
+            apps=[Subscription(n, a.channel) for n, a in self.cfg.apps.items()],
+            lane=lane,
+            runtime=self.runtime,
+            status=self.broker_status,
+            outbox=self.resources.outbox,
+            backoff_min_s=b.reconnect_min_s,
+            backoff_max_s=b.reconnect_max_s,
+        )
+        self.delivery = Delivery(
+            state_dir=self.cfg.state_dir,
+            updater=self.updater,
+            trust_store=self.trust,
+            rollouts=self.rollouts,
+            fetcher=self.channel,
+            lane=lane,
+            stall_s=b.download_stall_s,
+        )
+
+    # -- events ------------------------------------------------------------------
+
+    def add_event_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """``listener(event)`` for every update event, in its JSON form (any thread)."""
+        self._listeners.append(listener)
+
+    def _on_event(self, ev: Event) -> None:
+        doc = ev.to_dict()
+        self.recent_events.append(doc)
+        if self.channel is not None and self.delivery is not None:
+            delivery, channel = self.delivery, self.channel
+
+            def forward() -> None:
+                delivery.on_update_event(ev)
+                channel.publish_event(doc)
+
+            channel.post(forward)
+        for listener in self._listeners:
+            listener(doc)
 
     def broker_lost_s(self) -> float:
         """Seconds the broker has been unreachable (0 without a broker)."""
-        return 0.0 if self.transport is None else float(self.transport.lost_s())
+        return 0.0 if self.channel is None else float(self.channel.lost_s())
 
-    def eligible(self, m: Any) -> bool:
-        """Is this device in the release's rollout (stable hash of id and salt)?"""
-        from devicerunner.trust import verify as trust
-
-        return trust.eligible(self.cfg.id, m, self.rollouts.get(m.app))
-
-    def on_rollout_document(self, topic: str, payload: bytes) -> None:
-        """A rollout document (signed by the rollout role) arrived: accept it if it
-        verifies and is newer, then start a waiting release if we are now in it."""
-        from devicerunner.errors import RollbackError, VerificationError
-
-        if not payload or self.trust.root is None:
-            return
-        app = topic.rsplit("/", 2)[-2]
-        current = self.rollouts.get(app)
-        try:
-            doc = self._verify_rollout(payload, current.version if current else 0)
-        except RollbackError:
-            return  # the same (or an older) document again: nothing new
-        except VerificationError as e:
-            log.warning("rollout document for %s refused: %s", app, e)
-            self.updater.emit(app, "REJECTED", reason=e.reason, reason_text=f"rollout document: {e}")
-            return
-        if doc.app != app or app not in self.cfg.apps:
-            return
-        self.rollouts[app] = doc
-        try:  # kept across reboots: a replayed older document stays refused
-            makedirs(self._rollout_path(app).parent)
-            atomic_write(self._rollout_path(app), payload)
-        except OSError as e:
-            log.warning("rollout document for %s not persisted: %s", app, e)
-        waiting = self.waiting.get(app)
-        if waiting is not None and self.eligible(waiting) and self.transport is not None:
-            del self.waiting[app]
-            log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
-            self.transport.start_download(waiting)
-
-    def _verify_rollout(self, payload: bytes, last_version: int) -> Any:
-        from devicerunner.trust import verify as trust
-
-        assert self.trust.root is not None
-        return trust.verify_rollout(
-            payload,
-            root=self.trust.root,
-            time_floor=self.trust.time_floor,
-            now=self.clock.wall_ms() // 1000,  # the device's clock: it may be off
-            last_version=last_version,
-        )
-
-    def _rollout_path(self, app: str) -> Path:
-        return self.cfg.state_dir / "apps" / app / ROLLOUT_FILE
-
-    def _restore_rollouts(self) -> None:
-        """The last rollout document accepted per app, verified again (a stored
-        file is not trusted more than a message)."""
-        from devicerunner.errors import VerificationError
-
-        for app in self.cfg.apps:
-            try:
-                payload = self._rollout_path(app).read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                log.warning("rollout document for %s unreadable: %s", app, e)
-                continue
-            if self.trust.root is None:
-                continue
-            try:
-                doc = self._verify_rollout(payload, last_version=0)
-            except VerificationError as e:
-                log.info("stored rollout document for %s no longer applies: %s", app, e)
-                continue
-            if doc.app == app:
-                self.rollouts[app] = doc
+    # -- apps -------------------------------------------------------------------
 
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
@@ -240,18 +262,26 @@ class Daemon:
         self.failed.pop(spec.name, None)
         return a
 
+    def _boot_spec(self, app: AppConfig) -> AppSpec | None:
+        installed = self.updater.boot_app(app.name)
+        if installed is not None:
+            return spec_from_config(app, installed.module, installed.manifest)
+        if app.module is not None:
+            return spec_from_config(app, load_module_bytes(app.module))
+        return None
+
     def start(self) -> None:
-        """Recover every app from its state, start them, then the threads."""
+        """Recover every app from its state, start them, then the lanes."""
         makedirs(self.cfg.state_dir)
         cleaned = clean_temp_files(self.cfg.state_dir, recursive=True)
         if cleaned:
             log.info("removed %d temp file(s) left by an interrupted write", cleaned)
-        self._restore_rollouts()
+        self.rollouts.restore()
         for name, app in self.cfg.apps.items():
             try:
-                spec, why = self.updater.boot_app(app)
+                spec = self._boot_spec(app)
                 if spec is None:
-                    self.failed[name] = why or "cannot start"
+                    self.failed[name] = "nothing installed and no bootstrap module configured"
                     log.warning("app %s: %s", name, self.failed[name])
                     continue
                 inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app))
@@ -263,8 +293,9 @@ class Daemon:
         self.kv_flusher.start()
         self.scheduler.start()
         self.updater.start()
-        if self.transport is not None:
-            self.transport.start()
+        if self.channel is not None and self.delivery is not None:
+            self.channel.post(self.delivery.resume_downloads)
+            self.channel.start(self.delivery)
         if self._status_file:
             self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
 
@@ -272,8 +303,8 @@ class Daemon:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        if self.transport is not None:
-            self.transport.stop()
+        if self.channel is not None:
+            self.channel.stop()
         self.updater.stop()
         self.scheduler.stop()
         self.kv_flusher.stop()
@@ -290,14 +321,17 @@ class Daemon:
         if self._own_runtime:
             self.runtime.close()
 
+    # -- status ------------------------------------------------------------------
+
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}
+        now_s = self.clock.monotonic_s()
         for name in self.cfg.apps:
             st, _ = self.updater.slots[name].load()
             entry: dict[str, Any] = {"app": name, "state": dataclasses.asdict(st)}
             live = self.scheduler.apps.get(name)
             if live is not None:
-                entry.update(live.status())
+                entry.update(live.status(now_s))
             else:
                 entry.update(running=False, last_error=self.failed.get(name))
             apps[name] = entry
@@ -309,7 +343,32 @@ class Daemon:
             "started": round(self.started_at, 3),
             "root_version": self.trust.root.version if self.trust.root else None,
             "apps": apps,
-            "events": self.recent_events,
+            "events": list(self.recent_events),
+        }
+
+    def broker_status(self, online: bool) -> dict[str, Any]:
+        """The status document the device publishes (docs/mqtt.md)."""
+        full = self.status()
+        apps = {}
+        for name, a in full["apps"].items():
+            st = a["state"]
+            apps[name] = {
+                "version": a.get("version") or st.get("active_version"),
+                "sequence": st["active_sequence"],
+                "phase": st["phase"],
+                "pending_sequence": st.get("pending_sequence"),
+                "last_error": st.get("last_error") or a.get("last_error"),
+                "last_reason": st.get("last_reason"),
+                "running": a.get("running", False),
+                "trial": a.get("trial"),
+            }
+        return {
+            "device": self.cfg.id,
+            "hardware": self.cfg.hardware,
+            "online": online,
+            "ts": round(time.time(), 3),
+            "root_version": full["root_version"],
+            "apps": apps,
         }
 
     def write_status(self) -> None:
@@ -321,9 +380,3 @@ class Daemon:
             )
         except OSError as e:
             log.debug("status not written: %s", e)
-
-
-ROLLOUT_FILE = "rollout.json"
-"""The last accepted rollout document of an app (its version is the replay floor)."""
-STATUS_FILE = "status.json"
-"""Runtime status the daemon rewrites every second (informational, not a commit point)."""

@@ -14,7 +14,11 @@ timers, not threads: a thousand devices fit on a 2-core machine.
 - ``connect``: MQTT (re)connecting, which blocks (DNS, TCP, TLS handshake,
   up to paho's connect timeout): one thread, so an unreachable broker never
   holds up the updater.
-- ``io``: one selector thread for every MQTT socket (transport/ioloop.py).
+- shared services: one per process and key, created on first use by the
+  layer that needs it (``shared``) and closed with the runtime -- e.g. the
+  transport's one selector thread for every MQTT socket (transport/ioloop.py).
+  The runtime knows only that they can be closed, so no arrow runs up to
+  the layers that define them.
 
 Each is created on first use, so a device without a broker has no I/O thread.
 """
@@ -22,12 +26,17 @@ Each is created on first use, so a device without a broker has no I/O thread.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from devicerunner.runtime.lanes import Executor
 
-if TYPE_CHECKING:
-    from devicerunner.transport.ioloop import IoLoop
+
+class Service(Protocol):
+    def close(self, timeout_s: float) -> None: ...
+
+
+S = TypeVar("S", bound=Service)
 
 
 class Runtime:
@@ -42,8 +51,7 @@ class Runtime:
         self.name = name
         self._lock = threading.Lock()
         self._executors: dict[str, Executor] = {}
-        self._io: IoLoop | None = None
-        self.closed = False
+        self._services: dict[str, Service] = {}
 
     def _executor(self, role: str, threads: int, slack_s: float) -> Executor:
         with self._lock:
@@ -64,20 +72,21 @@ class Runtime:
     def connect(self) -> Executor:
         return self._executor("connect", 1, 0.0)
 
-    @property
-    def io(self) -> IoLoop:
-        from devicerunner.transport.ioloop import IoLoop
-
+    def shared(self, key: str, factory: Callable[[str], S], kind: type[S]) -> S:
+        """The process's one ``kind`` service under ``key``, made by
+        ``factory(thread_name)`` on first use and closed by ``close``."""
         with self._lock:
-            if self._io is None:
-                self._io = IoLoop(f"{self.name}-io")
-            return self._io
+            svc = self._services.get(key)
+            if svc is None:
+                svc = self._services[key] = factory(f"{self.name}-{key}")
+            if not isinstance(svc, kind):
+                raise TypeError(f"runtime service {key!r} is a {type(svc).__name__}, not {kind.__name__}")
+            return svc
 
     def close(self, timeout_s: float = 5.0) -> None:
         with self._lock:
-            self.closed = True
-            io, executors = self._io, list(self._executors.values())
-        if io is not None:
-            io.close(timeout_s)
+            services, executors = list(self._services.values()), list(self._executors.values())
+        for svc in services:
+            svc.close(timeout_s)
         for ex in reversed(executors):
             ex.shutdown(timeout_s)

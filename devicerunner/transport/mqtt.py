@@ -26,6 +26,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
@@ -34,9 +35,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devicerunner.runtime.lanes import Timer
 from devicerunner.runtime.process import Runtime
+from devicerunner.transport.ioloop import IoLoop
 from devicerunner.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTS_KEPT = 64
 
 MessageHandler = Callable[[str, bytes, bool], None]
 """(topic, payload, retained)"""
@@ -97,11 +101,11 @@ class Connection:
         self.backoff_max_s = backoff_max_s
         self._rng = rng or random.Random()
         self.lost_since: float | None = time.monotonic()
-        self.connects: list[float] = []
-        """Wall-clock times of successful (re)connections (for reports)."""
+        self.connects: deque[float] = deque(maxlen=MAX_CONNECTS_KEPT)
+        """Wall-clock times of the latest successful (re)connections (bounded; for reports)."""
         self._own_runtime = runtime is None
         self.runtime = runtime or Runtime(name=f"mqtt-{client_id}")
-        self._io = self.runtime.io
+        self._io = self.runtime.shared("io", IoLoop, IoLoop)
         self._lane = self.runtime.connect.lane(f"mqtt-{client_id}")
         self._attempt = 0
         self._first = True

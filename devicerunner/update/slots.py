@@ -1,4 +1,8 @@
-"""On-disk A/B slots and the crash-safe app state: the only code that writes app files.
+"""On-disk A/B slots and the crash-safe app state of one app.
+
+The only writer of ``state.json`` and ``slots/``; the app's ``kv/``
+(device.kvfile), ``config/`` and ``rollout.json`` (update.rollouts) sit
+beside them and are written by their owners.
 
 Layout under ``<state_dir>/apps/<app>/``::
 
@@ -26,74 +30,18 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from devicerunner.runtime.fsutil import atomic_write, fsync_dir, makedirs
+from devicerunner.update.events import Phase
+from devicerunner.update.state import SLOTS, AppState
 
 log = logging.getLogger(__name__)
 
-SLOTS = ("a", "b")
 MODULE = "module.wasm"
 MANIFEST = "manifest.json"
 MARKER = "committed"
-
-IDLE = "IDLE"
-DOWNLOADING = "DOWNLOADING"
-STAGED = "STAGED"
-TRIAL = "TRIAL"
-COMMITTED = "COMMITTED"
-REJECTED = "REJECTED"
-ROLLED_BACK = "ROLLED_BACK"
-PHASES = (IDLE, DOWNLOADING, STAGED, TRIAL, COMMITTED, REJECTED, ROLLED_BACK)
-MAX_BAD_SEQUENCES = 256
-
-
-@dataclass(frozen=True)
-class AppState:
-    schema: int = 1
-    active: str | None = None
-    active_sequence: int = 0
-    active_version: str | None = None
-    pending: str | None = None
-    pending_sequence: int | None = None
-    pending_version: str | None = None
-    phase: str = IDLE
-    trial_attempts: int = 0
-    highest_sequence: int = 0
-    bad_sequences: dict[str, str] = field(default_factory=dict)
-    last_error: str | None = None
-    last_reason: str | None = None
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, data: bytes) -> AppState:
-        obj = json.loads(data)
-        if not isinstance(obj, dict) or obj.get("schema") != 1:
-            raise ValueError("not a schema-1 app state")
-        known = {f for f in cls.__dataclass_fields__}
-        st = cls(**{k: v for k, v in obj.items() if k in known})
-        if st.phase not in PHASES or st.active not in (None, *SLOTS) or st.pending not in (None, *SLOTS):
-            raise ValueError(f"invalid phase/slot in state: {st.phase}/{st.active}/{st.pending}")
-        if not isinstance(st.bad_sequences, dict) or not isinstance(st.highest_sequence, int):
-            raise ValueError("invalid field types in state")
-        return st
-
-    @property
-    def bad(self) -> frozenset[int]:
-        return frozenset(int(s) for s in self.bad_sequences)
-
-    def mark_bad(self, sequence: int, reason: str) -> AppState:
-        bad = dict(self.bad_sequences)
-        bad[str(sequence)] = reason
-        while len(bad) > MAX_BAD_SEQUENCES:  # bounded: the oldest (lowest) go first
-            bad.pop(str(min(int(s) for s in bad)))
-        return replace(self, bad_sequences=bad)
-
-    def other_slot(self) -> str:
-        return "b" if self.active == "a" else "a"
 
 
 @dataclass(frozen=True)
@@ -149,7 +97,7 @@ class AppSlots:
             active=slot,
             active_sequence=seq,
             highest_sequence=seq,
-            phase=COMMITTED,
+            phase=Phase.COMMITTED,
             last_error="state.json was lost and rebuilt from the committed slot",
         )
 

@@ -4,13 +4,15 @@ A trial passes when at least ``trial_ticks`` ticks *and* ``trial_seconds``
 have passed with: no more traps than ``max_traps``, no more overruns than
 ``max_overruns``, no failed ``dr_health``, memory within the limit, and the
 broker (when the daemon has one) not lost for longer than
-``max_broker_loss_s``. The first violated rule fails it, with that reason.
+``max_broker_loss_s`` *during the trial* (a device offline before an install
+is not judged for it). The first violated rule fails it, with that reason.
+
+Pure: counters, times and the broker's loss are passed in; no clock is held.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from devicerunner.trust.manifest import Health
 
@@ -31,15 +33,15 @@ class Trial:
     started_s: float
     base: Snapshot
     memory_limit: int
-    clock: Any = None
 
-    def elapsed(self) -> float:
-        return (self.clock.monotonic_s() - self.started_s) if self.clock is not None else 0.0
+    def elapsed(self, now_s: float) -> float:
+        return max(0.0, now_s - self.started_s)
 
     def verdict(
         self, now: Snapshot, now_s: float, memory_bytes: int, broker_lost_s: float, last_error: str | None
     ) -> str | None:
-        """None while running; PASSED; or the reason it failed."""
+        """None while running; PASSED; or the reason it failed. ``broker_lost_s``:
+        how long the broker has been unreachable now (0 while connected)."""
         h = self.health
         traps = now.traps - self.base.traps
         if traps > h.max_traps:
@@ -51,8 +53,10 @@ class Trial:
             return f"dr_health reported unhealthy: {last_error}"
         if memory_bytes > self.memory_limit:
             return f"memory {memory_bytes} bytes above the limit {self.memory_limit}"
-        if broker_lost_s > h.max_broker_loss_s:
-            return f"broker unreachable for {broker_lost_s:.0f} s (allowed {h.max_broker_loss_s} s)"
+        lost_in_trial_s = min(broker_lost_s, self.elapsed(now_s))
+        if lost_in_trial_s > h.max_broker_loss_s:
+            allowed = h.max_broker_loss_s
+            return f"broker unreachable for {lost_in_trial_s:.0f} s of the trial (allowed {allowed} s)"
         if now.ticks - self.base.ticks >= h.trial_ticks and now_s - self.started_s >= h.trial_seconds:
             return PASSED
         return None

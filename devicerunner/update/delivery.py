@@ -1,0 +1,275 @@
+"""Releases, rollout documents and trust roots delivered over the network:
+verify, download the artifact chunk by chunk, hand a complete release to the
+updater (which stages it exactly like a local install).
+
+Runs on the device channel's lane: the transport hands over what arrives
+(``Inbound``) and fetches chunks on request (``ChunkFetcher``); this module
+decides what to fetch and what to keep. Nothing here runs Wasm or touches
+app slots.
+
+Downloads ask for each *missing* chunk only, so a chunk held on disk
+(update.downloads) is never fetched again after a reconnect or a power cut.
+A download with no progress for ``stall_s`` while connected is asked again
+up to ``STALL_RETRIES`` times, then reported FAILED; the next delivery of
+its release (e.g. after a reconnect) resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from devicerunner.errors import RollbackError, VerificationError
+from devicerunner.runtime.lanes import Lane, Timer
+from devicerunner.trust import manifest
+from devicerunner.trust.manifest import Manifest
+from devicerunner.trust.store import TrustStore
+from devicerunner.update.downloads import DownloadStore
+from devicerunner.update.events import SETTLED_KINDS, Event, Kind
+from devicerunner.update.rollouts import RolloutGate
+from devicerunner.update.updater import Updater
+from devicerunner.update.verification import peek_app
+
+log = logging.getLogger(__name__)
+
+STALL_RETRIES = 3
+
+
+class ChunkFetcher(Protocol):
+    """How chunks are asked for; they arrive through ``Delivery.on_chunk``."""
+
+    def want(self, sha256: str, indices: list[int]) -> None: ...
+
+    def drop(self, sha256: str, indices: list[int]) -> None: ...
+
+    def online(self) -> bool: ...
+
+
+@dataclass
+class Download:
+    m: Manifest
+    missing: set[int]
+    resumed: int
+    fetched: int = 0
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Delivery:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        updater: Updater,
+        trust_store: TrustStore,
+        rollouts: RolloutGate,
+        fetcher: ChunkFetcher,
+        lane: Lane,
+        stall_s: float,
+    ) -> None:
+        self._updater = updater
+        self._verifier = updater.verifier
+        self._trust = trust_store
+        self._rollouts = rollouts
+        self._fetcher = fetcher
+        self._lane = lane
+        self.stall_s = stall_s
+        self.store = DownloadStore(state_dir)
+        self.active: dict[str, Download] = {}
+        self._by_sha: dict[str, str] = {}
+        self._roots: dict[int, bytes] = {}
+        self._seen_rejects: set[str] = set()
+        self._offered: dict[str, int] = {}
+        """app -> the highest sequence handed to the updater (not fetched again)."""
+        self._stall_timer: Timer | None = None
+        """Armed while a download is active (idle devices do not wake up for it)."""
+        self.stats = {"chunks_fetched": 0, "chunks_resumed": 0, "releases_seen": 0, "chunk_messages": 0}
+
+    # -- trust roots ------------------------------------------------------------------
+
+    def on_root(self, payload: bytes) -> None:
+        current = self._trust.root
+        if not payload or current is None:
+            return
+        try:
+            version = manifest.parse_root(payload).version
+        except VerificationError as e:
+            log.warning("ignoring a malformed trust root: %s", e)
+            return
+        if version <= current.version:
+            return
+        self._roots[version] = payload
+        while (root := self._trust.root) is not None and (nxt := root.version + 1) in self._roots:
+            data = self._roots.pop(nxt)
+            try:
+                self._trust.rotate(data)
+            except VerificationError as e:
+                self._updater.emit("*", Kind.REJECTED, reason=e.reason, reason_text=f"trust root v{nxt}: {e}")
+                return
+            self._updater.emit("*", Kind.ROOT_ROTATED, root_version=nxt)
+
+    # -- rollout documents ----------------------------------------------------------------
+
+    def on_rollout(self, app: str, payload: bytes) -> None:
+        ready = self._rollouts.on_document(app, payload)
+        if ready is not None:
+            self.start_download(ready)
+
+    # -- releases ------------------------------------------------------------------------
+
+    def on_release(self, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained release
+        self.stats["releases_seen"] += 1
+        try:
+            m = self._verifier.release(payload)
+        except RollbackError:
+            return  # we have it (or decided on it) already: redelivered on every reconnect
+        except VerificationError as e:
+            key = f"{peek_app(payload)}:{hash(payload)}"
+            if key not in self._seen_rejects:  # report once, not on every reconnect
+                self._seen_rejects.add(key)
+                self._updater.reject(payload, e, "mqtt")
+            return
+        if not self._rollouts.eligible(m):
+            log.info(
+                "release %s %s (sequence %d) is not for this device yet (rollout)",
+                m.app,
+                m.version,
+                m.sequence,
+            )
+            self._rollouts.waiting[m.app] = m
+            return
+        self.start_download(m)
+
+    def start_download(self, m: Manifest) -> None:
+        if m.sequence <= self._offered.get(m.app, 0):
+            return  # handed to the updater already; redelivered (reconnect) before it settled
+        cur = self.active.get(m.app)
+        if cur is not None:
+            if cur.m.sequence >= m.sequence:
+                return
+            self._abandon(cur)  # superseded by a newer release
+        try:
+            held = self.store.begin(m)
+        except OSError as e:
+            self._failed(m, "io_error", f"cannot start download: {e}")
+            return
+        dl = Download(m, set(range(len(m.artifact.chunks))) - held, resumed=len(held))
+        self.active[m.app] = dl
+        if self._stall_timer is None:
+            self._stall_timer = self._lane.every(1.0, lambda: self._check_stalls(time.monotonic()))
+        self._by_sha[m.artifact.sha256] = m.app
+        self.stats["chunks_resumed"] += dl.resumed
+        self._updater.note_downloading(m, resumed=dl.resumed)
+        if not dl.missing:
+            self._complete(dl)
+        else:
+            self._fetcher.want(m.artifact.sha256, sorted(dl.missing))
+
+    def _abandon(self, dl: Download) -> None:
+        self._fetcher.drop(dl.m.artifact.sha256, sorted(dl.missing))
+        self.active.pop(dl.m.app, None)
+        self._by_sha.pop(dl.m.artifact.sha256, None)
+
+    def on_chunk(self, sha: str, index: int, payload: bytes) -> None:
+        self.stats["chunk_messages"] += 1
+        app = self._by_sha.get(sha)
+        dl = self.active.get(app) if app else None
+        if dl is None or index not in dl.missing:
+            return  # not ours, or a duplicate delivery
+        try:
+            self.store.put(dl.m, index, payload)
+        except VerificationError as e:  # tampered or mixed-in chunk
+            self._abandon(dl)
+            self.store.remove(sha)
+            self._updater.reject(dl.m.raw, e, "mqtt")
+            return
+        except OSError as e:
+            self._abandon(dl)
+            self._failed(dl.m, "io_error", f"cannot store chunk {index}: {e}")
+            return
+        dl.missing.discard(index)
+        dl.fetched += 1
+        dl.last_progress = time.monotonic()
+        self.stats["chunks_fetched"] += 1
+        self._fetcher.drop(sha, [index])
+        if not dl.missing:
+            self._complete(dl)
+
+    def _complete(self, dl: Download) -> None:
+        self._abandon(dl)
+        try:
+            module = self.store.assemble(dl.m)
+        except VerificationError as e:
+            self.store.remove(dl.m.artifact.sha256)
+            self._updater.reject(dl.m.raw, e, "mqtt")
+            return
+        self._updater.emit(
+            dl.m.app,
+            Kind.DOWNLOADED,
+            sequence=dl.m.sequence,
+            version=dl.m.version,
+            chunks_fetched=dl.fetched,
+            chunks_resumed=dl.resumed,
+            seconds=round(time.monotonic() - dl.started, 3),
+        )
+        self._offered[dl.m.app] = dl.m.sequence
+        self._updater.offer(dl.m.raw, module, "mqtt")
+
+    def _failed(self, m: Manifest, reason: str, text: str) -> None:
+        self._updater.emit(m.app, Kind.FAILED, sequence=m.sequence, reason=reason, reason_text=text)
+
+    def _check_stalls(self, now: float) -> None:
+        if not self.active and self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+            return
+        if not self._fetcher.online():
+            for dl in self.active.values():
+                dl.last_progress = now  # no progress is possible offline: not a stall
+            return
+        for dl in list(self.active.values()):
+            if now - dl.last_progress < self.stall_s:
+                continue
+            missing = sorted(dl.missing)
+            if dl.retries < STALL_RETRIES:
+                dl.retries += 1
+                dl.last_progress = now
+                log.warning("download %s %d stalled; retry %d", dl.m.app, dl.m.sequence, dl.retries)
+                self._fetcher.drop(dl.m.artifact.sha256, missing)
+                self._fetcher.want(dl.m.artifact.sha256, missing)
+            else:
+                self._abandon(dl)
+                self._failed(
+                    dl.m,
+                    "download_stalled",
+                    f"no progress for {self.stall_s:.0f} s after {STALL_RETRIES} "
+                    f"retries; {len(dl.missing)} chunk(s) missing (kept for resume)",
+                )
+
+    def resume_downloads(self) -> None:
+        for m in self.store.pending():
+            try:
+                self._verifier.release(m.raw)
+            except VerificationError:
+                self.store.remove(m.artifact.sha256)  # superseded, committed or no longer valid
+                continue
+            log.info("resuming download of %s %s (sequence %d)", m.app, m.version, m.sequence)
+            self.start_download(m)
+
+    # -- what the updater decided --------------------------------------------------------
+
+    def on_update_event(self, ev: Event) -> None:
+        """Forget downloads the updater no longer needs (on this lane)."""
+        seq = ev.get("sequence")
+        if ev.kind is Kind.FAILED and seq == self._offered.get(ev.app):
+            del self._offered[ev.app]  # not staged (e.g. disk full): take it again when redelivered
+        if ev.kind in SETTLED_KINDS and isinstance(seq, int) and seq:
+            for m in self.store.pending():
+                if m.app == ev.app and m.sequence <= seq:
+                    self.store.remove(m.artifact.sha256)

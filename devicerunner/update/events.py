@@ -1,0 +1,69 @@
+"""Update phases and events: one enum of phases, one event type, one JSON form.
+
+Phases are the states of one app's update (state.json ``phase``); an event
+says that an app entered one, or that something happened on the way
+(``DOWNLOADED``, ``FAILED``, ``ROOT_ROTATED``). Both serialise as their
+plain upper-case names, so status files, MQTT events and logs agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(enum.StrEnum):
+    """The phase of one app's update, persisted in state.json."""
+
+    IDLE = "IDLE"
+    DOWNLOADING = "DOWNLOADING"
+    STAGED = "STAGED"
+    TRIAL = "TRIAL"
+    COMMITTED = "COMMITTED"
+    REJECTED = "REJECTED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+class Kind(enum.StrEnum):
+    """What an event reports: a phase entered, or one of these happenings."""
+
+    IDLE = "IDLE"
+    DOWNLOADING = "DOWNLOADING"
+    STAGED = "STAGED"
+    TRIAL = "TRIAL"
+    COMMITTED = "COMMITTED"
+    REJECTED = "REJECTED"
+    ROLLED_BACK = "ROLLED_BACK"
+    DOWNLOADED = "DOWNLOADED"
+    FAILED = "FAILED"
+    ROOT_ROTATED = "ROOT_ROTATED"
+
+
+WARNING_KINDS = frozenset({Kind.REJECTED, Kind.ROLLED_BACK, Kind.FAILED})
+SETTLED_KINDS = frozenset({Kind.STAGED, Kind.REJECTED, Kind.COMMITTED, Kind.ROLLED_BACK})
+"""After one of these, a download of that sequence (or an older one) is no longer needed."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One update event. ``fields`` holds the optional details (sequence,
+    version, reason, reason_text, source, slot, chunk counts...)."""
+
+    device: str
+    app: str
+    kind: Kind
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=lambda: round(time.time(), 3))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON form (MQTT ``events`` topic, status file, CLI)."""
+        return {"ts": self.ts, "device": self.device, "app": self.app, "phase": str(self.kind), **self.fields}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+EventListener = Callable[[Event], None]

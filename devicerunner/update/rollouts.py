@@ -1,0 +1,100 @@
+"""Staged rollouts on the device: which signed rollout document holds per
+app, and releases waiting until the rollout reaches this device.
+
+A document is accepted only if it verifies (rollout role, unexpired) and is
+newer than the last one accepted for the app; the last accepted one is kept
+in ``apps/<app>/rollout.json`` (its version is the replay floor across
+reboots) and verified again when read back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from devicerunner.errors import RollbackError, VerificationError
+from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Manifest, RolloutDoc
+from devicerunner.update.events import Kind
+from devicerunner.update.verification import Verifier
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_FILE = "rollout.json"
+"""The last accepted rollout document of an app (its version is the replay floor)."""
+
+
+class RolloutGate:
+    def __init__(
+        self,
+        state_dir: Path,
+        device_id: str,
+        apps: Iterable[str],
+        verifier: Verifier,
+        emit: Callable[..., None],
+    ) -> None:
+        self._dir = Path(state_dir) / "apps"
+        self._device_id = device_id
+        self._apps = frozenset(apps)
+        self._verifier = verifier
+        self._emit = emit
+        self.documents: dict[str, RolloutDoc] = {}
+        self.waiting: dict[str, Manifest] = {}
+        """app -> a verified release this device is not (yet) in the rollout of."""
+
+    def path(self, app: str) -> Path:
+        return self._dir / app / ROLLOUT_FILE
+
+    def eligible(self, m: Manifest) -> bool:
+        """Is this device in the release's rollout (stable hash of id and salt)?"""
+        return trust.eligible(self._device_id, m, self.documents.get(m.app))
+
+    def restore(self) -> None:
+        """The last rollout document accepted per app, verified again (a stored
+        file is not trusted more than a message)."""
+        for app in self._apps:
+            try:
+                payload = self.path(app).read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("rollout document for %s unreadable: %s", app, e)
+                continue
+            try:
+                doc = self._verifier.rollout(payload, last_version=0)
+            except VerificationError as e:
+                log.info("stored rollout document for %s no longer applies: %s", app, e)
+                continue
+            if doc.app == app:
+                self.documents[app] = doc
+
+    def on_document(self, app: str, payload: bytes) -> Manifest | None:
+        """A rollout document arrived for ``app``: accept it if it verifies and
+        is newer. Returns a waiting release this device is now in, if any."""
+        if not payload or app not in self._apps:
+            return None
+        current = self.documents.get(app)
+        try:
+            doc = self._verifier.rollout(payload, current.version if current else 0)
+        except RollbackError:
+            return None  # the same (or an older) document again: nothing new
+        except VerificationError as e:
+            log.warning("rollout document for %s refused: %s", app, e)
+            self._emit(app, Kind.REJECTED, reason=e.reason, reason_text=f"rollout document: {e}")
+            return None
+        if doc.app != app:
+            return None
+        self.documents[app] = doc
+        try:  # kept across reboots: a replayed older document stays refused
+            makedirs(self.path(app).parent)
+            atomic_write(self.path(app), payload)
+        except OSError as e:
+            log.warning("rollout document for %s not persisted: %s", app, e)
+        waiting = self.waiting.get(app)
+        if waiting is not None and self.eligible(waiting):
+            del self.waiting[app]
+            log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
+            return waiting
+        return None
