@@ -201,8 +201,9 @@ class GpioActuator:
         line = o.integer("line", None, min_value=0)
         if line is None:
             raise ShimConfigError("line", "is required (the line offset on the chip)")
-        active_low = bool(table.get("active_low", False))
-        o._used.add("active_low")
+        active_low = o.get("active_low", False)
+        if not isinstance(active_low, bool):
+            raise ShimConfigError("active_low", f"must be true or false, got {active_low!r}")
         self.unit = o.text("unit", "")
         o.finish()
         try:

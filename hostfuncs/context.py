@@ -2,7 +2,8 @@
 
 One AppContext per app *instance* (a swap creates a new one that shares the
 app's kv store and telemetry outbox). It owns nothing the sandbox owns: the
-sandbox fills in ``memory`` after instantiation and clears it on teardown.
+sandbox fills in ``memory`` after instantiation; the context lives as long
+as its instance (no teardown: dropping the instance drops it).
 
 Invariant: host functions reach the outside world only through this object,
 and everything in it answers without blocking.

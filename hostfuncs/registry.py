@@ -89,14 +89,6 @@ def hostfunc(
     return register
 
 
-def functions_for(grant: frozenset[str] | set[str]) -> list[HostFunc]:
-    """The host functions an app with ``grant`` may import, in a stable order."""
-    return sorted(
-        (f for f in REGISTRY.values() if f.capability in grant),
-        key=lambda f: (f.module, f.name),
-    )
-
-
 def abi_table() -> str:
     """Markdown table of every host function; docs/abi.md embeds it verbatim."""
     lines = [

@@ -24,6 +24,7 @@ from typing import Any
 from devicerunner import __version__
 from devicerunner.device import logfmt, sdnotify
 from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
+from hostfuncs.registry import CAPABILITIES
 
 log = logging.getLogger("devicerunner")
 
@@ -45,7 +46,7 @@ DEFAULT_SENSORS = {
     "humidity": {"driver": "sim", "waveform": "random_walk", "base": 45.0, "walk_step": 0.2, "unit": "%"},
 }
 DEFAULT_ACTUATORS = {"fan": {"driver": "sim"}, "led": {"driver": "sim"}}
-ALL_CAPS = "log,clock,sensors,actuators,kv,telemetry,wasi"
+ALL_CAPS = ",".join(CAPABILITIES)
 
 
 class UsageError(DeviceRunnerError):

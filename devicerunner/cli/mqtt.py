@@ -150,7 +150,14 @@ def register(sub: Any, trust_sub: Any) -> None:
     b = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) for demos and small setups")
     b.add_argument("--host", default="127.0.0.1")
     b.add_argument("--port", type=int, default=1883)
-    b.add_argument("--for", dest="for_s", type=float, default=None, help=argparse.SUPPRESS)
+    b.add_argument(
+        "--for",
+        dest="for_s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: until SIGTERM/SIGINT)",
+    )
     b.set_defaults(func=cmd_broker)
 
 

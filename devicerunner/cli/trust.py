@@ -266,7 +266,6 @@ def register(sub: Any) -> Any:
     _role_options(ti, required=True)
     ti.add_argument("--sign", action="append", required=True, metavar="KEY", help="root private key")
     ti.add_argument("--expires-days", type=int, default=365)
-    ti.add_argument("--now", type=int, help=argparse.SUPPRESS)
     ti.add_argument("-o", "--output", required=True)
     ti.set_defaults(func=cmd_trust_init)
     tr = tsub.add_parser("rotate", help="create the next root version (unchanged roles are kept)")
@@ -280,7 +279,6 @@ def register(sub: Any) -> Any:
         help="private keys: a threshold of the current root keys and of the new ones",
     )
     tr.add_argument("--expires-days", type=int, default=365)
-    tr.add_argument("--now", type=int, help=argparse.SUPPRESS)
     tr.add_argument("-o", "--output", required=True)
     tr.set_defaults(func=cmd_trust_rotate)
 
@@ -304,7 +302,6 @@ def register(sub: Any) -> Any:
     s.add_argument("--max-traps", type=int, default=0)
     s.add_argument("--max-overruns", type=int, default=0)
     s.add_argument("--key", action="append", required=True, help="release private key (repeat)")
-    s.add_argument("--now", type=int, help=argparse.SUPPRESS)
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_sign)
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner.errors import ConfigError
+from devicerunner.runtime.strict import REQUIRED, Strict
+from hostfuncs.registry import CAPABILITIES
 
-KNOWN_CAPABILITIES = ("log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi")
+KNOWN_CAPABILITIES = tuple(CAPABILITIES)  # the ABI registry's one list
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -76,74 +78,40 @@ class DeviceConfig:
     source: Path | None = None
 
 
-class _Table:
-    """Typed reads from one TOML table; remembers what was read."""
+class _Table(Strict):
+    """Typed reads from one TOML table (runtime.strict), as ConfigError;
+    ``done()`` refuses the keys nobody read."""
 
     def __init__(self, path: str, table: Any) -> None:
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: must be a table")
-        self.path = path
-        self.t: dict[str, Any] = table
-        self.used: set[str] = set()
+        super().__init__(table, path, _config_error)
 
-    def key(self, k: str) -> str:
-        return f"{self.path}.{k}" if self.path else k
-
-    def get(self, k: str) -> Any:
-        self.used.add(k)
-        return self.t.get(k)
-
-    def text(self, k: str, default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
-        v = self.get(k)
-        if v is None:
-            if default is None:
-                raise ConfigError(f"{self.key(k)}: is required")
-            return default
-        if not isinstance(v, str) or not v:
-            raise ConfigError(f"{self.key(k)}: must be a non-empty string")
-        if pattern is not None and not pattern.match(v):
-            raise ConfigError(f"{self.key(k)}: {v!r} does not match {pattern.pattern}")
-        return v
+    def text(  # type: ignore[override]
+        self, k: str, default: str | None = None, pattern: re.Pattern[str] | None = None
+    ) -> str:
+        return str(super().text(k, REQUIRED if default is None else default, pattern=pattern))
 
     def opt_text(self, k: str) -> str | None:
         return None if self.get(k) is None else self.text(k)
 
-    def integer(self, k: str, default: int, lo: int = 1, hi: int = 2**62) -> int:
-        v = self.get(k)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self.key(k)}: must be an integer, got {v!r}")
-        if not lo <= v <= hi:
-            raise ConfigError(f"{self.key(k)}: must be between {lo} and {hi}, got {v}")
-        return v
+    def integer(self, k: str, default: int, lo: int = 1, hi: int = 2**62) -> int:  # type: ignore[override]
+        return int(super().integer(k, default, lo=lo, hi=hi))
 
-    def number(self, k: str, default: float, lo: float = 0.0) -> float:
-        v = self.get(k)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(f"{self.key(k)}: must be a number, got {v!r}")
-        if v < lo:
-            raise ConfigError(f"{self.key(k)}: must be >= {lo}, got {v}")
-        return float(v)
+    def number(self, k: str, default: float, lo: float = 0.0) -> float:  # type: ignore[override]
+        return float(super().number(k, default, lo=lo))
 
     def str_list(self, k: str) -> tuple[str, ...] | None:
-        v = self.get(k)
-        if v is None:
-            return None
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ConfigError(f"{self.key(k)}: must be a list of strings")
-        return tuple(v)
+        return None if self.get(k) is None else tuple(self.text_list(k))
 
     def path_(self, k: str, base: Path) -> Path | None:
         v = self.opt_text(k)
         return None if v is None else (base / v).resolve()
 
     def done(self) -> None:
-        unknown = sorted(set(self.t) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+        self.finish()
+
+
+def _config_error(key: str, message: str) -> Exception:
+    return ConfigError(f"{key}: {message}")
 
 
 def parse_capabilities(key: str, caps: tuple[str, ...] | list[str]) -> frozenset[str]:
@@ -204,12 +172,12 @@ def _named_tables(root: _Table, section: str) -> dict[str, dict[str, Any]]:
     raw = root.get(section)
     if raw is None:
         return {}
-    tables = _Table(section, raw).t
+    tables = _Table(section, raw).obj
     out: dict[str, dict[str, Any]] = {}
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{section}.{name}: must be a table")
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{section}.{name}: names are [A-Za-z0-9_.-], at most 64 chars")
         out[name] = table
     return out

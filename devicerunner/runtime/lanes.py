@@ -86,10 +86,6 @@ class Lane:
         """Is the calling code running as a task of this lane?"""
         return getattr(_local, "lane", None) is self
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def post(self, fn: Task) -> None:
         ex = self.executor
         with ex._cond:
@@ -143,11 +139,6 @@ class Lane:
             self._paused = False
             if self._tasks:
                 ex._make_ready(self)
-
-    def pending(self) -> int:
-        """Tasks queued and not yet started."""
-        with self.executor._cond:
-            return len(self._tasks)
 
     def close(self, wait_s: float = 0.0) -> None:
         """Drop queued tasks and timers (their ``cancel()`` is not needed); a

@@ -22,6 +22,10 @@ What this module owns:
 It never: blocks on I/O inside a call, lets an exception from a call
 escape to the caller unclassified, or shares wasmtime type objects between
 engines (that aborts the process).
+
+Size: over 400 lines on purpose -- the engine config, the compile cache key,
+the linker and the call classification must agree with each other (a cache
+entry is only valid for this exact engine config), so they stay together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 paho's own loops (``loop_start``/``loop``) cost a thread per client and use
 ``select()``, which cannot watch a descriptor >= 1024: past ~339 clients a
-process silently stops connecting (FACTS.md). Here every client's socket is
+process silently stops connecting (paho 2.x; seen in the 1,000-device
+benchmark, docs/benchmarks.md). Here every client's socket is
 registered with one epoll selector through paho's socket callbacks and
 served with ``loop_read``/``loop_write``/``loop_misc``.
 
@@ -87,9 +88,6 @@ class IoLoop:
 
         c.on_socket_register_write = writing
         c.on_socket_unregister_write = written
-
-    def clients(self) -> int:
-        return len(self._sel.get_map()) - 1
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stopping = True

@@ -10,6 +10,10 @@ input raises TooLargeError *before* it is parsed.
 Signatures are Ed25519 over ``canonical(signed)`` (devicerunner.trust.canonical).
 A key id is the hex sha256 of the raw 32-byte public key; a root that lists
 a key under any other id is malformed (so one key cannot count twice).
+
+Size: over 400 lines on purpose -- every signed document type has its reader
+and its builder side by side here (one format, one reader, one writer), so
+that a field added to a builder cannot miss its parser.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from devicerunner.errors import MalformedError, TooLargeError, UnsupportedError
+from devicerunner.runtime.strict import REQUIRED, Strict
 from devicerunner.trust.canonical import NotCanonicalError, canonical
+from hostfuncs.registry import CAPABILITIES as ABI_CAPABILITIES
 
 SCHEMA = 1
 ABI_VERSION = 1
@@ -42,7 +48,8 @@ DEFAULT_CHUNK = 64 * 1024
 MAX_SIGNATURES = 32
 MAX_KEYS = 64
 ROLES = ("root", "release", "rollout")
-CAPABILITIES = ("log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi")
+CAPABILITIES = tuple(ABI_CAPABILITIES)
+"""Every capability a manifest may name: the ABI registry's list (hostfuncs.registry)."""
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -173,44 +180,27 @@ def valid_signers(env: Envelope, keys: Mapping[str, Ed25519PublicKey], allowed: 
 # -- strict field access -------------------------------------------------------
 
 
-class _Fields:
+class _Fields(Strict):
+    """Strict reads of one document object (runtime.strict), as MalformedError.
+    Unknown fields are refused at once: a document is read in full."""
+
     def __init__(self, obj: Any, where: str, required: Sequence[str], optional: Sequence[str] = ()) -> None:
-        if not isinstance(obj, dict):
-            raise MalformedError(f"{where}: must be an object")
-        missing = [k for k in required if k not in obj]
-        if missing:
-            raise MalformedError(f"{where}.{missing[0]}: missing")
-        extra = sorted(set(obj) - set(required) - set(optional))
-        if extra:
-            raise MalformedError(f"{where}.{extra[0]}: unknown field")
-        self.obj = obj
-        self.where = where
+        super().__init__(obj, where, _malformed, what="object", unknown="unknown field", required=required)
+        self.used.update(required, optional)
+        self.finish()
 
-    def get(self, k: str, default: Any = None) -> Any:
-        return self.obj.get(k, default)
+    def text(self, k: str, pattern: re.Pattern[str] | None = None) -> str:  # type: ignore[override]
+        return str(super().text(k, pattern=pattern, nonempty=False))
 
-    def text(self, k: str, pattern: re.Pattern[str] | None = None) -> str:
-        v = self.obj.get(k)
-        if not isinstance(v, str) or (pattern is not None and not pattern.match(v)):
-            raise MalformedError(f"{self.where}.{k}: invalid value {v!r}")
-        return v
+    def integer(self, k: str, lo: int, hi: int, default: int | None = None) -> int:  # type: ignore[override]
+        return int(super().integer(k, REQUIRED if default is None else default, lo=lo, hi=hi))
 
-    def integer(self, k: str, lo: int, hi: int, default: int | None = None) -> int:
-        v = self.obj.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise MalformedError(f"{self.where}.{k}: must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
+    def text_list(self, k: str, pattern: re.Pattern[str], max_n: int = 256) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(super().text_list(k, (), pattern=pattern, max_n=max_n, unique=True))
 
-    def text_list(self, k: str, pattern: re.Pattern[str], max_n: int = 256) -> tuple[str, ...]:
-        v = self.obj.get(k, [])
-        if not isinstance(v, list) or len(v) > max_n:
-            raise MalformedError(f"{self.where}.{k}: must be a list of at most {max_n}")
-        for x in v:
-            if not isinstance(x, str) or not pattern.match(x):
-                raise MalformedError(f"{self.where}.{k}: invalid entry {x!r}")
-        if len(set(v)) != len(v):
-            raise MalformedError(f"{self.where}.{k}: duplicate entries")
-        return tuple(v)
+
+def _malformed(key: str, message: str) -> Exception:
+    return MalformedError(f"{key}: {message}")
 
 
 def _schema(f: _Fields, type_: str) -> None:

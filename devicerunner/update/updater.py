@@ -26,6 +26,10 @@ as a failed attempt), a STAGED slot is verified again before its trial.
 
 Only releases whose signatures verified can mark a sequence bad: a forged
 manifest must not be able to poison the sequence of a real one.
+
+Size: over 400 lines on purpose -- the order of writes above is one
+sequence, read in one place; the decisions it carries out are in
+update/decisions.py and the device side of a trial in device/trials.py.
 """
 
 from __future__ import annotations
