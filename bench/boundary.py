@@ -26,7 +26,7 @@ import wasmtime
 from bench.common import Stat, from_samples, measure
 from devicerunner.cli.main import DEFAULT_ACTUATORS, DEFAULT_SENSORS
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
-from devicerunner.device.daemon import build_hardware
+from devicerunner.device.hardware import build_hardware
 from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import RealClock, VirtualClock
 from hostfuncs.kv import KvStore

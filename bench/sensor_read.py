@@ -18,7 +18,7 @@ import wasmtime
 
 from bench.common import Stat, measure
 from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
-from devicerunner.device.daemon import build_hardware
+from devicerunner.device.hardware import build_hardware
 from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import RealClock, Status
 from firmware_shims.env import ShimEnv

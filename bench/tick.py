@@ -13,7 +13,7 @@ import wasmtime
 from bench.common import Stat, measure
 from devicerunner.cli.main import DEFAULT_ACTUATORS, DEFAULT_SENSORS
 from devicerunner.device.apps import App, AppSpec, DeviceResources, start_instance
-from devicerunner.device.daemon import build_hardware
+from devicerunner.device.hardware import build_hardware
 from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import VirtualClock
 from hostfuncs.kv import KvStore

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from devicerunner.device import config
-from devicerunner.device.daemon import Daemon, build_hardware
+from devicerunner.device.daemon import Daemon
+from devicerunner.device.hardware import build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Sensor, Status
 from firmware_shims.env import ShimEnv

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.device.daemon import build_hardware
+from devicerunner.device.hardware import build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Status
 from firmware_shims.env import ShimEnv

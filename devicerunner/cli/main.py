@@ -107,7 +107,7 @@ def _caps(text: str) -> frozenset[str]:
 
 def cmd_app_run(args: argparse.Namespace) -> int:
     from devicerunner.device.apps import App, DeviceResources, start_instance
-    from devicerunner.device.daemon import build_hardware
+    from devicerunner.device.hardware import build_hardware
     from devicerunner.device.kvfile import open_store
     from devicerunner.sandbox.engine import Limits, Sandbox, load_module_bytes
     from firmware_shims.base import RealClock, VirtualClock

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner.device import config
-from devicerunner.device.daemon import build_hardware
+from devicerunner.device.hardware import build_hardware
 from devicerunner.errors import ConfigError
 from firmware_shims.base import RealClock, Sensor, Status
 from firmware_shims.env import ShimEnv

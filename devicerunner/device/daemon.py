@@ -8,7 +8,6 @@ An app that fails to start is reported and the others run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -16,15 +15,16 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
 from devicerunner.device.config import AppConfig, BrokerConfig, DeviceConfig
+from devicerunner.device.hardware import build_hardware
 from devicerunner.device.kvfile import KvFlusher, open_store
 from devicerunner.device.paths import STATUS_FILE
 from devicerunner.device.trials import TrialHost
-from devicerunner.errors import ConfigError, DeviceRunnerError
+from devicerunner.errors import DeviceRunnerError
 from devicerunner.runtime.fsutil import atomic_write, clean_temp_files, makedirs
 from devicerunner.runtime.process import Runtime
 from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox, load_module_bytes
@@ -38,10 +38,8 @@ from devicerunner.update.events import Event
 from devicerunner.update.host import UpdateSettings
 from devicerunner.update.rollouts import RolloutGate
 from devicerunner.update.updater import Updater
-from firmware_shims import make_actuator, make_sensor
-from firmware_shims.base import Actuator, Clock, RealClock, Sensor
+from firmware_shims.base import Clock, RealClock
 from firmware_shims.env import ShimEnv
-from firmware_shims.errors import MissingDependencyError, ShimConfigError
 from hostfuncs.context import LogSink
 from hostfuncs.kv import KvStore
 from hostfuncs.telemetry import Outbox
@@ -51,44 +49,6 @@ log = logging.getLogger(__name__)
 RECENT_EVENTS = 20
 INBOX_SCAN_S = 0.25
 """How often the local inbox is looked at by default (seconds)."""
-
-
-def build_hardware(
-    cfg_sensors: Mapping[str, Mapping[str, Any]],
-    cfg_actuators: Mapping[str, Mapping[str, Any]],
-    clock: Clock,
-    env: ShimEnv | None = None,
-) -> tuple[dict[str, Sensor], dict[str, Actuator]]:
-    """Every sensor and actuator, or ConfigError naming ``sensors.NAME.KEY``.
-    On error, whatever was already opened is closed again."""
-    env = env or ShimEnv()
-    sensors: dict[str, Sensor] = {}
-    actuators: dict[str, Actuator] = {}
-    try:
-        for name, table in cfg_sensors.items():
-            with _naming("sensors", name):
-                sensors[name] = make_sensor(name, table, clock, env)
-        for name, table in cfg_actuators.items():
-            with _naming("actuators", name):
-                actuators[name] = make_actuator(name, table, clock, env)
-    except ConfigError:
-        for s in sensors.values():
-            s.close()
-        for a in actuators.values():
-            a.close()
-        env.close()
-        raise
-    return sensors, actuators
-
-
-@contextlib.contextmanager
-def _naming(kind: str, name: str) -> Iterator[None]:
-    try:
-        yield
-    except ShimConfigError as e:
-        raise ConfigError(f"{kind}.{name}.{e.key}: {e.message}") from e
-    except MissingDependencyError as e:
-        raise ConfigError(f"{kind}.{name}.driver: {e}") from e
 
 
 def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> AppSpec:

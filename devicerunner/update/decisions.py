@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from devicerunner.trust.manifest import Manifest
-from devicerunner.update.events import Phase
+from devicerunner.update.events import Phase, Reason
 from devicerunner.update.state import AppState
 
 
@@ -31,7 +31,7 @@ def plan_boot(st: AppState, attempts: int) -> BootPlan:
             new = replace(
                 clear_pending(st.mark_bad(seq, reason), Phase.ROLLED_BACK),
                 last_error=reason,
-                last_reason="trial_interrupted",
+                last_reason=Reason.TRIAL_INTERRUPTED,
             )
             return BootPlan(new, False, f"rolled back sequence {seq}: {reason}")
         return BootPlan(st, True, "trial interrupted; trying again")
@@ -81,5 +81,5 @@ def plan_rollback(st: AppState, sequence: int, reason: str) -> AppState:
     return replace(
         clear_pending(st.mark_bad(sequence, reason), Phase.ROLLED_BACK),
         last_error=reason,
-        last_reason="trial_failed",
+        last_reason=Reason.TRIAL_FAILED,
     )

@@ -28,7 +28,7 @@ from devicerunner.trust import manifest
 from devicerunner.trust.manifest import Manifest
 from devicerunner.trust.store import TrustStore
 from devicerunner.update.downloads import DownloadStore
-from devicerunner.update.events import SETTLED_KINDS, Event, Kind
+from devicerunner.update.events import SETTLED_KINDS, Event, Kind, Reason
 from devicerunner.update.rollouts import RolloutGate
 from devicerunner.update.updater import Updater
 from devicerunner.update.verification import peek_app
@@ -157,7 +157,7 @@ class Delivery:
         try:
             held = self.store.begin(m)
         except OSError as e:
-            self._failed(m, "io_error", f"cannot start download: {e}")
+            self._failed(m, Reason.IO_ERROR, f"cannot start download: {e}")
             return
         dl = Download(m, set(range(len(m.artifact.chunks))) - held, resumed=len(held))
         self.active[m.app] = dl
@@ -191,7 +191,7 @@ class Delivery:
             return
         except OSError as e:
             self._abandon(dl)
-            self._failed(dl.m, "io_error", f"cannot store chunk {index}: {e}")
+            self._failed(dl.m, Reason.IO_ERROR, f"cannot store chunk {index}: {e}")
             return
         dl.missing.discard(index)
         dl.fetched += 1
@@ -247,7 +247,7 @@ class Delivery:
                 self._abandon(dl)
                 self._failed(
                     dl.m,
-                    "download_stalled",
+                    Reason.DOWNLOAD_STALLED,
                     f"no progress for {self.stall_s:.0f} s after {STALL_RETRIES} "
                     f"retries; {len(dl.missing)} chunk(s) missing (kept for resume)",
                 )

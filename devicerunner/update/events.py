@@ -42,6 +42,17 @@ class Kind(enum.StrEnum):
     ROOT_ROTATED = "ROOT_ROTATED"
 
 
+class Reason(enum.StrEnum):
+    """Why an update did not go ahead, beyond the verification reasons that
+    the error types carry (``VerificationError.reason``: malformed, expired...)."""
+
+    TRIAL_FAILED = "trial_failed"
+    TRIAL_INTERRUPTED = "trial_interrupted"
+    IO_ERROR = "io_error"
+    INTERNAL_ERROR = "internal_error"
+    DOWNLOAD_STALLED = "download_stalled"
+
+
 WARNING_KINDS = frozenset({Kind.REJECTED, Kind.ROLLED_BACK, Kind.FAILED})
 SETTLED_KINDS = frozenset({Kind.STAGED, Kind.REJECTED, Kind.COMMITTED, Kind.ROLLED_BACK})
 """After one of these, a download of that sequence (or an older one) is no longer needed."""

@@ -67,7 +67,7 @@ from devicerunner.update.decisions import (
     plan_stage,
     plan_trial,
 )
-from devicerunner.update.events import WARNING_KINDS, Event, EventListener, Kind, Phase
+from devicerunner.update.events import WARNING_KINDS, Event, EventListener, Kind, Phase, Reason
 from devicerunner.update.host import AppHost, Clock, UpdateSettings
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState
@@ -180,7 +180,7 @@ class Updater:
                     app,
                     Kind.ROLLED_BACK,
                     sequence=st.pending_sequence,
-                    reason="trial_interrupted",
+                    reason=Reason.TRIAL_INTERRUPTED,
                     reason_text=plan.state.last_error,
                 )
         if plan.retrial:
@@ -289,7 +289,7 @@ class Updater:
                     peek_app(man),
                     Kind.FAILED,
                     source=f"inbox:{path.name}",
-                    reason="internal_error",
+                    reason=Reason.INTERNAL_ERROR,
                     reason_text=f"{type(e).__name__}: {e} (bundle moved to inbox/failed/)",
                 )
                 with contextlib.suppress(OSError):
@@ -338,7 +338,7 @@ class Updater:
                 Kind.FAILED,
                 sequence=m.sequence,
                 version=m.version,
-                reason="io_error",
+                reason=Reason.IO_ERROR,
                 reason_text=reason,
                 source=rel.source,
             )
@@ -365,7 +365,7 @@ class Updater:
     def _note_error(self, app: str, text: str) -> None:
         s = self.slots[app]
         st, _ = s.load()
-        s.save(replace(st, last_error=text, last_reason="io_error"))
+        s.save(replace(st, last_error=text, last_reason=Reason.IO_ERROR))
 
     def _stage(self, m: Manifest, rel: _Release) -> None:
         s = self.slots[m.app]
@@ -456,7 +456,7 @@ class Updater:
             Kind.ROLLED_BACK,
             sequence=m.sequence,
             version=m.version,
-            reason="trial_failed",
+            reason=Reason.TRIAL_FAILED,
             reason_text=reason,
         )
         self._resume_deferred(m.app)
