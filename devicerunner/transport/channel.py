@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0
 TELEMETRY_EVERY_S = 0.2
 TELEMETRY_MAX_PER_DRAIN = 200
+STATUS_COALESCE_S = 0.2
 
 
 class Inbound(Protocol):
@@ -75,6 +76,7 @@ class DeviceChannel:
         self._status = status
         self._outbox = outbox
         self.inbound: Inbound | None = None
+        self._status_due = False
         offline = json.dumps({"device": device_id, "hardware": hardware, "online": False}).encode()
         self.conn = Connection(
             settings,
@@ -175,11 +177,16 @@ class DeviceChannel:
     # -- outbound ------------------------------------------------------------------------
 
     def publish_event(self, ev: dict[str, Any]) -> None:
-        """On the lane: one update event, then the status it changed."""
+        """On the lane: one update event, and soon the status it changed. An
+        update makes ~6 events in a second; their statuses are coalesced into
+        one publish STATUS_COALESCE_S after the first (the last state wins)."""
         self.conn.publish(topics.events(self.p, self.id), json.dumps(ev, default=str).encode(), qos=1)
-        self.publish_status()
+        if not self._status_due:
+            self._status_due = True
+            self._lane.call_later(STATUS_COALESCE_S, self.publish_status)
 
     def publish_status(self) -> None:
+        self._status_due = False
         if self.conn.connected.is_set():
             self.conn.publish(topics.status(self.p, self.id), self._status_payload(True), qos=1, retain=True)
 

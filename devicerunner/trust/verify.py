@@ -132,9 +132,32 @@ def verify_release(
     now: int,
     channel: str | None = None,
 ) -> Manifest:
+    """Every check of a release manifest, in the documented order (docs/manifest.md)."""
+    m = authenticate_release(data, root)
+    return check_release(
+        m, root=root, device=device, history=history, time_floor=time_floor, now=now, channel=channel
+    )
+
+
+def authenticate_release(data: bytes, root: Root) -> Manifest:
+    """The manifest, if it parses strictly and a threshold of ``root``'s release
+    keys signed it. Depends only on (data, root): a caller may cache it."""
     env = parse_envelope(data, MAX_MANIFEST_BYTES, "manifest")
     check_threshold(env, root, "release", "manifest")
-    m = manifest_from_envelope(env, bytes(data))
+    return manifest_from_envelope(env, bytes(data))
+
+
+def check_release(
+    m: Manifest,
+    *,
+    root: Root,
+    device: DeviceIdentity,
+    history: Mapping[str, AppHistory],
+    time_floor: int,
+    now: int,
+    channel: str | None = None,
+) -> Manifest:
+    """The checks after authentication: time, target, capabilities, history."""
     t = effective_time(now, time_floor)
     if root.expires <= t:
         raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")

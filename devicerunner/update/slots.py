@@ -58,6 +58,10 @@ class AppSlots:
         self.app = app
         self.root = Path(state_dir) / "apps" / app
         self.state_path = self.root / "state.json"
+        self._known: AppState | None = None
+        """The state last read cleanly or written by this object: while the
+        daemon runs it is the only writer of state.json, so reads (several per
+        update, and every status) need not go back to the disk."""
 
     def slot_dir(self, slot: str) -> Path:
         return self.root / "slots" / slot
@@ -66,8 +70,13 @@ class AppSlots:
 
     def load(self) -> tuple[AppState, str | None]:
         """The app's state and, when it had to be reconstructed, why."""
+        known = self._known
+        if known is not None:
+            return known, None
         try:
-            return AppState.from_json(self.state_path.read_bytes()), None
+            st = AppState.from_json(self.state_path.read_bytes())
+            self._known = st
+            return st, None
         except FileNotFoundError:
             # A fresh app has no state yet; one that has slots lost its state.
             why = "state.json missing" if (self.root / "slots").exists() else None
@@ -104,6 +113,7 @@ class AppSlots:
     def save(self, st: AppState) -> None:
         makedirs(self.root)
         atomic_write(self.state_path, st.to_json())
+        self._known = st
 
     # -- slots --------------------------------------------------------------
 

@@ -9,6 +9,9 @@ It never writes: deciding what a failure changes is the updater's job.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from devicerunner.errors import NoTrustRootError, UpdateError
@@ -17,6 +20,10 @@ from devicerunner.trust.manifest import Manifest, RolloutDoc, Root, parse_manife
 from devicerunner.trust.store import TrustStore
 from devicerunner.update.host import Clock, UpdateSettings
 from devicerunner.update.slots import AppSlots
+
+AUTHENTIC_CACHE = 64
+"""Manifests whose signatures verified, kept by (digest, root version): a
+release is checked on arrival and again before it is staged."""
 
 
 class Verifier:
@@ -27,6 +34,8 @@ class Verifier:
         self._trust = trust_store
         self._slots = slots
         self._clock = clock
+        self._authentic: OrderedDict[tuple[bytes, int], Manifest] = OrderedDict()
+        self._lock = threading.Lock()  # the updater's and the channel's lanes both verify
 
     def now(self) -> int:
         """The device's wall clock in seconds: it may be off (see threat-model.md)."""
@@ -46,8 +55,8 @@ class Verifier:
         if app in self._slots:
             st, _ = self._slots[app].load()
             history[app] = trust.AppHistory(st.highest_sequence, st.bad)
-        m = trust.verify_release(
-            manifest,
+        m = trust.check_release(
+            self._authenticate(manifest, root),
             root=root,
             device=self._settings.identity,
             history=history,
@@ -57,6 +66,20 @@ class Verifier:
         )
         if module is not None:
             trust.verify_artifact(m, module)
+        return m
+
+    def _authenticate(self, manifest: bytes, root: Root) -> Manifest:
+        key = (hashlib.sha256(manifest).digest(), root.version)
+        with self._lock:
+            m = self._authentic.get(key)
+            if m is not None:
+                self._authentic.move_to_end(key)
+                return m
+        m = trust.authenticate_release(manifest, root)  # raises: failures are not cached
+        with self._lock:
+            self._authentic[key] = m
+            while len(self._authentic) > AUTHENTIC_CACHE:
+                self._authentic.popitem(last=False)
         return m
 
     def rollout(self, payload: bytes, last_version: int) -> RolloutDoc:
