@@ -22,6 +22,7 @@ def _free_port() -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from devicerunner.transport.settings import parse_url
     from sim import report, scenarios
+    from sim.agent import RemoteFleet
     from sim.fleet import Fleet, Keys, Watcher
 
     names = (
@@ -39,6 +40,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     # The embedded broker warns about every client that vanishes mid-exchange; the
     # scenarios make that happen on purpose.
     logging.getLogger("amqtt").setLevel(logging.ERROR)
+    if args.agents and not args.broker:
+        raise DeviceRunnerError("--agents needs --broker: the agents and this controller meet on it")
     broker = None
     url = args.broker
     if url is None:
@@ -57,25 +60,28 @@ def cmd_sim(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dr-sim-") as tmp:
         keys = Keys()
         killable = max(2, args.devices // 5) if "power-loss" in names else 0
-        fleet = Fleet(
-            Path(tmp),
-            args.devices,
-            proxy.url if proxy else url,
-            keys,
-            args.seed,
-            workers=args.workers,
-            killable=killable,
-            # a stalled link is only noticed by keepalive: keep it short there
-            keepalive_s=5 if proxy else 30,
-        )
+        fleet: Fleet | RemoteFleet
+        if args.agents:  # devices run in `devicerunner sim-agent`s, possibly on other hosts
+            fleet = RemoteFleet(parse_url(url), args.agents, keys, args.seed)
+        else:
+            fleet = Fleet(
+                Path(tmp),
+                args.devices,
+                proxy.url if proxy else url,
+                keys,
+                args.seed,
+                workers=args.workers,
+                killable=killable,
+                # a stalled link is only noticed by keepalive: keep it short there
+                keepalive_s=5 if proxy else 30,
+            )
         s = parse_url(url)
-        print(
-            f"fleet: {args.devices} devices in {fleet.n_workers} worker processes, broker {url}", flush=True
-        )
         try:
             with Watcher(s, "dr/v1") as w:
                 fleet.start()
-                w.wait(lambda: w.count(lambda _d, st: st.get("online")) == args.devices, 60)
+                where = f"{fleet.n_workers} agents" if args.agents else f"{fleet.n_workers} worker processes"
+                print(f"fleet: {fleet.n} devices in {where}, broker {url}", flush=True)
+                w.wait(lambda: w.count(lambda _d, st: st.get("online")) == fleet.n, 120)
                 print(f"  {w.count(lambda _d, st: st.get('online'))} devices online", flush=True)
 
                 def restart(down_s: float) -> None:
@@ -107,7 +113,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     print(f"  -> {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.1f} s)", flush=True)
                 w.sample()  # the fleet as it ended, however short the run
                 data = {
-                    "devices": args.devices,
+                    "devices": fleet.n,
                     "broker": url if args.broker else "embedded (amqtt)",
                     "seed": args.seed,
                     "duration_s": time.time() - t_start,
@@ -148,4 +154,11 @@ def register(sub: Any) -> None:
     p.add_argument("--report", metavar="DIR", help="write summary.json and report.html here")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="worker processes (devices are spread over them)")
+    p.add_argument(
+        "--agents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run no devices here: wait for N `devicerunner sim-agent`s on the broker (needs --broker)",
+    )
     p.set_defaults(func=cmd_sim)

@@ -191,9 +191,11 @@ class Fleet:
         workers: int = 2,
         killable: int = 0,
         keepalive_s: int = 30,
+        id_prefix: str = "sim",
     ) -> None:
         """``killable`` devices get a worker process each, so a power cut can hit one
-        device alone (SIGKILL its process) while the others run on."""
+        device alone (SIGKILL its process) while the others run on. Device ids
+        are ``{id_prefix}-NNNN`` (agents on several hosts use their name)."""
         self.dir, self.n, self.url, self.keys = workdir, n, broker_url, keys
         self.rng = random.Random(seed)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -204,9 +206,9 @@ class Fleet:
             hw = HARDWARE[i % len(HARDWARE)]
             self.specs.append(
                 {
-                    "id": f"sim-{i:04d}",
+                    "id": f"{id_prefix}-{i:04d}",
                     "hardware": hw,
-                    "state_dir": str(workdir / "devices" / f"sim-{i:04d}"),
+                    "state_dir": str(workdir / "devices" / f"{id_prefix}-{i:04d}"),
                     "root": str(workdir / "root.json"),
                     "bootstrap": str(workdir / "bootstrap.wasm"),
                     "temp_base": round(self.rng.uniform(18, 26), 2),

@@ -17,6 +17,7 @@ from devicerunner.fleet.rollout import Policy, RolloutController
 from devicerunner.transport import operator, topics
 from devicerunner.trust import bundle, manifest
 from sim import apps
+from sim.agent import RemoteFleet
 from sim.fleet import QUIRKY, Fleet, Watcher
 from sim.netfault import FaultProxy, Faults
 
@@ -26,7 +27,7 @@ P = "dr/v1"
 class Ctx:
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: Fleet | RemoteFleet,
         watcher: Watcher,
         restart_broker: Callable[[float], None] | None = None,
         proxy: FaultProxy | None = None,
