@@ -33,6 +33,10 @@ class Keys:
     )
     rollout: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     version: int = 1
+    tick_interval_ms: int = 100
+    """How often the releases' apps tick (a thermostat needs 1 Hz; the
+    scenarios tick at 10 Hz so that trials are short)."""
+    trial_ticks: int = 15
 
     def root_bytes(self, signers: list[Ed25519PrivateKey] | None = None) -> bytes:
         now = int(time.time())
@@ -71,13 +75,13 @@ class Keys:
             expires=now + 86_400,
             rollout_percent=percent,
             rollout_salt=f"sim-{sequence}",
-            trial_ticks=15,
+            trial_ticks=self.trial_ticks,
             trial_seconds=1,
             chunk_size=4096,
             # Dozens of daemons share 2 cores here: a tick can wait for the GIL.
             # The budget and allowance keep CPU contention from failing trials;
             # the bug under test (a trap) is never allowed.
-            tick_interval_ms=100,
+            tick_interval_ms=self.tick_interval_ms,
             tick_budget_ms=50,
             max_overruns=2,
         )
@@ -222,6 +226,7 @@ class Fleet:
                     "quirk": 1.0 if hw == QUIRKY else 0.0,
                     "clock_offset_s": self._clock_offset(),
                     "keepalive_s": keepalive_s,
+                    "tick_interval_ms": keys.tick_interval_ms,
                 }
             )
         self.hardware = {s["id"]: s["hardware"] for s in self.specs}

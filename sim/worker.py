@@ -32,8 +32,8 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
             "app": {
                 "module": str(spec["bootstrap"]),
                 "policy": ["log", "clock", "sensors"],
-                "tick_interval_ms": 100,
-                "health_interval_ms": 500,
+                "tick_interval_ms": spec.get("tick_interval_ms", 100),
+                "health_interval_ms": 5 * spec.get("tick_interval_ms", 100),
             }
         },
         "sensors": {

@@ -90,6 +90,8 @@ def clean_temp_files(directory: Path, *, recursive: bool = False) -> int:
 def makedirs(path: Path, mode: int = 0o755) -> None:
     """mkdir -p, fsyncing each directory created, so the tree survives a power cut."""
     path = Path(path)
+    if path.is_dir():  # the common case: one stat, no walk up the tree
+        return
     missing = []
     p = path
     while not p.exists():

@@ -9,6 +9,7 @@ It never writes: deciding what a failure changes is the updater's job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -94,14 +95,19 @@ class Verifier:
 
 def peek_app(manifest: bytes) -> str:
     """The app a manifest names, unverified (for routing and reports only)."""
-    try:
-        return str(parse_manifest(manifest).app)
-    except (UpdateError, ValueError):
-        return "unknown"
+    m = _peek(manifest)
+    return "unknown" if m is None else str(m.app)
 
 
 def peek_sequence(manifest: bytes) -> int | None:
+    m = _peek(manifest)
+    return None if m is None else m.sequence
+
+
+@functools.lru_cache(maxsize=16)
+def _peek(manifest: bytes) -> Manifest | None:
+    """A release is peeked at several times on its way (routing, events): parse once."""
     try:
-        return parse_manifest(manifest).sequence
+        return parse_manifest(manifest)
     except (UpdateError, ValueError):
         return None
