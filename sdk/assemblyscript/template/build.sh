@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Build __APP__.wasm with AssemblyScript (asconfig.json: release target,
+# abort routed to the device log, so the module imports no `env.abort`).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -x node_modules/.bin/asc ]; then ASC=node_modules/.bin/asc
+elif command -v asc >/dev/null; then ASC=asc
+else
+  echo "build.sh: AssemblyScript's asc not found; install it: npm install (in this directory;" \
+       "it installs the npm package assemblyscript) or npm install -g assemblyscript;" \
+       "it needs Node.js (apt-get install nodejs npm)" >&2
+  exit 127
+fi
+"$ASC" --config asconfig.json --target release
+echo "built __APP__.wasm ($(wc -c < __APP__.wasm) bytes)"

@@ -1,0 +1,3 @@
+module __APP__
+
+go 1.24
