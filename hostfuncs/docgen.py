@@ -13,7 +13,7 @@ from pathlib import Path
 
 import hostfuncs  # noqa: F401 - registers every capability
 from hostfuncs import codes
-from hostfuncs.registry import abi_table
+from hostfuncs.registry import abi_details, abi_table
 
 BEGIN = "<!-- BEGIN GENERATED -->"
 END = "<!-- END GENERATED -->"
@@ -24,7 +24,21 @@ def generated() -> str:
     rows = ["| code | name | meaning |", "|---|---|---|"]
     for code in sorted(codes.NAMES, reverse=True):
         rows.append(f"| {code} | `{codes.NAMES[code]}` | {codes.DOCS[code]} |")
-    return "\n".join(["### Host functions", "", abi_table(), "", "### Error codes", "", *rows])
+    return "\n".join(
+        [
+            "### Host functions",
+            "",
+            abi_table(),
+            "",
+            "### Error codes",
+            "",
+            *rows,
+            "",
+            "### Parameters and results",
+            "",
+            abi_details(),
+        ]
+    )
 
 
 def render(text: str) -> str:

@@ -129,7 +129,21 @@ def _key(ctx: AppContext, ptr: int, length: int) -> bytes | int:
     return ctx.memory.read(ptr, length)
 
 
-@hostfunc("kv", "get", ("i32", "i32", "i32", "i32"), ("i32",))
+@hostfunc(
+    "kv",
+    "get",
+    ("i32", "i32", "i32", "i32"),
+    ("i32",),
+    args={
+        "kptr": "address of the key (any bytes)",
+        "klen": "the key's length in bytes (1..256)",
+        "vptr": "address of the buffer that receives the value",
+        "vcap": "the buffer's capacity in bytes",
+    },
+    returns="the value's length in bytes (the value is copied to `vptr`); ERR_NOT_FOUND, "
+    "ERR_BUF_TOO_SMALL (nothing written; values are at most 64 KiB), ERR_TOO_LARGE / ERR_INVALID "
+    "(key length), ERR_BOUNDS",
+)
 def get(ctx: AppContext, kptr: int, klen: int, vptr: int, vcap: int) -> int:
     """Copy the value of key into `vptr` (capacity `vcap`); its length, ERR_NOT_FOUND, ERR_BUF_TOO_SMALL."""
     key = _key(ctx, kptr, klen)
@@ -144,7 +158,20 @@ def get(ctx: AppContext, kptr: int, klen: int, vptr: int, vcap: int) -> int:
     return len(value)
 
 
-@hostfunc("kv", "set", ("i32", "i32", "i32", "i32"), ("i32",))
+@hostfunc(
+    "kv",
+    "set",
+    ("i32", "i32", "i32", "i32"),
+    ("i32",),
+    args={
+        "kptr": "address of the key (any bytes)",
+        "klen": "the key's length in bytes (1..256)",
+        "vptr": "address of the value (any bytes)",
+        "vlen": "the value's length in bytes (at most 65,536)",
+    },
+    returns="0 (persisted in the background within the flush interval); ERR_QUOTA (nothing "
+    "changed), ERR_TOO_LARGE, ERR_INVALID (empty key), ERR_BOUNDS",
+)
 def set_(ctx: AppContext, kptr: int, klen: int, vptr: int, vlen: int) -> int:
     """Store value for key. 0, ERR_QUOTA (nothing changed), ERR_TOO_LARGE."""
     key = _key(ctx, kptr, klen)
@@ -156,7 +183,14 @@ def set_(ctx: AppContext, kptr: int, klen: int, vptr: int, vlen: int) -> int:
     return _store(ctx).set(key, value)
 
 
-@hostfunc("kv", "delete", ("i32", "i32"), ("i32",))
+@hostfunc(
+    "kv",
+    "delete",
+    ("i32", "i32"),
+    ("i32",),
+    args={"kptr": "address of the key", "klen": "the key's length in bytes (1..256)"},
+    returns="0; ERR_NOT_FOUND, ERR_TOO_LARGE / ERR_INVALID (key length), ERR_BOUNDS",
+)
 def delete(ctx: AppContext, kptr: int, klen: int) -> int:
     """Remove key. 0 or ERR_NOT_FOUND."""
     key = _key(ctx, kptr, klen)

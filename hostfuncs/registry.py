@@ -15,7 +15,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,11 @@ class HostFunc:
     doc: str
     on_bounds: int
     """What the call returns when the app passes an out-of-bounds pointer."""
+    param_names: tuple[str, ...] = ()
+    param_docs: tuple[str, ...] = ()
+    """Name and meaning (with units) of each parameter, in order."""
+    returns: str = ""
+    """What the result means: values and error codes."""
 
     @property
     def qualname(self) -> str:
@@ -55,6 +61,11 @@ class HostFunc:
     @property
     def signature(self) -> str:
         return f"({', '.join(self.params)}) -> ({', '.join(self.results)})"
+
+    @property
+    def named_signature(self) -> str:
+        args = ", ".join(f"{n}: {t}" for n, t in zip(self.param_names, self.params, strict=True))
+        return f"{self.qualname}({args}) -> {', '.join(self.results) or '()'}"
 
 
 REGISTRY: dict[tuple[str, str], HostFunc] = {}
@@ -66,9 +77,17 @@ def hostfunc(
     params: tuple[ValType, ...],
     results: tuple[ValType, ...],
     *,
+    args: Mapping[str, str],
+    returns: str,
     on_bounds: int = -2,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``impl`` as ``<namespace of capability>.name``."""
+    """Register ``impl`` as ``<namespace of capability>.name``.
+
+    ``args`` names and explains every Wasm parameter, in order, with the
+    same names as ``impl``'s parameters after ``ctx``; ``returns`` says what
+    the result means. docs/abi.md is generated from them, so an app author
+    never has to guess which argument is the level or whether a count is
+    of bytes or samples."""
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}")
     for t in (*params, *results):
@@ -80,9 +99,27 @@ def hostfunc(
         key = (module, name)
         if key in REGISTRY:
             raise ValueError(f"host function {module}.{name} registered twice")
+        names = tuple(inspect.signature(impl).parameters)[1:]  # after ctx
+        if len(names) != len(params) or tuple(args) != names:
+            raise ValueError(
+                f"host function {module}.{name}: args {tuple(args)} must name the parameters "
+                f"{names} in order, one per Wasm param {params}"
+            )
+        if not returns and results:
+            raise ValueError(f"host function {module}.{name}: say what it returns")
         doc = (impl.__doc__ or "").strip().splitlines()
         REGISTRY[key] = HostFunc(
-            capability, module, name, params, results, impl, doc[0] if doc else "", on_bounds
+            capability,
+            module,
+            name,
+            params,
+            results,
+            impl,
+            doc[0] if doc else "",
+            on_bounds,
+            names,
+            tuple(args.values()),
+            returns,
         )
         return impl
 
@@ -96,5 +133,28 @@ def abi_table() -> str:
         "|---|---|---|---|",
     ]
     for f in sorted(REGISTRY.values(), key=lambda f: (f.capability, f.name)):
-        lines.append(f"| `{f.qualname}` | `{f.signature}` | `{f.capability}` | {f.doc} |")
+        args = ", ".join(f"{n}: {t}" for n, t in zip(f.param_names, f.params, strict=True))
+        sig = f"({args}) -> ({', '.join(f.results)})"
+        lines.append(f"| [`{f.qualname}`](#{_anchor(f)}) | `{sig}` | `{f.capability}` | {f.doc} |")
     return "\n".join(lines)
+
+
+def _anchor(f: HostFunc) -> str:
+    # GitHub's anchor for a "#### `module.name`" heading: punctuation but _ dropped
+    return f"{f.module}{f.name}".lower()
+
+
+def abi_details() -> str:
+    """One section per host function: each parameter's name, type and
+    meaning, and what the result means."""
+    out: list[str] = []
+    for f in sorted(REGISTRY.values(), key=lambda f: (f.capability, f.name)):
+        out += [f"#### `{f.qualname}`", ""]
+        out += [f"`{f.named_signature}`", "", f.doc, ""]
+        if f.param_names:
+            out += ["| parameter | type | meaning |", "|---|---|---|"]
+            for n, t, d in zip(f.param_names, f.params, f.param_docs, strict=True):
+                out.append(f"| `{n}` | `{t}` | {d} |")
+            out.append("")
+        out += [f"Returns: {f.returns or 'nothing'}", ""]
+    return "\n".join(out).rstrip()

@@ -67,7 +67,20 @@ class TelemetryGrant:
     bucket: TokenBucket
 
 
-@hostfunc("telemetry", "publish", ("i32", "i32", "i32", "i32"), ("i32",))
+@hostfunc(
+    "telemetry",
+    "publish",
+    ("i32", "i32", "i32", "i32"),
+    ("i32",),
+    args={
+        "nptr": "address of the message name (ASCII `[A-Za-z0-9_.-]`)",
+        "nlen": "the name's length in bytes (1..64)",
+        "pptr": "address of the payload (any bytes; usually JSON)",
+        "plen": "the payload's length in bytes (at most 4,096)",
+    },
+    returns="0 (queued in the outbox; sent when connected); ERR_RATE_LIMITED (dropped), "
+    "ERR_TOO_LARGE, ERR_INVALID (bad name), ERR_BOUNDS",
+)
 def publish(ctx: AppContext, nptr: int, nlen: int, pptr: int, plen: int) -> int:
     """Queue payload under name ([A-Za-z0-9_.-]{1,64}). 0, ERR_RATE_LIMITED, ERR_TOO_LARGE."""
     grant = ctx.telemetry

@@ -47,10 +47,36 @@ DEFAULT_SENSORS = {
 }
 DEFAULT_ACTUATORS = {"fan": {"driver": "sim"}, "led": {"driver": "sim"}}
 ALL_CAPS = ",".join(CAPABILITIES)
+APP_RUN_EPILOG = """\
+Without --sensor: temp = sine, base 21.0, amplitude 3.0, period_s 20, noise
+0.05, unit C; humidity = random_walk, base 45.0, walk_step 0.2, unit %.
+Simulated sensor options and their defaults: waveform sine (constant, sine,
+step, random_walk), base 20.0, amplitude 1.0, period_s 60, step_at_s
+period_s/2, walk_step 0.1, noise 0.0, sample_interval_ms 100, max_age_ms
+5 x sample_interval_ms, fault none (offline, stuck, spike, dropout),
+fault_after_s 0, fault_rate 0.1, spike_magnitude 100, seed crc32(name).
+Time is virtual (it advances one interval per tick) unless --realtime.
+"""
 
 
 class UsageError(DeviceRunnerError):
     pass
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has a meaningful one) and keeps
+    the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "%(default)" not in text
+            and default not in (None, False, [], argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _num(text: str) -> Any:
@@ -263,30 +289,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     app = sub.add_parser("app", help="tools for app authors")
     app_sub = app.add_subparsers(dest="app_cmd", required=True)
-    r = app_sub.add_parser("run", help="run one module on simulated sensors")
+    r = app_sub.add_parser(
+        "run",
+        help="run one module on simulated sensors",
+        formatter_class=DefaultsHelpFormatter,
+        epilog=APP_RUN_EPILOG,
+    )
     r.add_argument("module", help=".wasm or .wat file")
-    r.add_argument("--grant", default=ALL_CAPS, help=f"capabilities (default: {ALL_CAPS})")
+    r.add_argument("--grant", default=ALL_CAPS, help="capabilities")
     r.add_argument(
         "--sensor",
         action="append",
         default=[],
         metavar="NAME=SPEC",
-        help="simulated sensor, e.g. temp=sine:base=21,amplitude=3 (default: temp, humidity)",
+        help="simulated sensor, e.g. temp=sine:base=21,amplitude=3 (none given: temp and humidity, below)",
     )
     r.add_argument(
         "--actuator",
         action="append",
         default=[],
         metavar="NAME=SPEC",
-        help="simulated actuator (default: fan, led)",
+        help="simulated actuator, e.g. fan=0 (none given: fan and led)",
     )
-    r.add_argument("--ticks", type=int, default=10)
+    r.add_argument("--ticks", type=int, default=10, help="how many ticks to run")
     r.add_argument(
         "--interval-ms", type=int, default=100, help="tick interval (virtual time unless --realtime)"
     )
-    r.add_argument("--budget-ms", type=float, default=10.0, help="tick CPU budget")
-    r.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024, help="bytes")
-    r.add_argument("--kv-quota", type=int, default=64 * 1024, help="bytes")
+    r.add_argument("--budget-ms", type=float, default=10.0, help="tick CPU budget, ms")
+    r.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024, help="app memory limit, bytes")
+    r.add_argument("--kv-quota", type=int, default=64 * 1024, help="kv quota, bytes")
     r.add_argument("--state", help="directory for kv data and the compile cache (default: temporary)")
     r.add_argument("--realtime", action="store_true", help="tick on the wall clock instead of virtual time")
     r.add_argument("--quiet", action="store_true", help="do not print the app's log")

@@ -278,6 +278,8 @@ class Sandbox:
 
     def compile(self, wasm: bytes) -> CompiledModule:
         """Compile (or load from cache) ``wasm``; raises ModuleInvalidError."""
+        if is_component(wasm):
+            raise ModuleInvalidError(COMPONENT_REFUSED)
         sha = hashlib.sha256(wasm).hexdigest()
         with self._lock:
             hit = self._modules.get(sha)
@@ -348,7 +350,8 @@ class Sandbox:
             if kind != "func":
                 problems.append(f"{qual}: only functions may be imported")
             elif cap is None:
-                problems.append(f"{qual}: no capability provides namespace {module!r}")
+                hint = _IMPORT_HINTS.get(qual, "")
+                problems.append(f"{qual}: no capability provides namespace {module!r}{hint}")
             elif cap not in grant:
                 problems.append(f"{qual}: needs capability '{cap}', which is not granted")
             elif f is None:
@@ -398,6 +401,9 @@ class Sandbox:
                 raise AbiError(f"export {name} must be a function () -> i32")
         if exports.get("memory", ("",))[0] != "memory":
             raise AbiError("module does not export its memory as 'memory' (ABI v1)")
+        if "_start" in exports and "_initialize" not in exports:
+            raise AbiError(COMMAND_REFUSED)
+        _check_initial_memory(compiled.module, limits)
 
         store = wasmtime.Store(self.engine)
         store.set_limits(
@@ -511,6 +517,8 @@ class AppInstance:
         except AppExit as e:
             return CallResult(Outcome.TRAP, -1, f"{what}: {e}", time.perf_counter() - t0)
         except wasmtime.WasmtimeError as e:
+            if isinstance(e.__context__, AppExit):  # stock path, raised through a trap
+                return CallResult(Outcome.TRAP, -1, f"{what}: {e.__context__}", time.perf_counter() - t0)
             host_exc, self.host_error.exc = self.host_error.exc, None
             if host_exc is not None:  # fast path: a host function raised
                 return self._host_raised(host_exc, what, time.perf_counter() - t0)
@@ -520,6 +528,8 @@ class AppInstance:
         return CallResult(Outcome.OK, 0, "", time.perf_counter() - t0)
 
     def _host_raised(self, e: BaseException, what: str, dt: float) -> CallResult:
+        if isinstance(e, AppExit):  # the app ended itself: one line, not a host bug
+            return CallResult(Outcome.TRAP, -1, f"{what}: {e}", dt)
         log.error("host function raised inside %s of app %s", what, self.ctx.app, exc_info=e)
         self.ctx.stats.host_errors += 1
         return CallResult(
@@ -582,6 +592,50 @@ def _trap_message(e: wasmtime.Trap) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+_IMPORT_HINTS = {
+    "env.abort": " (AssemblyScript's default abort handler: build with --use abort=<your handler>, "
+    "as sdk/assemblyscript's asconfig.json does; see docs/apps.md)",
+}
+
+COMMAND_REFUSED = (
+    "module is a WASI command (it exports _start and no _initialize): its libc would run "
+    "constructors and destructors around every call, so state would not survive between ticks. "
+    "Build a reactor instead: clang/clang++ -mexec-model=reactor; zig build-exe -fno-entry "
+    "(or wasm32-freestanding, or -mexec-model=reactor for wasm32-wasi); rustc --crate-type cdylib "
+    '(cargo: crate-type = ["cdylib"]); go build -buildmode=c-shared (GOOS=wasip1); '
+    "AssemblyScript without the WASI shim (no --exportStart _start). See docs/apps.md."
+)
+
+COMPONENT_REFUSED = (
+    "this is a WebAssembly component (component-model binary), not a core module: devicerunner "
+    "runs core modules only (App ABI v1, docs/abi.md). Build a core module for wasm32-wasi "
+    "(wasip1) or wasm32-unknown-unknown instead of wasm32-wasip2 / cargo component / "
+    "componentize-*; see docs/apps.md."
+)
+
+
+def is_component(wasm: bytes) -> bool:
+    """The preamble of a component-model binary: magic, a version, layer 1
+    (a core module has version 1, layer 0)."""
+    return len(wasm) >= 8 and wasm[:4] == b"\0asm" and wasm[6:8] == b"\x01\x00"
+
+
+def _check_initial_memory(module: wasmtime.Module, limits: Limits) -> None:
+    for e in module.exports:
+        t = e.type
+        if isinstance(t, wasmtime.MemoryType):
+            need = t.limits.min * 65536
+            if need > limits.memory_bytes:
+                raise AppInitError(
+                    f"initial memory {t.limits.min} pages ({need / 1048576:.1f} MiB) exceeds the app's "
+                    f"memory limit of {limits.memory_bytes} bytes ({limits.memory_bytes / 1048576:.1f} MiB), "
+                    "set by the manifest's limits.memory_bytes, device.toml's "
+                    "apps.<name>.memory_limit_bytes or app run --memory-limit. A large initial memory "
+                    "is usually the stack: zig's wasm32-wasi default is 16 MiB (use --stack 65536), "
+                    "clang: -Wl,-z,stack-size=65536"
+                )
 
 
 def load_module_bytes(path: Path) -> bytes:

@@ -1,4 +1,5 @@
-/* App ABI v1 imports for C apps (see docs/abi.md). */
+/* App ABI v1 imports for C apps (see docs/abi.md). sdk/c/devicerunner.h is the
+ * same list with helpers; `devicerunner app new NAME --lang c` starts from it. */
 #ifndef DEVICERUNNER_H
 #define DEVICERUNNER_H
 #include <stdint.h>
@@ -16,8 +17,11 @@ DR_IMPORT("log", "write") int32_t dr_log_write(int32_t level, const char *msg, i
 DR_IMPORT("clock", "now_ms") int64_t dr_clock_now_ms(void);
 DR_IMPORT("clock", "monotonic_us") int64_t dr_clock_monotonic_us(void);
 DR_IMPORT("sensors", "find") int32_t dr_sensors_find(const char *name, int32_t len);
+DR_IMPORT("sensors", "count") int32_t dr_sensors_count(void);
+DR_IMPORT("sensors", "name") int32_t dr_sensors_name(int32_t id, char *out, int32_t cap);
 DR_IMPORT("sensors", "read") int32_t dr_sensors_read(int32_t id, double *out);
-DR_IMPORT("sensors", "read_batch") int32_t dr_sensors_read_batch(int32_t id, double *out, int32_t max);
+/* max_samples counts f64 values, not bytes */
+DR_IMPORT("sensors", "read_batch") int32_t dr_sensors_read_batch(int32_t id, double *out, int32_t max_samples);
 DR_IMPORT("actuators", "find") int32_t dr_actuators_find(const char *name, int32_t len);
 DR_IMPORT("actuators", "set") int32_t dr_actuators_set(int32_t id, double value);
 DR_IMPORT("kv", "get") int32_t dr_kv_get(const char *key, int32_t klen, void *val, int32_t vcap);
