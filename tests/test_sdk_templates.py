@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.cli_app_new import LANGS
+from devicerunner.cli.app_new import LANGS
 from tests.conftest import run_cli
 
 TICKS = 50
@@ -40,7 +40,18 @@ def _new(
     name: str, lang: str, where: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "devicerunner.cli", "app", "new", name, "--lang", lang, "--dir", str(where)],
+        [
+            sys.executable,
+            "-m",
+            "devicerunner.cli.main",
+            "app",
+            "new",
+            name,
+            "--lang",
+            lang,
+            "--dir",
+            str(where),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,9 +13,9 @@ import struct
 
 import pytest
 
-from devicerunner.apps import DeviceResources
+from devicerunner.device.apps import DeviceResources
 from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError
-from devicerunner.sandbox import Limits, Outcome, Sandbox
+from devicerunner.sandbox.engine import Limits, Outcome, Sandbox
 from firmware_shims.base import VirtualClock
 from firmware_shims.simulated import SimSensor
 from hostfuncs import codes

@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print a JSON summary on stdout (log to stderr)")
     r.set_defaults(func=cmd_app_run)
 
-    from devicerunner import cli_app_new
+    from devicerunner.cli import app_new
 
-    cli_app_new.register(app_sub, DefaultsHelpFormatter)
+    app_new.register(app_sub, DefaultsHelpFormatter)
 
     run = sub.add_parser("run", help="run the device daemon")
     run.add_argument("--config", required=True, help="device.toml")
