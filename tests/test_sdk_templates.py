@@ -60,8 +60,8 @@ def _new(
     )
 
 
-@pytest.mark.parametrize("lang", sorted(LANGS))
-def test_template_scaffolds_builds_and_runs_without_traps(lang: str, tmp_path: Path) -> None:
+def _build(lang: str, tmp_path: Path, edit: tuple[str, str, str] | None = None) -> Path:
+    """app new + build.sh; ``edit`` = (file, old, new) changes the template first."""
     name = f"t_{lang}"
     project = tmp_path / name
     r = _new(name, lang, project)
@@ -70,12 +70,23 @@ def test_template_scaffolds_builds_and_runs_without_traps(lang: str, tmp_path: P
         if os.environ.get("DR_REQUIRE_TOOLCHAINS"):
             pytest.fail(f"{lang} toolchain missing under scripts/test: {r.stderr.strip()}")
         pytest.skip(r.stderr.strip())
+    if edit:
+        src = project / edit[0]
+        text = src.read_text()
+        assert edit[1] in text
+        src.write_text(text.replace(edit[1], edit[2], 1))
     b = subprocess.run(
         [str(project / "build.sh")], capture_output=True, text=True, timeout=300, env=ENV, cwd=project
     )
     assert b.returncode == 0, f"{lang} build failed:\n{b.stdout}\n{b.stderr}"
     wasm = project / f"{name}.wasm"
     assert wasm.stat().st_size > 0
+    return wasm
+
+
+@pytest.mark.parametrize("lang", sorted(LANGS))
+def test_template_scaffolds_builds_and_runs_without_traps(lang: str, tmp_path: Path) -> None:
+    wasm = _build(lang, tmp_path)
     run = run_cli("app", "run", str(wasm), "--ticks", str(TICKS), "--json")
     assert run.returncode == 0, run.stderr
     s = json.loads(run.stdout)
@@ -87,6 +98,39 @@ def test_template_scaffolds_builds_and_runs_without_traps(lang: str, tmp_path: P
         assert "telemetry climate" in run.stderr, run.stderr
         last = [ln for ln in run.stderr.splitlines() if "telemetry climate" in ln][-1]
         assert json.loads(last.split("telemetry climate ", 1)[1])["setpoint"] == 22.0
+
+
+def test_rust_panic_message_reaches_the_log_before_the_trap(tmp_path: Path) -> None:
+    # Without the SDK's hook a panic on wasm32-unknown-unknown is a bare trap.
+    wasm = _build(
+        "rust",
+        tmp_path,
+        (
+            "src/lib.rs",
+            "self.ticks += 1;",
+            'self.ticks += 1;\n        if self.ticks == 3 { panic!("boom at tick {}", self.ticks); }',
+        ),
+    )
+    run = run_cli("app", "run", str(wasm), "--ticks", "5", "--json")
+    assert run.returncode == 3
+    assert "error: panic: panicked at 'boom at tick 3'" in run.stderr, run.stderr
+    assert json.loads(run.stdout)["traps"] == 1
+
+
+def test_assemblyscript_abort_is_logged_by_the_sdk_handler_not_imported(tmp_path: Path) -> None:
+    wasm = _build(
+        "assemblyscript",
+        tmp_path,
+        (
+            "assembly/index.ts",
+            "  ticks++;",
+            '  ticks++;\n  if (ticks == 3) throw new Error("boom at tick 3");',
+        ),
+    )
+    run = run_cli("app", "run", str(wasm), "--ticks", "5", "--json")
+    assert run.returncode == 3
+    assert "error: abort: boom at tick 3 at assembly/index.ts" in run.stderr, run.stderr
+    assert json.loads(run.stdout)["traps"] == 1
 
 
 def test_app_new_refuses_to_write_into_a_non_empty_directory(tmp_path: Path) -> None:

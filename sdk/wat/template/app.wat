@@ -3,11 +3,11 @@
 ;; Run as is: devicerunner app run app.wat   (./build.sh makes __APP__.wasm)
 ;; Imports: see docs/abi.md (parameter names, units and codes).
 (module
-  (import "log" "write" (func $log (param $level i32) (param $ptr i32) (param $len i32) (result i32)))
-  (import "sensors" "find" (func $sensor_find (param $ptr i32) (param $len i32) (result i32)))
-  (import "sensors" "read" (func $sensor_read (param $id i32) (param $out_ptr i32) (result i32)))
-  (import "actuators" "find" (func $actuator_find (param $ptr i32) (param $len i32) (result i32)))
-  (import "actuators" "set" (func $actuator_set (param $id i32) (param $value f64) (result i32)))
+  (import "log" "write" (func $log (param $level i32) (param $ptr i32) (param $length i32) (result i32)))
+  (import "sensors" "find" (func $sensor_find (param $ptr i32) (param $length i32) (result i32)))
+  (import "sensors" "read" (func $sensor_read (param $sensor_id i32) (param $out_ptr i32) (result i32)))
+  (import "actuators" "find" (func $actuator_find (param $ptr i32) (param $length i32) (result i32)))
+  (import "actuators" "set" (func $actuator_set (param $actuator_id i32) (param $value f64) (result i32)))
   (import "kv" "get" (func $kv_get (param $kptr i32) (param $klen i32) (param $vptr i32) (param $vcap i32) (result i32)))
   (import "kv" "set" (func $kv_set (param $kptr i32) (param $klen i32) (param $vptr i32) (param $vlen i32) (result i32)))
 
