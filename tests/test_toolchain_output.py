@@ -69,6 +69,26 @@ def test_initial_memory_over_the_limit_names_the_limit_and_the_config_key(sandbo
     assert "memory_limit_bytes" in msg and "--memory-limit" in msg and "--stack" in msg
 
 
+def test_trap_after_memory_grow_hit_the_limit_names_the_limit_and_the_config_key(sandbox: Sandbox) -> None:
+    # An allocator whose memory.grow failed traps with "unreachable": say why.
+    module = wat(f"""(module {ABI}
+      (func (export "dr_tick") (result i32)
+        (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
+        unreachable))""")
+    app = make_app(sandbox, module, limits=Limits(memory_bytes=4 * 65536))
+    r = app.tick()
+    assert r.outcome is Outcome.TRAP
+    assert "unreachable" in r.message
+    assert "memory is at the app's limit: 262144 of 262144 bytes" in r.message
+    assert "memory_limit_bytes" in r.message
+
+
+def test_trap_well_below_the_memory_limit_does_not_blame_memory(sandbox: Sandbox) -> None:
+    module = wat(f"""(module {ABI} (func (export "dr_tick") (result i32) unreachable))""")
+    r = make_app(sandbox, module).tick()
+    assert r.outcome is Outcome.TRAP and "limit" not in r.message
+
+
 def test_assemblyscript_env_abort_link_error_says_how_to_replace_it(sandbox: Sandbox) -> None:
     module = wat(f"""(module (import "env" "abort" (func (param i32 i32 i32 i32))) {ABI} {TICK_OK})""")
     with pytest.raises(LinkError, match=r"env\.abort: .*--use abort="):
@@ -199,3 +219,18 @@ def test_app_run_help_shows_every_default() -> None:
     ):
         assert default in text, default
     assert "period_s" in text and "sample_interval_ms" in text
+
+
+def test_documented_simulated_sensor_defaults_are_the_code_defaults() -> None:
+    s = SimSensor("x", {}, VirtualClock())
+    assert (s.waveform, s.base, s.amplitude, s.period_s) == ("sine", 20.0, 1.0, 60.0)
+    assert (s.walk_step, s.noise, s.dt_s, s.max_age_s) == (0.1, 0.0, 0.1, 0.5)
+    assert (s.fault, s.fault_after_s, s.fault_rate, s.spike_magnitude) == ("none", 0.0, 0.1, 100.0)
+    text = " ".join(run_cli("app", "run", "--help").stdout.split())
+    for documented in (
+        "waveform sine",
+        "base 20.0, amplitude 1.0, period_s 60,",
+        "walk_step 0.1, noise 0.0, sample_interval_ms 100, max_age_ms 5 x sample_interval_ms",
+        "fault_after_s 0, fault_rate 0.1, spike_magnitude 100",
+    ):
+        assert documented in text, documented

@@ -546,6 +546,10 @@ class AppInstance:
             return CallResult(
                 Outcome.ERROR, self.last_value, f"{export} returned {self.last_value}", r.duration_s
             )
+        if r.outcome is Outcome.TRAP and self.memory_bytes() + 65536 > self.limits.memory_bytes:
+            # memory.grow past the limit returns -1; the allocator then traps
+            # with its own words ("unreachable"): say which limit it hit.
+            return r._replace(message=f"{r.message} ({memory_limit_hint(self.memory_bytes(), self.limits)})")
         return r
 
 
@@ -622,6 +626,19 @@ def is_component(wasm: bytes) -> bool:
     return len(wasm) >= 8 and wasm[:4] == b"\0asm" and wasm[6:8] == b"\x01\x00"
 
 
+MEMORY_LIMIT_KEYS = (
+    "set by the manifest's limits.memory_bytes, device.toml's apps.<name>.memory_limit_bytes "
+    "or app run --memory-limit"
+)
+
+
+def memory_limit_hint(used: int, limits: Limits) -> str:
+    return (
+        f"memory is at the app's limit: {used} of {limits.memory_bytes} bytes "
+        f"({limits.memory_bytes / 1048576:.1f} MiB), {MEMORY_LIMIT_KEYS}"
+    )
+
+
 def _check_initial_memory(module: wasmtime.Module, limits: Limits) -> None:
     for e in module.exports:
         t = e.type
@@ -631,10 +648,8 @@ def _check_initial_memory(module: wasmtime.Module, limits: Limits) -> None:
                 raise AppInitError(
                     f"initial memory {t.limits.min} pages ({need / 1048576:.1f} MiB) exceeds the app's "
                     f"memory limit of {limits.memory_bytes} bytes ({limits.memory_bytes / 1048576:.1f} MiB), "
-                    "set by the manifest's limits.memory_bytes, device.toml's "
-                    "apps.<name>.memory_limit_bytes or app run --memory-limit. A large initial memory "
-                    "is usually the stack: zig's wasm32-wasi default is 16 MiB (use --stack 65536), "
-                    "clang: -Wl,-z,stack-size=65536"
+                    f"{MEMORY_LIMIT_KEYS}. A large initial memory is usually the stack: zig's "
+                    "wasm32-wasi default is 16 MiB (use --stack 65536), clang: -Wl,-z,stack-size=65536"
                 )
 
 

@@ -12,5 +12,5 @@ if [ "$minor" -lt 24 ]; then
   echo "build.sh: $GO is $ver; //go:wasmexport needs Go >= 1.24: $need" >&2
   exit 127
 fi
-GOOS=wasip1 GOARCH=wasm CGO_ENABLED=0 "$GO" build -buildmode=c-shared -trimpath -ldflags=-s -o __APP__.wasm .
+GOTOOLCHAIN=local GOOS=wasip1 GOARCH=wasm CGO_ENABLED=0 "$GO" build -buildmode=c-shared -trimpath -ldflags=-s -o __APP__.wasm .
 echo "built __APP__.wasm ($(wc -c < __APP__.wasm) bytes)"
