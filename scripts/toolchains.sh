@@ -18,9 +18,10 @@ _tc_apt=(clang lld wasi-libc libclang-rt-14-dev-wasm32 libc++-14-dev-wasm32 libc
          rustc libstd-rust-dev-wasm32)
 
 install_toolchains() {
-  local missing=() p stamp
+  local missing=() p st stamp
   for p in "${_tc_apt[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [[ "$st" == *"ok installed"* ]] || missing+=("$p")
   done
   command -v npm >/dev/null || missing+=(nodejs npm)  # any Node.js will do
   if [ ${#missing[@]} -gt 0 ]; then
