@@ -30,6 +30,7 @@ def _toolchain_env() -> dict[str, str]:
     )
     extra = [base / "py" / "ziglang", base / "py" / "go" / "bin", base / "npm" / "node_modules" / ".bin"]
     env["PATH"] = os.pathsep.join([*(str(p) for p in extra if p.is_dir()), env.get("PATH", "")])
+    env.setdefault("PYTHON", sys.executable)  # the WAT build assembles with this run's wasmtime
     return env
 
 

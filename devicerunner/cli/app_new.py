@@ -160,7 +160,14 @@ def _check_go(project: Path) -> str | None:
 
 
 def _check_wat(project: Path) -> str | None:
-    return None  # app run reads .wat; build.sh assembles with the wasmtime package devicerunner uses
+    # app run reads .wat as is; build.sh assembles with wat2wasm or the
+    # wasmtime package devicerunner runs on (found through its interpreter).
+    if _which("wat2wasm") or _which("devicerunner"):
+        return None
+    for py in (os.environ.get("PYTHON"), "python3"):
+        if py and _run(py, "-c", "import wasmtime") is not None:
+            return None
+    return "wat2wasm (apt-get install wabt), or activate devicerunner's virtualenv (it has wasmtime)"
 
 
 LANGS: dict[str, Lang] = {
