@@ -4,12 +4,18 @@ The toolchains come from scripts/test (scripts/toolchains.sh installs them
 once per machine into ~/.cache/devicerunner/toolchains). Run directly, a
 language whose toolchain is absent is skipped, naming what to install;
 under scripts/test (DR_REQUIRE_TOOLCHAINS=1) it fails instead.
+
+A build is cached (~/.cache/devicerunner/sdk-builds) under the hash of every
+project file and the identity of the tools that build it, so a rerun with
+nothing changed only scaffolds and runs; DR_NO_BUILD_CACHE=1 rebuilds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +28,15 @@ from tests.conftest import run_cli
 TICKS = 50
 
 
+TOOLCHAINS = Path(
+    os.environ.get("DR_TOOLCHAINS")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devicerunner" / "toolchains"
+)
+
+
 def _toolchain_env() -> dict[str, str]:
     env = dict(os.environ)
-    base = Path(
-        env.get("DR_TOOLCHAINS")
-        or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devicerunner" / "toolchains"
-    )
+    base = TOOLCHAINS
     extra = [base / "py" / "ziglang", base / "py" / "go" / "bin", base / "npm" / "node_modules" / ".bin"]
     env["PATH"] = os.pathsep.join([*(str(p) for p in extra if p.is_dir()), env.get("PATH", "")])
     env.setdefault("PYTHON", sys.executable)  # the WAT build assembles with this run's wasmtime
@@ -76,13 +85,50 @@ def _build(lang: str, tmp_path: Path, edit: tuple[str, str, str] | None = None) 
         text = src.read_text()
         assert edit[1] in text
         src.write_text(text.replace(edit[1], edit[2], 1))
+    wasm = project / f"{name}.wasm"
+    cached = _cache_path(lang, project)
+    if cached.is_file():
+        shutil.copyfile(cached, wasm)
+        return wasm
     b = subprocess.run(
         [str(project / "build.sh")], capture_output=True, text=True, timeout=300, env=ENV, cwd=project
     )
     assert b.returncode == 0, f"{lang} build failed:\n{b.stdout}\n{b.stderr}"
-    wasm = project / f"{name}.wasm"
     assert wasm.stat().st_size > 0
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(wasm, tmp)
+    tmp.replace(cached)
     return wasm
+
+
+# The tools each build.sh runs; their identity (path, size, mtime) is part of
+# the build cache key, with every file of the project.
+TOOLS = {
+    "c": ["clang", "wasm-ld"],
+    "cpp": ["clang++", "wasm-ld"],
+    "rust": ["/usr/bin/rustc", "rustc"],
+    "assemblyscript": ["asc", "node"],
+    "zig": ["zig"],
+    "go": ["go"],
+    "wat": ["wat2wasm"],
+}
+
+
+def _cache_path(lang: str, project: Path) -> Path:
+    """Where a build of exactly these sources by exactly these tools is kept
+    (like ccache: same inputs, same output). DR_NO_BUILD_CACHE=1 rebuilds."""
+    if os.environ.get("DR_NO_BUILD_CACHE"):
+        return project / ".no-cache"
+    h = hashlib.sha256(lang.encode())
+    for tool in TOOLS[lang]:
+        found = shutil.which(tool, path=ENV["PATH"])
+        if found:
+            st = Path(found).resolve().stat()
+            h.update(f"{tool}={Path(found).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in sorted(p for p in project.rglob("*") if p.is_file() and p.suffix != ".wasm"):
+        h.update(str(f.relative_to(project)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return TOOLCHAINS.parent / "sdk-builds" / f"{lang}-{h.hexdigest()[:24]}.wasm"
 
 
 @pytest.mark.parametrize("lang", sorted(LANGS))
