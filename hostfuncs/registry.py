@@ -7,6 +7,9 @@ is generated from the same table (a test checks they agree).
 
 Invariants:
 - ``(module, name)`` is unique; a duplicate registration is a bug and raises.
+- Every Wasm parameter is named and explained (``args``, checked against the
+  implementation's parameter names) and so is the result (``returns``):
+  an app author reads them in docs/abi.md instead of guessing.
 - An implementation takes ``(ctx, *wasm_args)`` and returns the declared
   results. It must not block (no I/O, no locks held across waits) and must
   treat every pointer as hostile (see ``hostfuncs.memory``).

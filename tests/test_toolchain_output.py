@@ -19,7 +19,7 @@ from devicerunner.sandbox.engine import Limits, Outcome, Sandbox
 from firmware_shims.base import VirtualClock
 from firmware_shims.simulated import SimSensor
 from hostfuncs import codes
-from hostfuncs.registry import REGISTRY
+from hostfuncs.registry import REGISTRY, hostfunc
 from tests.conftest import LogCapture, make_app, run_cli, wat
 
 ABI = """
@@ -234,3 +234,16 @@ def test_documented_simulated_sensor_defaults_are_the_code_defaults() -> None:
         "fault_after_s 0, fault_rate 0.1, spike_magnitude 100",
     ):
         assert documented in text, documented
+
+
+def test_host_function_registered_without_naming_its_parameters_is_refused() -> None:
+    def impl(ctx: object, level: int, ptr: int) -> int:
+        return 0
+
+    with pytest.raises(ValueError, match="must name the parameters"):
+        hostfunc("log", "t1", ("i32", "i32"), ("i32",), args={"ptr": "x", "level": "y"}, returns="0")(impl)
+    with pytest.raises(ValueError, match="must name the parameters"):
+        hostfunc("log", "t2", ("i32", "i32"), ("i32",), args={"level": "x"}, returns="0")(impl)
+    with pytest.raises(ValueError, match="say what it returns"):
+        hostfunc("log", "t3", ("i32", "i32"), ("i32",), args={"level": "x", "ptr": "y"}, returns="")(impl)
+    assert not {("log", "t1"), ("log", "t2"), ("log", "t3")} & REGISTRY.keys()
