@@ -85,7 +85,7 @@ fn check(rc: i32) Error!u32 {
 pub const Level = enum(i32) { debug = 0, info = 1, warn = 2, err = 3 };
 
 pub fn log(level: Level, msg: []const u8) void {
-    _ = sys.write(@intFromEnum(level), msg.ptr, msg.len);
+    _ = sys.write(@backingInt(level), msg.ptr, msg.len);
 }
 
 /// Format into a 1 KiB stack buffer (longer lines are cut) and log.

@@ -125,9 +125,9 @@ func bytesPtr(b []byte) (unsafe.Pointer, int32) {
 type Level int32
 
 const (
-	Debug Level = 0
-	Info  Level = 1
-	Warn  Level = 2
+	Debug      Level = 0
+	Info       Level = 1
+	Warn       Level = 2
 	ErrorLevel Level = 3
 )
 

@@ -198,7 +198,9 @@ impl Sensor {
 
     /// Every sensor this app may read.
     pub fn all() -> Vec<Sensor> {
-        (0..unsafe { sys::sensors_count() }.max(0)).map(Sensor).collect()
+        (0..unsafe { sys::sensors_count() }.max(0))
+            .map(Sensor)
+            .collect()
     }
 
     pub fn name(self) -> Result<String> {
@@ -211,8 +213,14 @@ impl Sensor {
     pub fn read(self) -> Result<Sample> {
         let mut v = 0.0f64;
         match unsafe { sys::sensors_read(self.0, &mut v) } {
-            0 => Ok(Sample { value: v, fresh: true }),
-            -4 => Ok(Sample { value: v, fresh: false }),
+            0 => Ok(Sample {
+                value: v,
+                fresh: true,
+            }),
+            -4 => Ok(Sample {
+                value: v,
+                fresh: false,
+            }),
             rc => Err(Error::from_code(rc)),
         }
     }
@@ -244,8 +252,15 @@ pub mod kv {
 
     /// Copy the value of `key` into `buf`; its length.
     pub fn get(key: &str, buf: &mut [u8]) -> Result<usize> {
-        check(unsafe { sys::kv_get(key.as_ptr(), len(key.as_bytes()), buf.as_mut_ptr(), len(buf)) })
-            .map(|n| n as usize)
+        check(unsafe {
+            sys::kv_get(
+                key.as_ptr(),
+                len(key.as_bytes()),
+                buf.as_mut_ptr(),
+                len(buf),
+            )
+        })
+        .map(|n| n as usize)
     }
 
     /// The whole value of `key` (at most 64 KiB).
@@ -264,7 +279,15 @@ pub mod kv {
     }
 
     pub fn set(key: &str, value: &[u8]) -> Result<()> {
-        check(unsafe { sys::kv_set(key.as_ptr(), len(key.as_bytes()), value.as_ptr(), len(value)) }).map(|_| ())
+        check(unsafe {
+            sys::kv_set(
+                key.as_ptr(),
+                len(key.as_bytes()),
+                value.as_ptr(),
+                len(value),
+            )
+        })
+        .map(|_| ())
     }
 
     pub fn delete(key: &str) -> Result<()> {
@@ -305,8 +328,15 @@ pub mod telemetry {
 
     /// Queue `payload` (at most 4 KiB) under `name` ([A-Za-z0-9_.-]{1,64}).
     pub fn publish(name: &str, payload: &[u8]) -> Result<()> {
-        check(unsafe { sys::telemetry_publish(name.as_ptr(), len(name.as_bytes()), payload.as_ptr(), len(payload)) })
-            .map(|_| ())
+        check(unsafe {
+            sys::telemetry_publish(
+                name.as_ptr(),
+                len(name.as_bytes()),
+                payload.as_ptr(),
+                len(payload),
+            )
+        })
+        .map(|_| ())
     }
 
     pub fn publish_str(name: &str, payload: &str) -> Result<()> {

@@ -26,7 +26,14 @@ impl App for Thermostat {
             }
         };
         info!("setpoint {:.1} C, hysteresis {:.1} C", setpoint, HYSTERESIS);
-        Ok(Thermostat { temp, fan, setpoint, fan_on: false, ticks: 0, bad_reads: 0 })
+        Ok(Thermostat {
+            temp,
+            fan,
+            setpoint,
+            fan_on: false,
+            ticks: 0,
+            bad_reads: 0,
+        })
     }
 
     fn tick(&mut self) -> Result<()> {
@@ -48,7 +55,10 @@ impl App for Thermostat {
         }
         self.fan.set(if self.fan_on { 1.0 } else { 0.0 })?;
         if self.ticks % 10 == 0 {
-            let json = format!("{{\"temp\":{:.2},\"fan\":{},\"setpoint\":{:.1}}}", t, self.fan_on as u8, self.setpoint);
+            let json = format!(
+                "{{\"temp\":{:.2},\"fan\":{},\"setpoint\":{:.1}}}",
+                t, self.fan_on as u8, self.setpoint
+            );
             telemetry::publish_str("climate", &json)?;
         }
         Ok(())
