@@ -147,6 +147,54 @@ def test_poll_oneoff_with_no_subscriptions_is_einval(sandbox: Sandbox) -> None:
     assert make_app(sandbox, module).tick().code == 28
 
 
+def test_poll_oneoff_fd_subscriptions_stdio_is_ready_other_fds_are_ebadf(sandbox: Sandbox) -> None:
+    subs = struct.pack("<QB7xI28x", 1, 1, 0) + struct.pack("<QB7xI28x", 2, 1, 9)  # fd_read on 0, on 9
+    data = "".join(f"\\{b:02x}" for b in subs)
+    module = wat(f"""(module
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "{data}")
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32)
+        (if (call $poll (i32.const 0) (i32.const 128) (i32.const 2) (i32.const 256)) (then (return (i32.const 1))))
+        (if (i32.ne (i32.load (i32.const 256)) (i32.const 2)) (then (return (i32.const 2))))
+        (if (i32.load16_u (i32.const 136)) (then (return (i32.const 3))))
+        (if (i32.ne (i32.load16_u (i32.const 168)) (i32.const 8)) (then (return (i32.const 4))))
+        (i32.const 0)))""")
+    r = make_app(sandbox, module).tick()
+    assert r.outcome is Outcome.OK, r.message
+
+
+def test_poll_oneoff_huge_subscription_count_is_refused_before_reading_memory(sandbox: Sandbox) -> None:
+    # 0xFFFFFFFF subscriptions would be a 200 GB read: EINVAL, nothing read or written.
+    module = wat("""(module
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32)
+        (i32.store (i32.const 256) (i32.const 77))
+        (if (i32.ne (call $poll (i32.const 0) (i32.const 128) (i32.const -1) (i32.const 256)) (i32.const 28))
+          (then (return (i32.const 1))))
+        (i32.ne (i32.load (i32.const 256)) (i32.const 77))))""")
+    assert make_app(sandbox, module).tick().ok
+
+
+def test_poll_oneoff_out_of_bounds_events_pointer_is_efault_and_writes_nothing(sandbox: Sandbox) -> None:
+    sub = struct.pack("<QB7xIxxxxQQH6x", 5, 0, 1, 1000, 0, 0)
+    data = "".join(f"\\{b:02x}" for b in sub)
+    module = wat(f"""(module
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "{data}")
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32)
+        (i32.store (i32.const 256) (i32.const 77))
+        (if (i32.ne (call $poll (i32.const 0) (i32.const 65530) (i32.const 1) (i32.const 256)) (i32.const 21))
+          (then (return (i32.const 1))))
+        (i32.ne (i32.load (i32.const 256)) (i32.const 77))))""")
+    assert make_app(sandbox, module).tick().ok
+
+
 def test_fd_fdstat_set_flags_on_stdio_succeeds_and_other_fds_are_ebadf(sandbox: Sandbox) -> None:
     module = wat("""(module
       (import "wasi_snapshot_preview1" "fd_fdstat_set_flags" (func $set (param i32 i32) (result i32)))
