@@ -190,6 +190,14 @@ class CompiledModule:
     def exports(self) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
         return {n: (k, tuple(p), tuple(r)) for n, (k, p, r) in self.meta["exports"].items()}
 
+    @property
+    def memory_pages(self) -> int:
+        """Initial size, in 64 KiB pages, of the exported memory (0 if none)."""
+        pages = self.meta.get("memory_pages")
+        if pages is None:  # a cache entry written before this field existed
+            pages = self.meta["memory_pages"] = _memory_pages(self.module)
+        return int(pages)
+
 
 def _kind(t: Any) -> tuple[str, list[str], list[str]]:
     if isinstance(t, wasmtime.FuncType):
@@ -201,10 +209,18 @@ def _kind(t: Any) -> tuple[str, list[str], list[str]]:
     return "global", [], []
 
 
+def _memory_pages(module: wasmtime.Module) -> int:
+    for e in module.exports:
+        if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType):
+            return int(e.type.limits.min)
+    return 0
+
+
 def describe(module: wasmtime.Module) -> dict[str, Any]:
     return {
         "imports": [[i.module, i.name or "", *_kind(i.type)] for i in module.imports],
         "exports": {e.name: list(_kind(e.type)) for e in module.exports},
+        "memory_pages": _memory_pages(module),
     }
 
 
@@ -403,7 +419,7 @@ class Sandbox:
             raise AbiError("module does not export its memory as 'memory' (ABI v1)")
         if "_start" in exports and "_initialize" not in exports:
             raise AbiError(COMMAND_REFUSED)
-        _check_initial_memory(compiled.module, limits)
+        _check_initial_memory(compiled.memory_pages, limits)
 
         store = wasmtime.Store(self.engine)
         store.set_limits(
@@ -639,18 +655,15 @@ def memory_limit_hint(used: int, limits: Limits) -> str:
     )
 
 
-def _check_initial_memory(module: wasmtime.Module, limits: Limits) -> None:
-    for e in module.exports:
-        t = e.type
-        if isinstance(t, wasmtime.MemoryType):
-            need = t.limits.min * 65536
-            if need > limits.memory_bytes:
-                raise AppInitError(
-                    f"initial memory {t.limits.min} pages ({need / 1048576:.1f} MiB) exceeds the app's "
-                    f"memory limit of {limits.memory_bytes} bytes ({limits.memory_bytes / 1048576:.1f} MiB), "
-                    f"{MEMORY_LIMIT_KEYS}. A large initial memory is usually the stack: zig's "
-                    "wasm32-wasi default is 16 MiB (use --stack 65536), clang: -Wl,-z,stack-size=65536"
-                )
+def _check_initial_memory(pages: int, limits: Limits) -> None:
+    need = pages * 65536
+    if need > limits.memory_bytes:
+        raise AppInitError(
+            f"initial memory {pages} pages ({need / 1048576:.1f} MiB) exceeds the app's "
+            f"memory limit of {limits.memory_bytes} bytes ({limits.memory_bytes / 1048576:.1f} MiB), "
+            f"{MEMORY_LIMIT_KEYS}. A large initial memory is usually the stack: zig's "
+            "wasm32-wasi default is 16 MiB (use --stack 65536), clang: -Wl,-z,stack-size=65536"
+        )
 
 
 def load_module_bytes(path: Path) -> bytes:
