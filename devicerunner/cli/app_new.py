@@ -58,6 +58,23 @@ NPM_AS = (
 )
 
 
+README = """# {name}
+
+A devicerunner app in {lang}, started from the thermostat template
+(`devicerunner app new`).
+
+    ./build.sh
+    devicerunner app run {name}.wasm --ticks 100
+
+`build.sh` writes `{name}.wasm`; `app run` runs it on simulated sensors in
+virtual time (`devicerunner app run --help` lists the options).
+
+The devicerunner SDK here is a copy of the one in devicerunner's `sdk/`.
+Flags, sizes and pitfalls for {lang}: docs/apps.md; every host function's
+parameters: docs/abi.md (both in the devicerunner source tree).
+"""
+
+
 class AppNewError(ConfigError):
     """The project cannot be created (bad name, directory not empty, no SDK):
     bad usage, exit status 2."""
@@ -277,8 +294,9 @@ def scaffold(name: str, lang_key: str, dest: Path) -> list[Path]:
         written.append(dst)
     ignore = dest / ".gitignore"
     ignore.write_text("\n".join(["*.wasm", *lang.ignore]) + "\n", encoding="utf-8")
-    written.append(ignore)
-    return written
+    readme = dest / "README.md"
+    readme.write_text(README.format(name=name, lang=lang.name), encoding="utf-8")
+    return [*written, ignore, readme]
 
 
 def cmd_app_new(args: argparse.Namespace) -> int:
