@@ -623,7 +623,7 @@ COMMAND_REFUSED = (
     "module is a WASI command (it exports _start and no _initialize): its libc would run "
     "constructors and destructors around every call, so state would not survive between ticks. "
     "Build a reactor instead: clang/clang++ -mexec-model=reactor; zig build-exe -fno-entry "
-    "(or wasm32-freestanding, or -mexec-model=reactor for wasm32-wasi); rustc --crate-type cdylib "
+    "--export=dr_init --export=dr_tick (wasm32-freestanding or wasm32-wasi); rustc --crate-type cdylib "
     '(cargo: crate-type = ["cdylib"]); go build -buildmode=c-shared (GOOS=wasip1); '
     "AssemblyScript without the WASI shim (no --exportStart _start). See docs/apps.md."
 )
