@@ -39,7 +39,7 @@ func init_() error {
 
 func tick() error {
 	ticks++
-	s, err := dr.Sensor.Read(temp)
+	s, err := temp.Read()
 	if err != nil || !s.Fresh {
 		// Fail safe: without a fresh reading, run the fan.
 		badReads++
