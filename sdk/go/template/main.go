@@ -20,7 +20,7 @@ var (
 	badReads uint32
 )
 
-func init_() error {
+func setup() error {
 	var err error
 	if temp, err = dr.FindSensor("temp"); err != nil {
 		return err
@@ -68,7 +68,7 @@ func tick() error {
 
 //go:wasmexport dr_init
 func drInit() int32 {
-	if err := init_(); err != nil {
+	if err := setup(); err != nil {
 		dr.Logf(dr.ErrorLevel, "init failed: %v (needs sensor 'temp' and actuator 'fan')", err)
 		return 1
 	}
