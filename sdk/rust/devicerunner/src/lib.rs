@@ -374,6 +374,8 @@ pub fn __result_code(r: Result<()>) -> i32 {
 #[macro_export]
 macro_rules! app {
     ($t:ty) => {
+        // Wasm apps are single-threaded: the host never calls two exports at
+        // once. Accessed through raw pointers (no reference to a static mut).
         static mut __DR_APP: Option<$t> = None;
 
         #[no_mangle]
@@ -381,7 +383,7 @@ macro_rules! app {
             $crate::install_panic_hook();
             match <$t as $crate::App>::init() {
                 Ok(app) => {
-                    unsafe { __DR_APP = Some(app) };
+                    unsafe { *::core::ptr::addr_of_mut!(__DR_APP) = Some(app) };
                     0
                 }
                 Err(e) => {
@@ -393,7 +395,7 @@ macro_rules! app {
 
         #[no_mangle]
         pub extern "C" fn dr_tick() -> i32 {
-            match unsafe { __DR_APP.as_mut() } {
+            match unsafe { (*::core::ptr::addr_of_mut!(__DR_APP)).as_mut() } {
                 Some(app) => $crate::__result_code(<$t as $crate::App>::tick(app)),
                 None => 1,
             }
@@ -401,7 +403,7 @@ macro_rules! app {
 
         #[no_mangle]
         pub extern "C" fn dr_health() -> i32 {
-            match unsafe { __DR_APP.as_ref() } {
+            match unsafe { (*::core::ptr::addr_of!(__DR_APP)).as_ref() } {
                 Some(app) if <$t as $crate::App>::healthy(app) => 0,
                 _ => 1,
             }
