@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner.transport import operator, topics
+from devicerunner.transport import operator, reports
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
 from sim import apps, worker
@@ -101,6 +101,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.sess = operator.Session(s, client_id=f"sim-watch-{random.randrange(10**9)}")
+        self.reader = reports.Reader(prefix)
 
     def __enter__(self) -> Watcher:
         self.sess.__enter__()
@@ -119,19 +120,18 @@ class Watcher:
         self.sess.__exit__()
 
     def _msg(self, topic: str, payload: bytes) -> None:
-        msg = topics.parse_device_message(self.p, topic, payload)
+        msg = self.reader.read(topic, payload)  # validated: a device cannot crash or stall this
         if msg is None:
             return
-        device, kind, doc = msg
         with self._lock:
-            if kind == "status":
-                self.status[device] = doc
+            if isinstance(msg, reports.DeviceStatus):
+                self.status[msg.device] = msg.as_dict()
                 # the device's own clock at publish time: a reconnecting device
                 # publishes status at once, while we may only see it later
-                ts = doc.get("ts")
-                self.status_times.setdefault(device, []).append(float(ts) if ts else time.time())
+                self.status_times.setdefault(msg.device, []).append(msg.ts or time.time())
             else:
-                doc["hardware"] = (self.status.get(device) or {}).get("hardware")
+                doc = msg.as_dict()
+                doc["hardware"] = (self.status.get(msg.device) or {}).get("hardware")
                 doc["t"] = round(time.time() - self.t0, 3)
                 self.events.append(doc)
 

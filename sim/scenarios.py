@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from devicerunner.fleet.rollout import Policy, RolloutController
+from devicerunner.fleet.rollout import COUNT_KEYS, Policy, RolloutController
 from devicerunner.transport import operator, topics
 from devicerunner.trust import bundle, manifest
 from sim import apps
@@ -57,14 +57,10 @@ class Ctx:
         def emit(ev: dict[str, Any]) -> None:
             ev["t"] = round(time.time() - self.w.t0, 2)
             events.append(ev)
-            if ev["event"] in ("published", "step_done", "paused", "completed"):
+            if ev["event"] in ("published", "step_done", "paused", "completed", "incomplete"):
+                shown = ("version", "sequence", "devices", "step", *COUNT_KEYS, "reason")
                 print(
-                    f"    rollout {ev['event']}: "
-                    + ", ".join(
-                        f"{k}={v}"
-                        for k, v in ev.items()
-                        if k in ("step", "eligible", "committed", "failed", "reason")
-                    ),
+                    f"    rollout {ev['event']}: " + ", ".join(f"{k}={ev[k]}" for k in shown if k in ev),
                     flush=True,
                 )
 

@@ -96,3 +96,18 @@ def test_missing_module_file_is_a_clear_error(tmp_path: Path) -> None:
     r = run_cli("app", "run", str(tmp_path / "nope.wasm"))
     assert r.returncode == 2
     assert "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_failing_health_check_is_not_reported_as_a_clean_run(tmp_path: Path) -> None:
+    """An app whose dr_health fails would fail its trial on a device: app run says
+    so in its text summary and exits 3, not "0 errors" and 0."""
+    mod = tmp_path / "sick.wat"
+    mod.write_text("""(module (memory (export "memory") 1)
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32) (i32.const 0))
+      (func (export "dr_health") (result i32) (i32.const 1)))""")
+    r = run_cli("app", "run", str(mod), "--ticks", "20", "--quiet")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "health checks failed" in r.stdout
+    n = int(r.stdout.split(" of ")[0].rsplit(", ", 1)[-1])
+    assert n >= 1

@@ -12,6 +12,7 @@ from typing import Any
 from devicerunner.device import config
 from devicerunner.device.paths import STATUS_FILE
 from devicerunner.update.slots import AppSlots
+from devicerunner.update.state import AppState, releases
 from devicerunner.update.updater import install_bundle
 
 FRESH_S = 5.0
@@ -70,31 +71,46 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"device {s['device']} ({s['hardware']}), daemon {s['daemon']}")
     for name, a in s["apps"].items():
-        st = a["state"]
-        version = a.get("version") or st.get("active_version") or ("bootstrap" if not st["active"] else "?")
-        line = (
-            f"  {name}: {version} (sequence {st['active_sequence']}, slot {st['active'] or '-'}), "
-            f"phase {st['phase']}"
-        )
-        if st.get("pending"):
-            line += f", pending sequence {st['pending_sequence']} in slot {st['pending']}"
+        print(status_lines(name, a))
+    return 0
+
+
+def status_lines(name: str, a: dict[str, Any]) -> str:
+    """Active release, candidate and last error of one app, each on its own terms."""
+    st = AppState(**a["state"])
+    r = {k: a[k] for k in ("active", "candidate", "error") if k in a} or releases(st, a.get("version"))
+    act, cand, err = r["active"], r.get("candidate"), r.get("error")
+    version = act["version"] or ("bootstrap" if not act["slot"] else "?")
+    lines = [f"  {name}: {version} (sequence {act['sequence']}, slot {act['slot'] or '-'}), phase {st.phase}"]
+    if cand:
+        line = f"    candidate: {cand['version'] or '?'} (sequence {cand['sequence']}"
+        line += f", slot {cand['slot']})" if cand.get("slot") else ")"
+        line += f", {cand['phase']}"
         trial = a.get("trial")
-        if trial:
+        if trial and cand["phase"] == "TRIAL":
             line += (
                 f", trial {trial['ticks']}/{trial['of_ticks']} ticks "
                 f"{trial['seconds']}/{trial['of_seconds']} s"
             )
-        print(line)
-        if "ticks" in a:
-            print(
-                f"    ticks {a['ticks']}, traps {a['traps']}, overruns {a['overruns']}, "
-                f"tick p50 {a['tick_p50_us']} us, p99 {a['tick_p99_us']} us"
+        lines.append(line)
+    if "ticks" in a:
+        lines.append(
+            f"    ticks {a['ticks']}, traps {a['traps']}, overruns {a['overruns']}, "
+            f"tick p50 {a['tick_p50_us']} us, p99 {a['tick_p99_us']} us"
+        )
+    if err:
+        seq = err.get("sequence")
+        about = f" (sequence {seq})" if seq is not None else ""
+        line = f"    last error{about}: {err['text']}"
+        if err.get("retry_above") is not None:
+            line += (
+                f"\n    sequence {seq} can no longer be taken on this device: "
+                f"publish the fix with a sequence above {err['retry_above']}"
             )
-        if st.get("last_error"):
-            print(f"    last error: {st['last_error']}")
-        elif a.get("last_error"):
-            print(f"    last error: {a['last_error']}")
-    return 0
+        lines.append(line)
+    elif a.get("last_error"):
+        lines.append(f"    last error: {a['last_error']}")
+    return "\n".join(lines)
 
 
 def register(sub: Any) -> None:

@@ -2,8 +2,9 @@
 
 Exit statuses: 0 success; 1 a verification or operation failed (the reason
 on stderr); 2 bad usage, bad config or a module that cannot link/init;
-3 an app ran but some ticks trapped or overran. Errors are one line on
-stderr naming the cause, never a traceback (``--debug`` shows one).
+3 an app ran but some ticks trapped or overran, or its dr_health failed.
+Errors are one line on stderr naming the cause, never a traceback
+(``--debug`` shows one).
 """
 
 from __future__ import annotations
@@ -200,10 +201,14 @@ def cmd_app_run(args: argparse.Namespace) -> int:
     else:
         c = summary
         print(
-            f"{c['ticks']} ticks, {c['traps']} traps, {c['overruns']} overruns, "
-            f"{c['errors']} errors; tick p50 {c['tick_p50_us']} us, p99 {c['tick_p99_us']} us"
+            f"{c['ticks']} ticks, {c['traps']} traps, {c['overruns']} overruns, {c['errors']} errors, "
+            f"{c['health_failures']} of {c['health_checks']} health checks failed; "
+            f"tick p50 {c['tick_p50_us']} us, p99 {c['tick_p99_us']} us"
         )
-    faults = summary["traps"] or summary["overruns"] or summary["errors"]
+        if c["last_error"]:
+            print(f"last error: {c['last_error']}")
+    # A failed dr_health fails a trial on a device: it fails here too.
+    faults = summary["traps"] or summary["overruns"] or summary["errors"] or summary["health_failures"]
     return EXIT_APP_FAULTS if faults else EXIT_OK
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devicerunner.transport import operator
+from devicerunner.transport import operator, reports
 from devicerunner.transport.settings import BrokerSettings, parse_url
 from devicerunner.transport.topics import DEFAULT_PREFIX
 
@@ -70,7 +70,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_fleet_status(args: argparse.Namespace) -> int:
     fleet = operator.fleet_status(_settings(args), args.prefix, quiet_s=args.wait)
     if args.json:
-        print(json.dumps(fleet, indent=2, sort_keys=True))
+        print(json.dumps({d: st.as_dict() for d, st in fleet.items()}, indent=2, sort_keys=True))
         return 0
     if not fleet:
         print("no device has reported status yet")
@@ -78,24 +78,34 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     rows = []
     for dev in sorted(fleet):
         d = fleet[dev]
-        for app, a in sorted((d.get("apps") or {"-": {}}).items()):
+        apps: list[tuple[str, reports.AppReport | None]] = list(sorted(d.apps.items())) or [("-", None)]
+        for app, a in apps:
             rows.append(
                 (
                     dev,
-                    "online" if d.get("online") else "offline",
-                    d.get("hardware", "?"),
+                    "online" if d.online else "offline",
+                    d.hardware,
                     app,
-                    str(a.get("version") or "-"),
-                    str(a.get("sequence", "-")),
-                    str(a.get("phase", "-")),
-                    (a.get("last_error") or "")[:70],
+                    *(_app_columns(a) if a is not None else ("-", "-", "-", "-", "")),
                 )
             )
-    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "LAST ERROR")
+    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "CANDIDATE", "LAST ERROR")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _app_columns(a: reports.AppReport) -> tuple[str, str, str, str, str]:
+    """VERSION and SEQ are the active (committed) release; CANDIDATE the one
+    being downloaded or on trial, if any."""
+    cand = ""
+    if a.pending_sequence is not None:
+        cand = f"{a.pending_version or '?'} (seq {a.pending_sequence})"
+    err = a.last_error or ""
+    if err and a.last_error_sequence is not None:
+        err = f"seq {a.last_error_sequence}: {err}"
+    return (a.version or "-", str(a.sequence), a.phase, cand, err[:70])
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -169,7 +179,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
         raise operator.OperatorError("--steps: increasing percentages in 1..100, e.g. 1,5,25,100")
     policy = Policy(steps, args.step_wait, args.abort_failure_pct, args.min_devices, args.device_timeout)
-    last: dict[str, Any] = {}
+    if args.pause:
+        return _pause(args, steps[0])
+
+    def counts(ev: dict[str, Any]) -> str:
+        return (
+            f"eligible {ev['eligible']:>4}  pending {ev['pending']:>4}  committed {ev['committed']:>4}  "
+            f"failed {ev['failed']:>4}  timed out {ev['timed_out']:>4}"
+        )
 
     def emit(ev: dict[str, Any]) -> None:
         if args.json:
@@ -178,28 +195,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         e = ev["event"]
         if e == "published":
             print(
-                f"published {ev['app']} {ev['version']} (sequence {ev['sequence']}); "
-                f"{ev['devices']} device(s) run this app on the targeted hardware",
+                f"published {ev['app']} {ev['version']} (sequence {ev['sequence']}; release and chunks "
+                f"read back from the broker); {ev['devices']} device(s) run this app on the targeted "
+                "hardware",
                 flush=True,
             )
         elif e == "progress":
-            key = (ev["step"], ev["eligible"], ev["committed"], ev["failed"], ev["updated"])
-            if last.get("k") != key:
-                last["k"] = key
-                print(
-                    f"  step {ev['step']:>3}%: eligible {ev['eligible']:>4}  updated {ev['updated']:>4}  "
-                    f"committed {ev['committed']:>4}  failed {ev['failed']:>4}",
-                    flush=True,
-                )
-        elif e == "paused":
-            print(f"PAUSED at {ev['step']}%: {ev['reason']}", flush=True)
+            print(f"  step {ev['step']:>3}%: {counts(ev)}", flush=True)
+        elif e in ("paused", "incomplete"):
+            head = "PAUSED" if e == "paused" else "INCOMPLETE"
+            print(f"{head} at {ev['step']}%: {ev['reason']}", flush=True)
+            print(f"  {counts(ev)}", flush=True)
             for why, n in sorted(ev["failed_by"].items()):
                 print(f"    {n} x {why}", flush=True)
         elif e == "completed":
-            print(
-                f"completed: {ev['committed']} committed, {ev['failed']} failed of {ev['eligible']}",
-                flush=True,
-            )
+            n, of = ev["committed"], ev["eligible"]
+            print(f"completed: {n} of {of} eligible device(s) committed", flush=True)
 
     ctl = RolloutController(
         _settings(args),
@@ -209,8 +220,59 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         policy,
         emit,
     )
-    result = ctl.run()
+    try:
+        result = ctl.run()
+    except KeyboardInterrupt:
+        _interrupted(args, ctl.standing())
+        return 130
     return 0 if result["result"] == "completed" else 1
+
+
+def _interrupted(args: argparse.Namespace, where: dict[str, Any]) -> None:
+    """Ctrl-C: say where the rollout was left and how to go on or halt."""
+    if args.json:
+        print(json.dumps({"event": "interrupted", "ts": round(time.time(), 3), **where}), flush=True)
+    pct, step = where["percent"], where["step"]
+    again = f"devicerunner rollout {args.bundle} --key {args.key} --broker {args.broker}"
+    if pct is None:
+        msg = (
+            f"interrupted before the first rollout document: no device takes {where['app']} "
+            f"sequence {where['sequence']} (the release is at 0%)."
+        )
+    else:
+        state = "paused" if where["paused"] else "not paused: devices in it keep updating"
+        msg = (
+            f"interrupted at the {step}% step: the rollout document stays at {pct}% ({state}); "
+            f"{where['committed']} of {where['eligible']} eligible committed, {where['pending']} pending, "
+            f"{where['failed']} failed, {where['timed_out']} timed out.\n"
+            f"  continue: {again} --steps {','.join(str(s) for s in _rest(args.steps, pct))}\n"
+            f"  halt:     {again} --steps {pct} --pause"
+        )
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pause(args: argparse.Namespace, pct: int) -> int:
+    from devicerunner.fleet.rollout import Policy, RolloutController
+    from devicerunner.trust import keys
+
+    ctl = RolloutController(
+        _settings(args),
+        args.prefix,
+        Path(args.bundle).read_bytes(),
+        keys.load_private(Path(args.key)),
+        Policy((pct,), 0, 100, 1, 0),
+        lambda _ev: None,
+    )
+    ctl.pause(pct)
+    if args.json:
+        print(json.dumps({"event": "paused", "ts": round(time.time(), 3), "step": pct, "app": ctl.m.app}))
+    else:
+        print(f"paused the rollout of {ctl.m.app} sequence {ctl.m.sequence} at {pct}%")
+    return 0
+
+
+def _rest(steps: str, pct: int) -> list[int]:
+    return [pct] + [s for s in (int(x) for x in steps.split(",")) if s > pct]
 
 
 def register_rollout(sub: Any) -> None:
@@ -227,5 +289,10 @@ def register_rollout(sub: Any) -> None:
     )
     r.add_argument("--key", required=True, help="the rollout role's private key")
     r.add_argument("--json", action="store_true", help="one JSON event per line")
+    r.add_argument(
+        "--pause",
+        action="store_true",
+        help="halt: publish a paused rollout document at the first --steps percent and exit",
+    )
     _broker_opts(r)
     r.set_defaults(func=cmd_rollout)

@@ -37,6 +37,7 @@ from devicerunner.update.delivery import Delivery
 from devicerunner.update.events import Event
 from devicerunner.update.host import UpdateSettings
 from devicerunner.update.rollouts import RolloutGate
+from devicerunner.update.state import releases
 from devicerunner.update.updater import Updater
 from firmware_shims.base import Clock, RealClock
 from firmware_shims.env import ShimEnv
@@ -294,6 +295,8 @@ class Daemon:
                 entry.update(live.status(now_s))
             else:
                 entry.update(running=False, last_error=self.failed.get(name))
+            downloading = self.delivery.active.get(name) if self.delivery is not None else None
+            entry.update(releases(st, entry.get("version"), getattr(downloading, "m", None)))
             apps[name] = entry
         return {
             "device": self.cfg.id,
@@ -312,13 +315,16 @@ class Daemon:
         apps = {}
         for name, a in full["apps"].items():
             st = a["state"]
-            apps[name] = {
-                "version": a.get("version") or st.get("active_version"),
+            cand = a.get("candidate") or {}
+            apps[name] = {  # version/sequence: the active release; pending_*: the candidate
+                "version": a["active"]["version"],
                 "sequence": st["active_sequence"],
                 "phase": st["phase"],
-                "pending_sequence": st.get("pending_sequence"),
+                "pending_sequence": cand.get("sequence"),
+                "pending_version": cand.get("version"),
                 "last_error": st.get("last_error") or a.get("last_error"),
                 "last_reason": st.get("last_reason"),
+                "last_error_sequence": st.get("last_error_sequence"),
                 "running": a.get("running", False),
                 "trial": a.get("trial"),
             }

@@ -8,13 +8,23 @@ release the offline release keys signed, nothing else), publishes them
 retained on ``{p}/rollouts/{app}/{channel}``, and reads device status and
 events from the broker.
 
-Failures counted: REJECTED, ROLLED_BACK, FAILED events for this release,
-and devices in the rollout that have not reported a result within
-``device_timeout_s`` of being included (timed out).
+Every device the step includes (by the stable hash of its id) is in exactly
+one of: pending, committed, failed (REJECTED, ROLLED_BACK or FAILED for this
+release, or its rollout document refused: an event with ``"document":
+"rollout"``), timed out (no result within ``device_timeout_s`` of being
+included). A step pauses the rollout when failed and timed out together are
+above the threshold, or when no included device has taken the release within
+``device_timeout_s``. The rollout is "completed" only when every included
+device committed; otherwise it ends "incomplete" (exit non-zero).
+
+Before the first step the release, every chunk and each rollout document
+are read back from the broker: a broker may acknowledge a publish its ACL
+refused (``operator.NotStoredError``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -25,12 +35,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devicerunner.errors import DeviceRunnerError
-from devicerunner.transport import operator, topics
+from devicerunner.transport import operator, reports, topics
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
 from devicerunner.trust import verify as trust
 
 FAILED_PHASES = ("REJECTED", "ROLLED_BACK", "FAILED")
+log = logging.getLogger(__name__)
 
 
 class RolloutError(DeviceRunnerError):
@@ -57,10 +68,13 @@ def decide(included: int, failed: int, policy: Policy) -> str:
 class DeviceView:
     id: str
     hardware: str = "?"
+    online: bool = True
     included_at: float | None = None
-    result: str | None = None  # "committed" | "failed"
+    taken: bool = False
+    """Any sign the device acts on this release (an event for its sequence, a status naming it)."""
+    result: str | None = None  # None (pending) | "committed" | "failed" | "timed_out"
     reason: str | None = None
-    phase: str | None = None
+    refused_document: bool = False
 
 
 @dataclass
@@ -75,6 +89,9 @@ class FleetView:
         return v
 
 
+COUNT_KEYS = ("eligible", "pending", "committed", "failed", "timed_out")
+
+
 class RolloutController:
     def __init__(
         self,
@@ -85,7 +102,7 @@ class RolloutController:
         policy: Policy,
         emit: Callable[[dict[str, Any]], None],
     ) -> None:
-        self.s, self.p, self.key, self.policy, self.emit = s, prefix, key, policy, emit
+        self.s, self.p, self.key, self.policy, self._emit = s, prefix, key, policy, emit
         self.data = data
         man, _ = bundle.unpack(data)
         self.m = manifest.parse_manifest(man)
@@ -96,35 +113,70 @@ class RolloutController:
                 "--rollout-percent 0 for a staged rollout."
             )
         self.fleet = FleetView()
+        self.reader = reports.Reader(prefix, log)
         self.version = int(time.time() * 1000)
+        self.versions: set[int] = set()
+        """Versions of the rollout documents this controller published."""
+        self.published_percent: int | None = None
+        self.paused = False
+        self.step: int | None = None
+        self.last_counts: dict[str, Any] = {}
+
+    def emit(self, ev: dict[str, Any]) -> None:
+        self._emit({"ts": round(time.time(), 3), **ev})
 
     # -- broker callbacks (paho thread) -------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        msg = topics.parse_device_message(self.p, topic, payload)
-        if msg is None:
-            return
-        device, kind, doc = msg
+        try:
+            msg = self.reader.read(topic, payload)
+            if isinstance(msg, reports.DeviceStatus):
+                self._on_status(msg)
+            elif isinstance(msg, reports.DeviceEvent):
+                self._on_event(msg)
+        except Exception:  # never lose paho's thread to one message
+            log.exception("rollout: message on %s not handled", topic)
+
+    def _on_status(self, st: reports.DeviceStatus) -> None:
+        app = st.apps.get(self.m.app)
         with self.fleet.lock:
-            if kind == "status":
-                app = (doc.get("apps") or {}).get(self.m.app)
-                if app is None or doc.get("hardware") not in self.m.targets.hardware:
+            known = self.fleet.devices.get(st.device)
+            if known is not None:
+                known.online = st.online  # a last will has no apps
+            if app is None or st.hardware not in self.m.targets.hardware:
+                return
+            if self.m.targets.devices and st.device not in self.m.targets.devices:
+                return
+            v = self.fleet.dev(st.device)
+            v.hardware, v.online = st.hardware, st.online
+            if app.pending_sequence == self.m.sequence or app.sequence == self.m.sequence:
+                v.taken = True
+            if app.sequence == self.m.sequence and app.phase == "COMMITTED":
+                v.result = "committed"
+
+    def _on_event(self, ev: reports.DeviceEvent) -> None:
+        if ev.app != self.m.app:
+            return
+        with self.fleet.lock:
+            if ev.document == "rollout":
+                if ev.phase != "REJECTED" or (
+                    ev.rollout_version is not None and ev.rollout_version not in self.versions
+                ):
                     return
-                if self.m.targets.devices and device not in self.m.targets.devices:
-                    return
-                v = self.fleet.dev(device)
-                v.hardware = doc.get("hardware", "?")
-                if app.get("sequence") == self.m.sequence and app.get("phase") == "COMMITTED":
-                    v.result = v.result or "committed"
-            else:
-                if doc.get("app") != self.m.app or doc.get("sequence") != self.m.sequence:
-                    return
-                v = self.fleet.dev(device)
-                v.phase = doc.get("phase")
-                if v.phase == "COMMITTED":
-                    v.result = "committed"
-                elif v.phase in FAILED_PHASES and v.result is None:
-                    v.result, v.reason = "failed", f"{doc.get('reason')}: {doc.get('reason_text', '')}"[:200]
+                v = self.fleet.dev(ev.device)
+                v.refused_document = True
+                if v.result in (None, "timed_out"):
+                    v.result = "failed"
+                    v.reason = f"rollout document refused: {ev.reason}: {ev.reason_text or ''}"[:300]
+                return
+            if ev.sequence != self.m.sequence:
+                return
+            v = self.fleet.dev(ev.device)
+            v.taken = True
+            if ev.phase == "COMMITTED":
+                v.result, v.reason = "committed", None
+            elif ev.phase in FAILED_PHASES and v.result in (None, "timed_out"):
+                v.result, v.reason = "failed", f"{ev.reason}: {ev.reason_text or ''}"[:300]
 
     # -- the rollout -----------------------------------------------------------------
 
@@ -143,36 +195,91 @@ class RolloutController:
             expires=now + 7 * 86_400,
         )
         doc = manifest.sign_envelope(signed, [self.key])
-        sess.publish_many([(topics.rollout(self.p, self.m.app, self.m.channel), doc)], retain=True)
+        topic = topics.rollout(self.p, self.m.app, self.m.channel)
+        self.versions.add(self.version)
+        sess.publish_many([(topic, doc)], retain=True)
+        sess.check_stored({topic: doc}, [topic], "the rollout document")
+        self.published_percent, self.paused = percent, paused
 
     def _counts(self, now: float) -> dict[str, Any]:
         with self.fleet.lock:
             inc = [v for v in self.fleet.devices.values() if v.included_at is not None]
             for v in inc:
                 if v.result is None and now - (v.included_at or now) > self.policy.device_timeout_s:
-                    v.result, v.reason = (
-                        "failed",
-                        f"timed_out: no result within {self.policy.device_timeout_s:.0f} s",
+                    v.result = "timed_out"
+                    v.reason = f"timed_out: no result within {self.policy.device_timeout_s:g} s" + (
+                        "" if v.online else " (offline)"
                     )
-            failed = [v for v in inc if v.result == "failed"]
-            return {
+            bad = [v for v in inc if v.result in ("failed", "timed_out")]
+            c = {
                 "fleet": len(self.fleet.devices),
                 "eligible": len(inc),
-                "updated": sum(1 for v in inc if v.phase is not None or v.result is not None),
-                "committed": sum(1 for v in inc if v.result == "committed"),
-                "failed": len(failed),
                 "pending": sum(1 for v in inc if v.result is None),
-                "failed_by": dict(Counter(f"{v.hardware}: {(v.reason or '').split(':')[0]}" for v in failed)),
+                "committed": sum(1 for v in inc if v.result == "committed"),
+                "failed": sum(1 for v in inc if v.result == "failed"),
+                "timed_out": sum(1 for v in inc if v.result == "timed_out"),
+                "refused_document": sum(1 for v in inc if v.refused_document),
+                "taken": sum(1 for v in inc if v.taken or v.result == "committed"),
+                "offline": sum(1 for v in inc if not v.online),
+                "failed_by": dict(Counter(f"{v.hardware}: {(v.reason or '').split(':')[0]}" for v in bad)),
             }
+        self.last_counts = c
+        return c
+
+    def standing(self) -> dict[str, Any]:
+        """Where the rollout stands (for an interrupted run)."""
+        c = self.last_counts or self._counts(time.monotonic())
+        return {
+            "app": self.m.app,
+            "sequence": self.m.sequence,
+            "step": self.step,
+            "percent": self.published_percent,
+            "paused": self.paused,
+            **{k: c.get(k, 0) for k in COUNT_KEYS},
+        }
+
+    def _pause_reason(self, c: dict[str, Any], pct: int, since_step: float) -> str | None:
+        pol = self.policy
+        if c["eligible"] and not c["taken"] and since_step >= pol.device_timeout_s:
+            why = [f"{c['offline']} offline"] if c["offline"] else []
+            if c["refused_document"]:
+                why.append(f"{c['refused_document']} refused the rollout document")
+            return (
+                f"no eligible device took the release within {pol.device_timeout_s:g} s of the {pct}% step"
+                + (f" ({', '.join(why)})" if why else "")
+            )
+        bad = c["failed"] + c["timed_out"]
+        if decide(c["eligible"], bad, pol) == "abort":
+            why = (
+                f"{bad} of {c['eligible']} devices failed or timed out "
+                f"({100 * bad / c['eligible']:.0f}% > {pol.abort_failure_pct:g}%)"
+            )
+            if c["refused_document"]:
+                why += (
+                    f"; {c['refused_document']} refused the rollout document (is the rollout key "
+                    "in their trust root?)"
+                )
+            return why
+        return None
+
+    def pause(self, percent: int) -> None:
+        """Publish (and read back) a paused document at ``percent``: devices not
+        yet in the release stay out of it, whatever document came before."""
+        with operator.Session(self.s) as sess:
+            self._publish_doc(sess, percent, paused=True)
 
     def run(self, discover_s: float = 1.0) -> dict[str, Any]:
         m, pol = self.m, self.policy
         with operator.Session(self.s) as sess:
-            sess.client.on_message = lambda _c, _u, msg: self._on_message(msg.topic, bytes(msg.payload))
+
+            def on_message(_c: Any, _u: Any, msg: Any) -> None:
+                sess._on_message(_c, _u, msg)  # read-backs
+                self._on_message(msg.topic, bytes(msg.payload))
+
+            sess.client.on_message = on_message
             sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
             time.sleep(discover_s)  # retained statuses: who is out there
-            self._publish_doc(sess, pol.steps[0], paused=False)
-            operator.publish_bundle(self.s, self.data, self.p)
+            operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
             self.emit(
                 {
                     "event": "published",
@@ -182,24 +289,28 @@ class RolloutController:
                     "devices": len(self.fleet.devices),
                 }
             )
-            for i, pct in enumerate(pol.steps):
-                if i:
-                    self._publish_doc(sess, pct, paused=False)
+            last: tuple[Any, ...] | None = None
+            c: dict[str, Any] = {}
+            for pct in pol.steps:
+                self._publish_doc(sess, pct, paused=False)
+                self.step = pct
                 t_step = time.monotonic()
                 with self.fleet.lock:
                     for v in self.fleet.devices.values():
                         if v.included_at is None and trust.in_rollout(v.id, m.targets.rollout_salt, pct):
                             v.included_at = t_step
+                c = self._counts(t_step)
+                self.emit({"event": "step", "step": pct, **c})
                 while True:
                     now = time.monotonic()
                     c = self._counts(now)
-                    self.emit({"event": "progress", "step": pct, **c})
-                    if decide(c["eligible"], c["failed"], pol) == "abort":
+                    key = (pct, *(c[k] for k in COUNT_KEYS))
+                    if key != last:
+                        last = key
+                        self.emit({"event": "progress", "step": pct, **c})
+                    why = self._pause_reason(c, pct, now - t_step)
+                    if why is not None:
                         self._publish_doc(sess, pct, paused=True)
-                        why = (
-                            f"{c['failed']} of {c['eligible']} devices failed "
-                            f"({100 * c['failed'] / c['eligible']:.0f}% > {pol.abort_failure_pct:g}%)"
-                        )
                         self.emit({"event": "paused", "step": pct, "reason": why, **c})
                         return {"result": "paused", "step": pct, "reason": why, **c}
                     if c["pending"] == 0 or now - t_step >= pol.step_wait_s:
@@ -207,5 +318,15 @@ class RolloutController:
                     time.sleep(0.25)
                 self.emit({"event": "step_done", "step": pct, **c})
             c = self._counts(time.monotonic())
-            self.emit({"event": "completed", **c})
-            return {"result": "completed", "step": pol.steps[-1], **c}
+            if c["eligible"] and c["committed"] == c["eligible"]:
+                self.emit({"event": "completed", "step": pol.steps[-1], **c})
+                return {"result": "completed", "step": pol.steps[-1], **c}
+            why = (
+                f"{c['committed']} of {c['eligible']} committed ({c['pending']} pending, "
+                f"{c['failed']} failed, {c['timed_out']} timed out) "
+                f"when the last step's {pol.step_wait_s:g} s ran out"
+                if c["eligible"]
+                else "no device that runs this app on the targeted hardware has reported status"
+            )
+            self.emit({"event": "incomplete", "step": pol.steps[-1], "reason": why, **c})
+            return {"result": "incomplete", "step": pol.steps[-1], "reason": why, **c}

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import paho.mqtt.client as paho
 
 from devicerunner.errors import DeviceRunnerError, TransportError
-from devicerunner.transport import topics
+from devicerunner.transport import reports, topics
 from devicerunner.transport.mqtt import make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
@@ -26,6 +26,10 @@ queue for slow subscribers (Mosquitto drops past max_queued_messages)."""
 
 class OperatorError(DeviceRunnerError):
     pass
+
+
+class NotStoredError(OperatorError):
+    """The broker acknowledged a retained publish but does not hold it."""
 
 
 class Session:
@@ -42,6 +46,9 @@ class Session:
         self._lock = threading.Lock()
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        # A callback that raises must not end paho's network thread (every later
+        # publish would then time out): paho logs it and carries on.
+        self.client.suppress_exceptions = True
 
     def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         no_delay(c)
@@ -50,8 +57,11 @@ class Session:
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
+            if msg.topic not in self.messages:
+                # Only a topic not seen yet extends ``collect``: a device repeating
+                # its own message cannot keep a listing open.
+                self.last_message = time.monotonic()
             self.messages[msg.topic] = bytes(msg.payload)
-            self.last_message = time.monotonic()
 
     def __enter__(self) -> Session:
         try:
@@ -105,6 +115,41 @@ class Session:
         if not info.is_published():
             raise TransportError(f"broker did not acknowledge a publish within {self.timeout_s:.0f} s")
 
+    def read_back(self, expected: dict[str, bytes], filters: list[str], max_s: float = 5.0) -> list[str]:
+        """The topics of ``expected`` whose retained message the broker does not
+        hold as published (missing or other bytes), read back by subscribing
+        to ``filters``. A broker that refuses a publish may still acknowledge
+        it (Mosquitto drops a publish its ACL denies, silently, on MQTT 3.1.1):
+        only reading it back shows it was stored."""
+        with self._lock:
+            self.messages = {}
+        self.client.subscribe([(f, 1) for f in filters])
+        end = time.monotonic() + max_s
+        bad = list(expected)
+        while True:
+            with self._lock:
+                bad = [t for t, p in expected.items() if self.messages.get(t) != p]
+            if not bad or time.monotonic() >= end:
+                break
+            time.sleep(0.05)
+        self.client.unsubscribe(filters)
+        return bad
+
+    def check_stored(self, expected: dict[str, bytes], filters: list[str], what: str) -> None:
+        """Raise ``NotStoredError`` naming the first topic the broker does not hold."""
+        size = sum(len(p) for p in expected.values())
+        bad = self.read_back(expected, filters, max_s=5.0 + size / 500_000)
+        if not bad:
+            return
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        area = bad[0].rsplit("/", 2)[0] + "/#" if bad[0].count("/") >= 3 else bad[0]
+        who = f"user {self.s.username!r}" if self.s.username else "this client"
+        raise NotStoredError(
+            f"the broker does not hold {what} at {bad[0]}{more} after acknowledging the publish: it most "
+            f"likely refused it - check that its ACL lets {who} write (and read) {area} "
+            "(Mosquitto drops a denied publish without telling the client; docs/operations.md)"
+        )
+
     def collect(self, filters: list[str], quiet_s: float = 0.5, max_s: float = 5.0) -> dict[str, bytes]:
         """Retained messages under ``filters``: until none arrived for ``quiet_s``."""
         start = time.monotonic()
@@ -145,9 +190,11 @@ def publish_bundle(
     prefix: str,
     channel: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    verify: bool = True,
 ) -> manifest.Manifest:
     """Chunks first (retained), then the manifest: no device ever sees a release
-    whose chunks are missing."""
+    whose chunks are missing. ``verify``: then read every one back from the
+    broker (``NotStoredError`` names the first it does not hold)."""
     man, module = bundle.unpack(data)
     m = manifest.parse_manifest(man)
     if channel is not None and channel != m.channel:
@@ -158,18 +205,22 @@ def publish_bundle(
         (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
         for i in range(len(m.artifact.chunks))
     ]
+    release_topic = topics.release(prefix, m.app, m.channel)
     with Session(s) as sess:
         sess.publish_many(chunks, retain=True, progress=progress)
-        sess.publish_many([(topics.release(prefix, m.app, m.channel), man)], retain=True)
+        sess.publish_many([(release_topic, man)], retain=True)
+        if verify:
+            sess.check_stored(dict(chunks), [topics.chunk(prefix, m.artifact.sha256, "+")], "a chunk")
+            sess.check_stored({release_topic: man}, [release_topic], "the release")
     return m
 
 
 def publish_root(s: BrokerSettings, data: bytes, prefix: str) -> manifest.Root:
     root = manifest.parse_root(data)
+    items = {topics.root_version(prefix, root.version): data, topics.root(prefix): data}
     with Session(s) as sess:
-        sess.publish_many(
-            [(topics.root_version(prefix, root.version), data), (topics.root(prefix), data)], retain=True
-        )
+        sess.publish_many(list(items.items()), retain=True)
+        sess.check_stored(items, list(items), "the trust root")
     return root
 
 
@@ -195,12 +246,16 @@ def gc(s: BrokerSettings, prefix: str, dry_run: bool = False) -> tuple[int, int]
     return len(held) - len(stale), len(stale)
 
 
-def fleet_status(s: BrokerSettings, prefix: str, quiet_s: float = 0.5) -> dict[str, dict[str, Any]]:
+def fleet_status(
+    s: BrokerSettings, prefix: str, quiet_s: float = 0.5, reader: reports.Reader | None = None
+) -> dict[str, reports.DeviceStatus]:
+    """Every device's retained status; a malformed one is skipped (``reader`` warns once)."""
+    reader = reader or reports.Reader(prefix)
     with Session(s) as sess:
         msgs = sess.collect([f"{prefix}/devices/+/status"], quiet_s=quiet_s, max_s=30)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, reports.DeviceStatus] = {}
     for topic, payload in msgs.items():
-        msg = topics.parse_device_message(prefix, topic, payload)
-        if msg is not None and msg[1] == "status":
-            out[msg[0]] = msg[2]
+        st = reader.read(topic, payload)
+        if isinstance(st, reports.DeviceStatus):
+            out[st.device] = st
     return out

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 DEFAULT_PREFIX = "dr/v1"
 
 
@@ -47,16 +44,13 @@ def parse_chunk(p: str, topic: str) -> tuple[str, int] | None:
     return None
 
 
-def parse_device_message(p: str, topic: str, payload: bytes) -> tuple[str, str, dict[str, Any]] | None:
-    """``(device, "status" | "events", document)`` for a device's JSON message, else None.
+def parse_device_topic(p: str, topic: str) -> tuple[str, str] | None:
+    """``(device, "status" | "events")`` for a device's status or events topic, else None.
 
     Strict on purpose: some brokers' wildcard matching is looser than the spec.
+    The payload is read by ``transport.reports`` (validated: devices are not trusted).
     """
     parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
-    if len(parts) != 3 or parts[0] != "devices" or parts[2] not in ("status", "events"):
+    if len(parts) != 3 or parts[0] != "devices" or not parts[1] or parts[2] not in ("status", "events"):
         return None
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return None
-    return (parts[1], parts[2], doc) if isinstance(doc, dict) else None
+    return parts[1], parts[2]

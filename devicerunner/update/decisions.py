@@ -32,6 +32,7 @@ def plan_boot(st: AppState, attempts: int) -> BootPlan:
                 clear_pending(st.mark_bad(seq, reason), Phase.ROLLED_BACK),
                 last_error=reason,
                 last_reason=Reason.TRIAL_INTERRUPTED,
+                last_error_sequence=seq or None,
             )
             return BootPlan(new, False, f"rolled back sequence {seq}: {reason}")
         return BootPlan(st, True, "trial interrupted; trying again")
@@ -57,6 +58,7 @@ def plan_stage(st: AppState, slot: str, m: Manifest) -> AppState:
         trial_attempts=0,
         last_error=None,
         last_reason=None,
+        last_error_sequence=None,
     )
 
 
@@ -74,6 +76,7 @@ def plan_commit(st: AppState, m: Manifest) -> AppState:
         highest_sequence=max(st.highest_sequence, m.sequence),
         last_error=None,
         last_reason=None,
+        last_error_sequence=None,
     )
 
 
@@ -82,4 +85,5 @@ def plan_rollback(st: AppState, sequence: int, reason: str) -> AppState:
         clear_pending(st.mark_bad(sequence, reason), Phase.ROLLED_BACK),
         last_error=reason,
         last_reason=Reason.TRIAL_FAILED,
+        last_error_sequence=sequence,
     )

@@ -9,6 +9,7 @@ reboots) and verified again when read back.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -82,7 +83,16 @@ class RolloutGate:
             return None  # the same (or an older) document again: nothing new
         except VerificationError as e:
             log.warning("rollout document for %s refused: %s", app, e)
-            self._emit(app, Kind.REJECTED, reason=e.reason, reason_text=f"rollout document: {e}")
+            # The operator's rollout controller counts these (``document``), by the
+            # version it published (as claimed by the unverified document).
+            self._emit(
+                app,
+                Kind.REJECTED,
+                document="rollout",
+                rollout_version=_claimed_version(payload),
+                reason=e.reason,
+                reason_text=f"rollout document: {e}",
+            )
             return None
         if doc.app != app:
             return None
@@ -98,3 +108,12 @@ class RolloutGate:
             log.info("rollout of %s sequence %d reached this device (%d%%)", app, doc.sequence, doc.percent)
             return waiting
         return None
+
+
+def _claimed_version(payload: bytes) -> int | None:
+    """The ``version`` a (refused, so unverified) rollout document claims, if any."""
+    try:
+        v = json.loads(payload)["signed"]["version"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None

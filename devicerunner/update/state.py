@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from devicerunner.update.events import Phase
 
@@ -31,6 +32,8 @@ class AppState:
     bad_sequences: dict[str, str] = field(default_factory=dict)
     last_error: str | None = None
     last_reason: str | None = None
+    last_error_sequence: int | None = None
+    """The release ``last_error`` is about (None: not about one release)."""
 
     def to_json(self) -> bytes:
         # a field-by-field dict: asdict's deep copy was a tenth of an update's CPU
@@ -65,5 +68,47 @@ class AppState:
             bad.pop(str(min(int(s) for s in bad)))
         return replace(self, bad_sequences=bad)
 
+    def retry_above(self, sequence: int) -> int | None:
+        """When ``sequence`` can no longer be taken here (decided already, or
+        marked bad), the sequence a new release must be above; else None."""
+        if sequence <= self.highest_sequence or sequence in self.bad:
+            return max(self.highest_sequence, max(self.bad, default=0))
+        return None
+
     def other_slot(self) -> str:
         return "b" if self.active == "a" else "a"
+
+
+def releases(st: AppState, running_version: str | None, downloading: Any = None) -> dict[str, Any]:
+    """The active release and the candidate (downloading, staged or on trial)
+    apart, so that a status never mixes one's version with the other's
+    sequence; and the last error with the sequence it is about.
+    ``downloading``: the manifest of a download in progress, if any."""
+    candidate: dict[str, Any] | None = None
+    if st.pending is not None:
+        candidate = {
+            "version": st.pending_version,
+            "sequence": st.pending_sequence,
+            "slot": st.pending,
+            "phase": str(st.phase),
+        }
+    elif downloading is not None:
+        candidate = {
+            "version": downloading.version,
+            "sequence": downloading.sequence,
+            "slot": None,
+            "phase": "DOWNLOADING",
+        }
+    active_version = st.active_version
+    if active_version is None:  # bootstrap (the configured module) or never swapped
+        active_version = running_version if st.pending is None else None
+    error: dict[str, Any] | None = None
+    if st.last_error:
+        error = {"text": st.last_error, "reason": st.last_reason, "sequence": st.last_error_sequence}
+        if st.last_error_sequence is not None:
+            error["retry_above"] = st.retry_above(st.last_error_sequence)
+    return {
+        "active": {"version": active_version, "sequence": st.active_sequence, "slot": st.active},
+        "candidate": candidate,
+        "error": error,
+    }

@@ -168,6 +168,7 @@ class Updater:
                     pending=None,
                     phase=Phase.COMMITTED,
                     last_error=f"slot {st.active} corrupt; fell back to committed slot {other}",
+                    last_error_sequence=None,
                 )
                 active = alt
         plan = plan_boot(st, self.settings.trial_attempts)
@@ -223,7 +224,8 @@ class Updater:
             s = self.slots[m.app]
             st, _ = s.load()
             if st.phase != Phase.TRIAL and st.pending is None:
-                s.save(replace(st, phase=Phase.DOWNLOADING, last_error=None, last_reason=None))
+                cleared = replace(st, last_error=None, last_reason=None, last_error_sequence=None)
+                s.save(replace(cleared, phase=Phase.DOWNLOADING))
             self.emit(
                 m.app,
                 Kind.DOWNLOADING,
@@ -357,7 +359,9 @@ class Updater:
             return
         s = self.slots[app]
         st, _ = s.load()
-        new = replace(st, phase=Phase.REJECTED, last_error=str(e), last_reason=e.reason)
+        new = replace(
+            st, phase=Phase.REJECTED, last_error=str(e), last_reason=e.reason, last_error_sequence=seq or None
+        )
         if seq:
             new = new.mark_bad(seq, f"{e.reason}: {e}")
         s.save(new)
@@ -365,7 +369,7 @@ class Updater:
     def _note_error(self, app: str, text: str) -> None:
         s = self.slots[app]
         st, _ = s.load()
-        s.save(replace(st, last_error=text, last_reason=Reason.IO_ERROR))
+        s.save(replace(st, last_error=text, last_reason=Reason.IO_ERROR, last_error_sequence=None))
 
     def _stage(self, m: Manifest, rel: _Release) -> None:
         s = self.slots[m.app]
@@ -399,7 +403,12 @@ class Updater:
                 reason=e.reason,
                 reason_text=f"staged update no longer verifies: {e}",
             )
-            new = replace(clear_pending(st, Phase.REJECTED), last_error=str(e), last_reason=e.reason)
+            new = replace(
+                clear_pending(st, Phase.REJECTED),
+                last_error=str(e),
+                last_reason=e.reason,
+                last_error_sequence=st.pending_sequence,
+            )
             if st.pending_sequence and not isinstance(e, (*UNAUTHENTICATED, RollbackError)):
                 new = new.mark_bad(st.pending_sequence, f"{e.reason}: {e}")
             s.save(new)
