@@ -57,6 +57,8 @@ def device_status(cfg: config.DeviceConfig) -> dict[str, Any]:
             entry["state_note"] = why
         if running and name in live.get("apps", {}):
             entry.update({k: v for k, v in live["apps"][name].items() if k != "state"})
+        else:
+            entry.update(releases(st, None))
         out["apps"][name] = entry
     if running:
         out["events"] = live.get("events", [])
