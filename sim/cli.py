@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,47 +80,59 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 keepalive_s=5 if proxy else 30,
             )
         s = parse_url(url)
+        interrupted = False
+        data: dict[str, Any] = {}
         try:
             with Watcher(s, "dr/v1") as w:
-                fleet.start()
-                where = f"{fleet.n_workers} agents" if args.agents else f"{fleet.n_workers} worker processes"
-                print(f"fleet: {fleet.n} devices in {where}, broker {url}", flush=True)
-                w.wait(lambda: w.count(lambda _d, st: st.get("online")) == fleet.n, 120)
-                print(f"  {w.count(lambda _d, st: st.get('online'))} devices online", flush=True)
+                try:
+                    fleet.start()
+                    kind = "agents" if args.agents else "worker processes"
+                    where = f"{fleet.n_workers} {kind}"
+                    print(f"fleet: {fleet.n} devices in {where}, broker {url}", flush=True)
+                    w.wait(lambda: w.count(lambda _d, st: st.get("online")) == fleet.n, 120)
+                    print(f"  {w.count(lambda _d, st: st.get('online'))} devices online", flush=True)
 
-                def restart(down_s: float) -> None:
-                    nonlocal broker
-                    assert broker is not None
-                    port = broker.port
-                    broker.stop()
-                    time.sleep(down_s)
-                    for _ in range(50):  # amqtt may take a moment to release its socket
-                        broker = EmbeddedBroker(port=port)
+                    def restart(down_s: float) -> None:
+                        nonlocal broker
+                        assert broker is not None
+                        port = broker.port
+                        broker.stop()
+                        time.sleep(down_s)
+                        for _ in range(50):  # amqtt may take a moment to release its socket
+                            broker = EmbeddedBroker(port=port)
+                            try:
+                                broker.start()
+                                break
+                            except DeviceRunnerError:
+                                time.sleep(0.1)
+
+                    ctx = scenarios.Ctx(fleet, w, restart if broker is not None else None, proxy)
+                    for name in names:
+                        print(f"scenario {name}:", flush=True)
+                        t0 = time.time()
                         try:
-                            broker.start()
+                            r = scenarios.SCENARIOS[name](ctx)
+                        except KeyboardInterrupt:
+                            r = {"ok": False, "interrupted": True, "checks": ["interrupted (Ctrl-C)"]}
+                            interrupted = True
+                        except Exception as e:  # a scenario's own failure is a result, not a crash
+                            r = {"ok": False, "checks": [f"scenario raised {type(e).__name__}: {e}"]}
+                        r.update(name=name, seconds=time.time() - t0, t_start=round(t0 - w.t0, 2))
+                        results.append(r)
+                        for c in r["checks"]:
+                            print(f"    {c}", flush=True)
+                        print(f"  -> {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.1f} s)", flush=True)
+                        if interrupted:
                             break
-                        except DeviceRunnerError:
-                            time.sleep(0.1)
-
-                ctx = scenarios.Ctx(fleet, w, restart if broker is not None else None, proxy)
-                for name in names:
-                    print(f"scenario {name}:", flush=True)
-                    t0 = time.time()
-                    try:
-                        r = scenarios.SCENARIOS[name](ctx)
-                    except Exception as e:  # a scenario's own failure is a result, not a crash
-                        r = {"ok": False, "checks": [f"scenario raised {type(e).__name__}: {e}"]}
-                    r.update(name=name, seconds=time.time() - t0, t_start=round(t0 - w.t0, 2))
-                    results.append(r)
-                    for c in r["checks"]:
-                        print(f"    {c}", flush=True)
-                    print(f"  -> {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.1f} s)", flush=True)
+                except KeyboardInterrupt:  # while the fleet started
+                    interrupted = True
                 w.sample()  # the fleet as it ended, however short the run
                 data = {
                     "devices": fleet.n,
                     "broker": url if args.broker else "embedded (amqtt)",
                     "seed": args.seed,
                     "duration_s": time.time() - t_start,
+                    "interrupted": interrupted,
                     "scenarios": results,
                     "events": list(w.events),
                     "timeline": list(w.timeline),
@@ -125,17 +141,40 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     ),
                 }
         finally:
-            fleet.stop()
-            if proxy is not None:
-                proxy.stop()
-            if broker is not None:
-                broker.stop()
-    ok = all(r["ok"] for r in results)
-    print(f"\n{sum(r['ok'] for r in results)}/{len(results)} scenarios ok in {time.time() - t_start:.0f} s")
-    if args.report:
+            # The workers ignore SIGINT (a Ctrl-C reaches the whole process group):
+            # they are stopped here, quietly, whatever interrupted the run.
+            with _no_sigint():
+                fleet.stop()
+                if proxy is not None:
+                    proxy.stop()
+                if broker is not None:
+                    broker.stop()
+    ok = bool(results) and all(r["ok"] for r in results)
+    done = f"{sum(r['ok'] for r in results)}/{len(results)} scenarios ok in {time.time() - t_start:.0f} s"
+    if interrupted:
+        done = f"interrupted (Ctrl-C) after {done}"
+    print(f"\n{done}", flush=True)
+    if args.report and data:
         sp, hp = report.write(Path(args.report), data)
-        print(f"report: {hp.resolve()}\nsummary: {sp.resolve()}")
+        print(
+            f"{'partial ' if interrupted else ''}report: {hp.resolve()}\nsummary: {sp.resolve()}", flush=True
+        )
+    if interrupted:
+        return 130
     return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """A second Ctrl-C does not interrupt the clean-up of the first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def register(sub: Any) -> None:

@@ -3,10 +3,13 @@ watcher that records what the broker saw (status, events) over time."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import random
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +256,12 @@ class Fleet:
         p = self._ctx.Process(
             target=worker.run, args=(child, group, self.url, str(self.dir / f"{name}.log")), daemon=True
         )
-        p.start()
+        # Workers ignore SIGINT from birth (a terminal's Ctrl-C reaches the whole
+        # process group): the parent stops them, so no worker dies mid-exchange
+        # printing a KeyboardInterrupt traceback. A spawned interpreter keeps an
+        # ignored SIGINT ignored.
+        with _sigint_ignored():
+            p.start()
         self.workers.append((p, parent))
         self._names.append(name)
         return len(self.workers) - 1
@@ -290,11 +298,28 @@ class Fleet:
     def stop(self) -> None:
         for p, conn in self.workers:
             if conn is not None and p.is_alive():
-                conn.send("stop")
+                with contextlib.suppress(OSError):  # a worker that died already
+                    conn.send("stop")
         for p, conn in self.workers:
-            if conn is not None and p.is_alive() and conn.poll(60):
-                _, stats = conn.recv()
-                self.stats.update(stats)
+            try:
+                if conn is not None and p.is_alive() and conn.poll(60):
+                    _, stats = conn.recv()
+                    self.stats.update(stats)
+            except (OSError, EOFError):
+                pass
             p.join(10)
             if p.is_alive():
                 p.kill()
+                p.join(10)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

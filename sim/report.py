@@ -146,6 +146,7 @@ def write(report_dir: Path, data: dict[str, Any]) -> tuple[Path, Path]:
             for k, v in _phase_durations(data["events"]).items()
         },
         "reconnect_spread": data.get("reconnect_spread"),
+        "interrupted": bool(data.get("interrupted")),
     }
     sp = report_dir / "summary.json"
     sp.write_text(json.dumps(summary, indent=2, default=str))

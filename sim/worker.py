@@ -6,6 +6,7 @@ loop for every MQTT socket) however many devices it hosts."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
@@ -54,6 +55,8 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
 
 
 def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path: str) -> None:
+    # The parent stops us ("stop" on the pipe); a Ctrl-C meant for it is not ours.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         filename=log_path, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
