@@ -28,6 +28,7 @@ def _plots(data: dict[str, Any]) -> list[tuple[str, str]] | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     out = []
@@ -44,38 +45,16 @@ def _plots(data: dict[str, Any]) -> list[tuple[str, str]] | None:
             ax.text(sc["t_start"], ax.get_ylim()[1] * 0.97, f" {sc['name']}", fontsize=8, va="top")
         ax.set_xlabel("seconds")
         ax.set_ylabel("devices")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Versions across the fleet over time")
         ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
         out.append(("Versions across the fleet", _png(fig)))
         plt.close(fig)
     for sc in data["scenarios"]:
-        evs = [e for e in sc.get("rollout_events", []) if e["event"] == "progress"]
-        if not evs:
-            continue
-        fig, ax = plt.subplots(figsize=(9, 3))
-        t = [e["t"] for e in evs]
-        for key, color in (("eligible", "tab:blue"), ("committed", "tab:green"), ("failed", "tab:red")):
-            ax.step(t, [e[key] for e in evs], where="post", label=key, color=color)
-        for e in sc["rollout_events"]:
-            if e["event"] in ("step_done", "paused"):
-                ax.axvline(
-                    e["t"],
-                    color="tab:red" if e["event"] == "paused" else "grey",
-                    lw=1,
-                    ls="-" if e["event"] == "paused" else "--",
-                )
-                ax.text(
-                    e["t"],
-                    ax.get_ylim()[1] * 0.9,
-                    f" {e['step']}%" + (" PAUSED" if e["event"] == "paused" else ""),
-                    fontsize=8,
-                    color="tab:red" if e["event"] == "paused" else "k",
-                )
-        ax.set_title(f"Rollout steps: {sc['name']}")
-        ax.set_xlabel("seconds")
-        ax.legend(fontsize=8)
-        out.append((f"Rollout: {sc['name']}", _png(fig)))
-        plt.close(fig)
+        fig = _rollout_chart(plt, MaxNLocator, sc)
+        if fig is not None:
+            out.append((f"Rollout: {sc['name']}", _png(fig)))
+            plt.close(fig)
     phases = _phase_durations(data["events"])
     if any(phases.values()):
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -92,6 +71,7 @@ def _plots(data: dict[str, Any]) -> list[tuple[str, str]] | None:
         hws = sorted(rb)
         ax.barh(hws, [sum(rb[h].values()) for h in hws], color="tab:red")
         ax.set_xlabel("rollbacks")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Rollbacks by hardware variant")
         out.append(("Rollbacks by hardware variant", _png(fig)))
         plt.close(fig)
@@ -100,34 +80,89 @@ def _plots(data: dict[str, Any]) -> list[tuple[str, str]] | None:
         fig, ax = plt.subplots(figsize=(6, 2.5))
         ax.hist(spread["offsets_s"], bins=20)
         ax.set_xlabel("seconds after the broker came back")
+        ax.set_ylabel("devices")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Reconnection spread")
         out.append(("Reconnection spread", _png(fig)))
         plt.close(fig)
     return out
 
 
+def _rollout_series(sc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[float, str, bool]]]:
+    """The rollout chart's points (progress while the controller watched, then
+    the fleet as the scenario found it once in-flight trials settled: the
+    numbers its checks print) and its markers ``(t, label, paused)``: a step's
+    marker at its start, so the region right of "10%" is the 10% step."""
+    evs = sc.get("rollout_events", [])
+    points = [e for e in evs if e["event"] in ("progress", "settled")]
+    labels = {
+        "step": lambda e: f" {e.get('step')}%",
+        "paused": lambda e: " PAUSED",
+        "settled": lambda e: " settled",
+    }
+    markers = [(e["t"], labels[e["event"]](e), e["event"] == "paused") for e in evs if e["event"] in labels]
+    return points, markers
+
+
+def _rollout_chart(plt: Any, locator: Any, sc: dict[str, Any]) -> Any:
+    points, markers = _rollout_series(sc)
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 3))
+    t = [e["t"] for e in points]
+    for key, color in (
+        ("eligible", "tab:blue"),
+        ("committed", "tab:green"),
+        ("failed", "tab:red"),
+        ("timed_out", "tab:orange"),
+    ):
+        ax.step(t, [e.get(key, 0) for e in points], where="post", label=key.replace("_", " "), color=color)
+    ax.yaxis.set_major_locator(locator(integer=True))
+    top = max(1, *(e.get("eligible", 0) for e in points)) * 1.15
+    ax.set_ylim(0, top)
+    for x, label, paused in markers:
+        ax.axvline(x, color="tab:red" if paused else "grey", lw=1, ls="-" if paused else "--")
+        ax.text(x, top * 0.92, label, fontsize=8, color="tab:red" if paused else "k")
+    ax.set_title(f"Rollout steps: {sc['name']}")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("devices")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    return fig
+
+
 def _phase_durations(events: list[dict[str, Any]]) -> dict[str, list[float]]:
-    seen: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    """Seconds per phase, per device and release, on one clock: the device's own
+    (its event timestamps; download: the device's measured ``seconds``). An end
+    pairs with the latest start before it; nothing is ever negative."""
+    seen: dict[tuple[str, int], list[tuple[float, str, dict[str, Any]]]] = defaultdict(list)
     for e in events:
-        if e.get("sequence") is not None and "t" in e:
-            seen[(e["device"], e["sequence"])].setdefault(e["phase"], e["t"])
+        if e.get("sequence") is not None and isinstance(e.get("ts"), int | float):
+            seen[(e["device"], e["sequence"])].append((float(e["ts"]), e["phase"], e))
     out: dict[str, list[float]] = {"download": [], "stage": [], "trial": []}
-    for ph in seen.values():
-        if "DOWNLOADING" in ph and "DOWNLOADED" in ph:
-            out["download"].append(ph["DOWNLOADED"] - ph["DOWNLOADING"])
-        if "DOWNLOADED" in ph and "TRIAL" in ph:
-            out["stage"].append(ph["TRIAL"] - ph["DOWNLOADED"])
-        end = ph.get("COMMITTED", ph.get("ROLLED_BACK"))
-        if "TRIAL" in ph and end is not None:
-            out["trial"].append(end - ph["TRIAL"])
+    for evs in seen.values():
+        evs.sort(key=lambda x: x[0])
+        last: dict[str, float] = {}
+        for ts, phase, e in evs:
+            if phase == "DOWNLOADED":
+                secs = e.get("seconds")
+                if isinstance(secs, int | float) and secs >= 0:
+                    out["download"].append(float(secs))
+                elif "DOWNLOADING" in last:
+                    out["download"].append(ts - last["DOWNLOADING"])
+            elif phase == "TRIAL" and "DOWNLOADED" in last:
+                out["stage"].append(ts - last.pop("DOWNLOADED"))
+            elif phase in ("COMMITTED", "ROLLED_BACK") and "TRIAL" in last:
+                out["trial"].append(ts - last.pop("TRIAL"))
+            last[phase] = ts
     return out
 
 
 def _rollbacks_by_hw(events: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """hardware -> the whole rollback reason -> devices (the page wraps it, never cuts it)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for e in events:
         if e.get("phase") == "ROLLED_BACK":
-            out[e.get("hardware") or "?"][(e.get("reason_text") or "")[:80]] += 1
+            out[e.get("hardware") or "?"][e.get("reason_text") or e.get("reason") or ""] += 1
     return {k: dict(v) for k, v in out.items()}
 
 
@@ -168,7 +203,7 @@ def write(report_dir: Path, data: dict[str, Any]) -> tuple[Path, Path]:
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>devicerunner fleet simulation</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} td,th{{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top}} table{{border-collapse:collapse}} .ok{{color:green}} .bad{{color:#b00;font-weight:bold}}</style>
+vertical-align:top;overflow-wrap:anywhere}} table{{border-collapse:collapse}} .ok{{color:green}} .bad{{color:#b00;font-weight:bold}}</style>
 </head><body><h1>Fleet simulation</h1>
 <p>{data["devices"]} devices, broker {html.escape(data["broker"])}, seed {data["seed"]},
 {data["duration_s"]:.0f} s.</p>

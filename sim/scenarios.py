@@ -68,6 +68,19 @@ class Ctx:
         result = RolloutController(self.s, P, data, self.fleet.keys.rollout, policy, emit).run(discover_s=0.5)
         return result, events
 
+    def settled(self, events: list[dict[str, Any]], result: dict[str, Any], **counts: int) -> None:
+        """The fleet once in-flight updates settled (after the controller stopped
+        watching): the last point of the report's rollout chart, with the same
+        numbers the scenario's checks print."""
+        events.append(
+            {
+                "event": "settled",
+                "t": round(time.time() - self.w.t0, 2),
+                "eligible": result["eligible"],
+                **counts,
+            }
+        )
+
     def reported(self, phase: str, seq: int) -> set[str]:
         """Devices that sent a ``phase`` event for release ``seq``."""
         return {
@@ -85,6 +98,7 @@ def happy(ctx: Ctx) -> dict[str, Any]:
     n = ctx.fleet.n
     ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 30)
     committed = ctx.w.count(ctx.on_seq(seq))
+    ctx.settled(events, result, committed=committed)
     return {
         "ok": result["result"] == "completed" and committed == n,
         "sequence": seq,
@@ -105,6 +119,7 @@ def bad_release(ctx: Ctx) -> dict[str, Any]:
     on_new = ctx.w.count(ctx.on_seq(seq))
     quirky_on_new = ctx.w.count(lambda d, st: ctx.on_seq(seq)(d, st) and st.get("hardware") == QUIRKY)
     on_old = ctx.w.count(ctx.on_seq(base))
+    ctx.settled(events, result, committed=on_new, failed=len({e["device"] for e in rolled}))
     ok = result["result"] == "paused" and bool(rolled) and set(by_hw) == {QUIRKY} and quirky_on_new == 0
     return {
         "ok": ok,

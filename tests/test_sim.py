@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None
     assert summary["ok"] is True and summary["scenarios"][0]["name"] == scenario
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Versions across the fleet" in page and "data:image/png;base64" in page
+    # every rollout line says something ("rollout published: " used to end there)
+    assert not re.search(r"rollout \w+: *$", r.stdout, re.M), r.stdout
     if scenario == "bad-release":
         assert set(summary["rollbacks_by_hardware"]) == {"stb-b"}
         assert "PAUSED" in r.stdout.upper()
