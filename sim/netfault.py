@@ -159,6 +159,8 @@ class FaultProxy:
                 if f.kib_per_s > 0:
                     last += len(data) / (f.kib_per_s * 1024)
                 q.put_nowait((last, data))
+        except ConnectionError:
+            pass  # a reset link (ours or theirs) ends the pump like EOF: nothing to report
         finally:
             q.put_nowait(None)
             with contextlib.suppress(Exception):
