@@ -95,12 +95,12 @@ def _rollout_series(sc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tupl
     marker at its start, so the region right of "10%" is the 10% step."""
     evs = sc.get("rollout_events", [])
     points = [e for e in evs if e["event"] in ("progress", "settled")]
-    labels = {
-        "step": lambda e: f" {e.get('step')}%",
-        "paused": lambda e: " PAUSED",
-        "settled": lambda e: " settled",
-    }
-    markers = [(e["t"], labels[e["event"]](e), e["event"] == "paused") for e in evs if e["event"] in labels]
+    labels = {"paused": " PAUSED", "settled": " settled"}
+    markers = [
+        (e["t"], labels.get(e["event"], f" {e.get('step')}%"), e["event"] == "paused")
+        for e in evs
+        if e["event"] in ("step", "paused", "settled")
+    ]
     return points, markers
 
 

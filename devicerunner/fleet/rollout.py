@@ -241,12 +241,12 @@ class RolloutController:
     def _pause_reason(self, c: dict[str, Any], pct: int, since_step: float) -> str | None:
         pol = self.policy
         if c["eligible"] and not c["taken"] and since_step >= pol.device_timeout_s:
-            why = [f"{c['offline']} offline"] if c["offline"] else []
+            causes = [f"{c['offline']} offline"] if c["offline"] else []
             if c["refused_document"]:
-                why.append(f"{c['refused_document']} refused the rollout document")
+                causes.append(f"{c['refused_document']} refused the rollout document")
             return (
                 f"no eligible device took the release within {pol.device_timeout_s:g} s of the {pct}% step"
-                + (f" ({', '.join(why)})" if why else "")
+                + (f" ({', '.join(causes)})" if causes else "")
             )
         bad = c["failed"] + c["timed_out"]
         if decide(c["eligible"], bad, pol) == "abort":
