@@ -77,6 +77,8 @@ def test_a_stalled_connection_taken_over_does_not_publish_a_stale_will(broker: E
     stale.connect(broker.host, broker.port, keepalive=2)  # CONNECT sent; then silence (no loop): a stall
     sock = stale.socket()
     assert isinstance(sock, socket.socket)
+    sock.settimeout(10)
+    assert sock.recv(4)[:1] == b"\x20"  # CONNACK: the broker holds this connection now
     fresh = Client(broker, "dev-1", topic="s/dev-1", payload=b"offline", qos=1, retain=True).start()
     try:
         fresh.c.publish("s/dev-1", b"online", qos=1, retain=True).wait_for_publish(10)
