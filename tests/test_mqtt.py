@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devicerunner.device.daemon import Daemon
-from devicerunner.transport import operator, topics
+from devicerunner.transport import operator, reports, topics
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust import bundle, manifest
 from devicerunner.update.slots import AppSlots
@@ -104,18 +104,23 @@ def test_good_release_is_committed_end_to_end_and_reported_in_fleet_status(
         assert d.channel.wait_connected(10)
         _publish(broker.url, kit.bundle(counter_module(3), 1))
         ev.wait("COMMITTED", 1)
-        fleet: dict[str, Any] = {}
+        fleet: dict[str, reports.DeviceStatus] = {}
+
+        def committed() -> bool:
+            app = fleet["dev-1"].apps.get("app") if "dev-1" in fleet else None
+            return app is not None and app.phase == "COMMITTED"
+
         for _ in range(50):  # status is published right after the event; bounded wait
             fleet = operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)
-            if fleet.get("dev-1", {}).get("apps", {}).get("app", {}).get("phase") == "COMMITTED":
+            if committed():
                 break
-        app = fleet["dev-1"]["apps"]["app"]
-        assert fleet["dev-1"]["online"] is True
-        assert (app["sequence"], app["phase"]) == (1, "COMMITTED")
+        app = fleet["dev-1"].apps["app"]
+        assert fleet["dev-1"].online is True
+        assert (app.sequence, app.phase) == (1, "COMMITTED")
     finally:
         d.stop()
     # the clean stop marked it offline (the last will covers crashes)
-    assert operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"]["online"] is False
+    assert operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"].online is False
 
 
 def test_broken_release_is_rolled_back_with_the_reason_in_fleet_status(
@@ -132,8 +137,9 @@ def test_broken_release_is_rolled_back_with_the_reason_in_fleet_status(
         _publish(broker.url, kit.bundle(broken, 1, caps=["log"]))
         ev.wait("ROLLED_BACK", 1)
         time.sleep(0.3)
-        app = operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"]["apps"]["app"]
-        assert app["phase"] == "ROLLED_BACK" and "dr_init" in app["last_error"]
+        app = operator.fleet_status(parse_url(broker.url), P, quiet_s=0.2)["dev-1"].apps["app"]
+        assert app.phase == "ROLLED_BACK" and "dr_init" in (app.last_error or "")
+        assert app.last_error_sequence == 1
         assert d.scheduler.apps["app"].spec.version == "local"
     finally:
         d.stop()
