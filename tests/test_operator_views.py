@@ -323,3 +323,42 @@ def test_rollout_with_no_device_is_not_reported_completed(tmp_path: Path, mosq: 
     )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "INCOMPLETE" in r.stdout and "completed" not in r.stdout
+
+
+def test_resumed_rollout_counts_a_device_that_already_rolled_back_this_release_as_failed(
+    tmp_path: Path, mosq: Mosquitto
+) -> None:
+    """Resuming after Ctrl-C: a device that rolled this sequence back in the first
+    run never takes it again; it used to stay pending until --device-timeout."""
+    kit = Kit(tmp_path / "dev")
+    rolled = {
+        "device": "dev-9",
+        "hardware": "rpi4",
+        "online": True,
+        "apps": {
+            "app": {
+                "version": "1.0.0",
+                "sequence": 0,
+                "phase": "ROLLED_BACK",
+                "last_error": "trial failed: dr_health reported unhealthy",
+                "last_reason": "trial_failed",
+                "last_error_sequence": 1,
+            }
+        },
+    }
+    with operator.Session(parse_url(mosq.url)) as sess:
+        sess.publish_many([(topics.status(P, "dev-9"), json.dumps(rolled).encode())], retain=True)
+    seen: list[dict] = []  # type: ignore[type-arg]
+    ctl = RolloutController(
+        parse_url(mosq.url),
+        P,
+        kit.bundle(counter_module(3), 1, rollout_percent=0),
+        Ed25519PrivateKey.generate(),
+        Policy((100,), step_wait_s=60, abort_failure_pct=10, min_devices=1, device_timeout_s=60),
+        seen.append,
+    )
+    t0 = time.monotonic()
+    result = ctl.run(discover_s=0.5)
+    assert result["result"] == "paused" and time.monotonic() - t0 < 20, result
+    assert result["failed"] == result["eligible"] == 1 and result["pending"] == 0
+    assert list(result["failed_by"]) == ["rpi4: trial_failed"]

@@ -152,7 +152,17 @@ class RolloutController:
             if app.pending_sequence == self.m.sequence or app.sequence == self.m.sequence:
                 v.taken = True
             if app.sequence == self.m.sequence and app.phase == "COMMITTED":
-                v.result = "committed"
+                v.result, v.reason = "committed", None
+            elif (
+                app.last_error_sequence == self.m.sequence
+                and app.phase in FAILED_PHASES
+                and v.result in (None, "timed_out")
+            ):
+                # decided before this run (a rollout resumed after Ctrl-C): it will
+                # never take this sequence again, so it is not left pending
+                v.taken = True
+                v.result = "failed"
+                v.reason = f"{app.last_reason}: {app.last_error or ''}"[:300]
 
     def _on_event(self, ev: reports.DeviceEvent) -> None:
         if ev.app != self.m.app:
