@@ -101,3 +101,18 @@ def test_rollback_reason_is_shown_whole(tmp_path: Path) -> None:
     sp, hp = report.write(tmp_path, data)
     assert json.loads(sp.read_text())["rollbacks_by_hardware"] == {"stb-b": {REASON: 1}}
     assert html.escape(REASON) in hp.read_text()
+
+
+def test_fleet_benchmark_prints_json_not_a_python_dict() -> None:
+    """`python -m bench.fleet` printed a Python dict (single quotes, None): no tool could read it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "4"], capture_output=True, text=True, cwd=ROOT, timeout=240
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["devices"] == 4 and rows[0]["committed"] == 4
