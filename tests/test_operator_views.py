@@ -26,9 +26,10 @@ P = "dr/v1"
 HOSTILE_STATUSES: dict[str, bytes] = {
     "apps-is-a-string": json.dumps({"hardware": "rpi4", "online": True, "apps": "x"}).encode(),
     "hardware-is-a-number": json.dumps({"hardware": 5, "online": True, "apps": {}}).encode(),
-    "not-json": b"\xff\x00 not json {",
+    "not-utf8": b"\xff\x00 not json {",
+    "not-json": b"{'single': 'quotes'}",
     "huge": json.dumps({"hardware": "rpi4", "apps": {}, "pad": "x" * 300_000}).encode(),
-    "deeply-nested": b"[" * 50_000 + b"]" * 50_000,
+    "deeply-nested": b"[" * 30_000 + b"]" * 30_000,  # under the size limit: json's recursion
     "app-is-a-list": json.dumps({"hardware": "rpi4", "apps": {"app": [1, 2]}}).encode(),
     "sequence-is-text": json.dumps({"hardware": "rpi4", "apps": {"app": {"sequence": "7"}}}).encode(),
     "claims-another-id": json.dumps({"device": "dev-1", "hardware": "rpi4", "apps": {}}).encode(),

@@ -172,8 +172,12 @@ def _load(device: str, kind: str, payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD:
         raise MalformedReport(device, kind, f"{len(payload)} bytes, over the {MAX_PAYLOAD}-byte limit")
     try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError) as e:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MalformedReport(device, kind, "not UTF-8 text") from None
+    except RecursionError:
+        raise MalformedReport(device, kind, "nested too deeply") from None
+    except ValueError as e:
         raise MalformedReport(device, kind, f"not JSON ({str(e)[:60]})") from None
     d = _Doc(device, kind, obj)
     claimed = d.str_("device")
