@@ -363,3 +363,40 @@ def test_resumed_rollout_counts_a_device_that_already_rolled_back_this_release_a
     assert result["result"] == "paused" and time.monotonic() - t0 < 20, result
     assert result["failed"] == result["eligible"] == 1 and result["pending"] == 0
     assert list(result["failed_by"]) == ["rpi4: trial_failed"]
+
+
+def test_rollout_of_a_release_an_operator_published_needs_no_write_access_to_releases(
+    tmp_path: Path,
+) -> None:
+    """The rollout controller's identity may only move rollouts: a release an
+    operator already published (read back, identical) is not published again."""
+    kit = Kit(tmp_path / "dev")
+    data = kit.bundle(counter_module(2), 1, rollout_percent=0)
+    (tmp_path / "b.bundle").write_bytes(data)
+    _write_key(tmp_path / "ro.key")
+    seed = Mosquitto(tmp_path / "mosq").start()  # as the operator, with write access
+    try:
+        operator.publish_bundle(parse_url(seed.url), data, P)
+    finally:
+        seed.stop()  # persistence keeps the retained release and chunks
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic read {P}/#\ntopic write {P}/rollouts/#\n")
+    b = Mosquitto(tmp_path / "mosq", extra=f"acl_file {acl}\n").start()
+    try:
+        r = run_cli(
+            "rollout",
+            str(tmp_path / "b.bundle"),
+            "--broker",
+            b.url,
+            "--steps",
+            "100",
+            "--step-wait",
+            "1",
+            "--key",
+            str(tmp_path / "ro.key"),
+            timeout=60,
+        )
+    finally:
+        b.stop()
+    assert "found app 1.0.1 (sequence 1; release and chunks read back" in r.stdout, r.stdout + r.stderr
+    assert "NotStoredError" not in r.stderr and "INCOMPLETE" in r.stdout  # no device: not "completed"

@@ -194,10 +194,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             return
         e = ev["event"]
         if e == "published":
+            verb = "found" if ev.get("already_stored") else "published"
             print(
-                f"published {ev['app']} {ev['version']} (sequence {ev['sequence']}; release and chunks "
-                f"read back from the broker); {ev['devices']} device(s) run this app on the targeted "
-                "hardware",
+                f"{verb} {ev['app']} {ev['version']} (sequence {ev['sequence']}; release and chunks read "
+                f"back from the broker); {ev['devices']} device(s) run this app on the targeted hardware",
                 flush=True,
             )
         elif e == "progress":

@@ -289,7 +289,11 @@ class RolloutController:
             sess.client.on_message = on_message
             sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
             time.sleep(discover_s)  # retained statuses: who is out there
-            operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
+            # An operator may have published the release already (the rollout
+            # controller's identity need not write releases or artifacts).
+            stored = operator.release_stored(self.s, self.data, self.p)
+            if not stored:
+                operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
             self.emit(
                 {
                     "event": "published",
@@ -297,6 +301,7 @@ class RolloutController:
                     "version": m.version,
                     "sequence": m.sequence,
                     "devices": len(self.fleet.devices),
+                    "already_stored": stored,
                 }
             )
             last: tuple[Any, ...] | None = None

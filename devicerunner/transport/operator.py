@@ -200,11 +200,7 @@ def publish_bundle(
     if channel is not None and channel != m.channel:
         raise OperatorError(f"the bundle is signed for channel {m.channel!r}, not {channel!r} (re-sign it)")
     trust.verify_artifact(m, module)  # never publish a corrupt bundle
-    cs = m.artifact.chunk_size
-    chunks = [
-        (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
-        for i in range(len(m.artifact.chunks))
-    ]
+    chunks = _chunks(prefix, m, module)
     release_topic = topics.release(prefix, m.app, m.channel)
     with Session(s) as sess:
         sess.publish_many(chunks, retain=True, progress=progress)
@@ -213,6 +209,30 @@ def publish_bundle(
             sess.check_stored(dict(chunks), [topics.chunk(prefix, m.artifact.sha256, "+")], "a chunk")
             sess.check_stored({release_topic: man}, [release_topic], "the release")
     return m
+
+
+def _chunks(prefix: str, m: manifest.Manifest, module: bytes) -> list[tuple[str, bytes]]:
+    cs = m.artifact.chunk_size
+    return [
+        (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
+        for i in range(len(m.artifact.chunks))
+    ]
+
+
+def release_stored(s: BrokerSettings, data: bytes, prefix: str) -> bool:
+    """Does the broker already hold exactly this release and every chunk of it
+    (read back)? Then a rollout needs no write access to releases or artifacts:
+    an operator published it (``devicerunner publish``)."""
+    man, module = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    release_topic = topics.release(prefix, m.app, m.channel)
+    with Session(s) as sess:
+        if sess.read_back({release_topic: man}, [release_topic], max_s=1.0):
+            return False
+        chunks = dict(_chunks(prefix, m, module))
+        size = sum(len(p) for p in chunks.values())
+        missing = sess.read_back(chunks, [topics.chunk(prefix, m.artifact.sha256, "+")], 2.0 + size / 500_000)
+        return not missing
 
 
 def publish_root(s: BrokerSettings, data: bytes, prefix: str) -> manifest.Root:
