@@ -234,6 +234,11 @@ def _interrupted(args: argparse.Namespace, where: dict[str, Any]) -> None:
         print(json.dumps({"event": "interrupted", "ts": round(time.time(), 3), **where}), flush=True)
     pct, step = where["percent"], where["step"]
     again = f"devicerunner rollout {args.bundle} --key {args.key} --broker {args.broker}"
+    if args.prefix != DEFAULT_PREFIX:
+        again += f" --prefix {args.prefix}"
+    for opt in ("ca_file", "cert_file", "key_file"):
+        if getattr(args, opt, None):
+            again += f" --{opt.replace('_', '-')} {getattr(args, opt)}"
     if pct is None:
         msg = (
             f"interrupted before the first rollout document: no device takes {where['app']} "
