@@ -88,10 +88,13 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
                     str(a.get("version") or "-"),
                     str(a.get("sequence", "-")),
                     str(a.get("phase", "-")),
-                    (a.get("last_error") or "")[:70],
+                    f"v{a['config_version']} {a.get('config_phase', '')}"
+                    if a.get("config_version") is not None
+                    else "-",
+                    (a.get("last_error") or a.get("config_last_error") or "")[:70],
                 )
             )
-    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "LAST ERROR")
+    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "CONFIG", "LAST ERROR")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -177,8 +180,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             return
         e = ev["event"]
         if e == "published":
+            which = f"sequence {ev['sequence']}" if "sequence" in ev else "a signed config"
             print(
-                f"published {ev['app']} {ev['version']} (sequence {ev['sequence']}); "
+                f"published {ev['app']} {ev['version']} ({which}); "
                 f"{ev['devices']} device(s) run this app on the targeted hardware",
                 flush=True,
             )
@@ -214,8 +218,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def register_rollout(sub: Any) -> None:
-    r = sub.add_parser("rollout", help="publish a release and roll it out in stages with an abort threshold")
-    r.add_argument("bundle", help="signed with --rollout-percent 0")
+    r = sub.add_parser(
+        "rollout", help="publish a release or a config and roll it out in stages with an abort threshold"
+    )
+    r.add_argument("bundle", help="a release bundle or a config document, signed with --rollout-percent 0")
     r.add_argument("--steps", default="1,5,25,100", help="percentages, e.g. 1,5,25,100")
     r.add_argument("--step-wait", type=float, default=60.0, help="seconds per step at most")
     r.add_argument("--abort-failure-pct", type=float, default=10.0, help="pause above this failure share")

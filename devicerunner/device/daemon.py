@@ -33,6 +33,7 @@ from devicerunner.transport.settings import parse_url
 from devicerunner.trust.manifest import Manifest
 from devicerunner.trust.store import TrustStore
 from devicerunner.trust.verify import DeviceIdentity
+from devicerunner.update.config_updates import ConfigUpdates
 from devicerunner.update.delivery import Delivery
 from devicerunner.update.events import Event
 from devicerunner.update.host import UpdateSettings
@@ -42,6 +43,7 @@ from firmware_shims.base import Clock, RealClock
 from firmware_shims.env import ShimEnv
 from hostfuncs.context import LogSink
 from hostfuncs.kv import KvStore
+from hostfuncs.messages import Inbox
 from hostfuncs.telemetry import Outbox
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,7 @@ class Daemon:
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
         )
         self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
+        self.config_updates = ConfigUpdates(settings, host, self.trust, self.updater)
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.updater.listeners.append(self._on_event)
@@ -164,13 +167,14 @@ class Daemon:
             prefix=b.prefix,
             device_id=self.cfg.id,
             hardware=self.cfg.hardware,
-            apps=[Subscription(n, a.channel) for n, a in self.cfg.apps.items()],
+            apps=[Subscription(n, a.channel, "messages" in a.policy) for n, a in self.cfg.apps.items()],
             lane=lane,
             runtime=self.runtime,
             status=self.broker_status,
             outbox=self.resources.outbox,
             backoff_min_s=b.reconnect_min_s,
             backoff_max_s=b.reconnect_max_s,
+            messages=self.deliver_message,
         )
         self.delivery = Delivery(
             state_dir=self.cfg.state_dir,
@@ -208,6 +212,21 @@ class Daemon:
 
     # -- apps -------------------------------------------------------------------
 
+    def deliver_message(self, app: str, topic: str, payload: bytes, broadcast: bool) -> str | None:
+        """Queue an operator's message for ``app`` (any thread; never waits).
+        None, or why it was dropped: ``no_app``, ``not_granted``, ``invalid``, ``rate``."""
+        if app not in self.cfg.apps:
+            return "no_app"
+        running = self.scheduler.apps.get(app)
+        if "messages" not in self.cfg.apps[app].policy or (
+            running is not None and "messages" not in running.spec.grant
+        ):
+            return "not_granted"  # the policy, or the release running now, does not grant it
+        inbox = self.resources.inboxes.get(app)
+        if inbox is None:  # setdefault: atomic, so two lanes never make two inboxes
+            inbox = self.resources.inboxes.setdefault(app, Inbox(self.clock.monotonic_s()))
+        return inbox.put(topic, payload, broadcast, self.clock.monotonic_s())
+
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
         if store is None:
@@ -237,6 +256,7 @@ class Daemon:
         if cleaned:
             log.info("removed %d temp file(s) left by an interrupted write", cleaned)
         self.rollouts.restore()
+        self.config_updates.boot()  # each app's first instance starts with its committed config
         for name, app in self.cfg.apps.items():
             try:
                 spec = self._boot_spec(app)
@@ -253,9 +273,10 @@ class Daemon:
         self.kv_flusher.start()
         self.scheduler.start()
         self.updater.start()
+        self.config_updates.start()
         if self.channel is not None and self.delivery is not None:
             self.channel.post(self.delivery.resume_downloads)
-            self.channel.start(self.delivery)
+            self.channel.start(self.delivery, self.config_updates)
         if self._status_file:
             self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
 
@@ -288,7 +309,14 @@ class Daemon:
         now_s = self.clock.monotonic_s()
         for name in self.cfg.apps:
             st, _ = self.updater.slots[name].load()
-            entry: dict[str, Any] = {"app": name, "state": dataclasses.asdict(st)}
+            entry: dict[str, Any] = {
+                "app": name,
+                "state": dataclasses.asdict(st),
+                "config": self.config_updates.status(name),
+            }
+            inbox = self.resources.inboxes.get(name)
+            if inbox is not None:
+                entry["messages"] = {"queued": len(inbox), **inbox.stats.as_dict()}
             live = self.scheduler.apps.get(name)
             if live is not None:
                 entry.update(live.status(now_s))
@@ -321,7 +349,13 @@ class Daemon:
                 "last_reason": st.get("last_reason"),
                 "running": a.get("running", False),
                 "trial": a.get("trial"),
+                "config_version": a["config"]["version"],
+                "config_phase": a["config"]["phase"],
+                "config_on_trial": a["config"]["on_trial"],
+                "config_last_error": a["config"]["last_error"],
             }
+            if "messages" in a:
+                apps[name]["messages"] = a["messages"]
         return {
             "device": self.cfg.id,
             "hardware": self.cfg.hardware,

@@ -11,6 +11,13 @@ events from the broker.
 Failures counted: REJECTED, ROLLED_BACK, FAILED events for this release,
 and devices in the rollout that have not reported a result within
 ``device_timeout_s`` of being included (timed out).
+
+The same controller stages a signed app configuration (``data`` is then a
+config document, not a bundle): its rollout documents have ``kind:
+config`` and go to ``{p}/rollouts/{app}/{channel}/config``, the config is
+published retained on ``{p}/configs/{app}/{channel}``, and a device counts
+as committed when its status shows that ``config_version`` COMMITTED, as
+failed on CONFIG_REJECTED / CONFIG_ROLLED_BACK / CONFIG_FAILED.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
 from devicerunner.trust import verify as trust
+from devicerunner.trust.appconfig import parse_config
 
 FAILED_PHASES = ("REJECTED", "ROLLED_BACK", "FAILED")
+CONFIG_FAILED_PHASES = ("CONFIG_REJECTED", "CONFIG_ROLLED_BACK", "CONFIG_FAILED")
 
 
 class RolloutError(DeviceRunnerError):
@@ -75,6 +84,57 @@ class FleetView:
         return v
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a rollout moves: a release (by sequence) or a config (by version)."""
+
+    kind: str  # "release" | "config"
+    app: str
+    channel: str
+    number: int
+    """The release's sequence or the config's version."""
+    label: str
+    salt: str
+    default_percent: int
+    hardware: tuple[str, ...]
+    devices: tuple[str, ...]
+
+    @property
+    def event_key(self) -> str:
+        return "sequence" if self.kind == "release" else "config_version"
+
+    def committed_in(self, app_status: dict[str, Any]) -> bool:
+        if self.kind == "release":
+            return app_status.get("sequence") == self.number and app_status.get("phase") == "COMMITTED"
+        return (
+            app_status.get("config_version") == self.number and app_status.get("config_phase") == "COMMITTED"
+        )
+
+    def committed_phase(self) -> str:
+        return "COMMITTED" if self.kind == "release" else "CONFIG_COMMITTED"
+
+    def failed_phases(self) -> tuple[str, ...]:
+        return FAILED_PHASES if self.kind == "release" else CONFIG_FAILED_PHASES
+
+
+def target_of(data: bytes) -> Target:
+    """A release bundle or a config document (MalformedError if neither)."""
+    if data[:1] == b"{":
+        c = parse_config(data)
+        t = c.targets
+        return Target(
+            "config", c.app, c.channel, c.version, f"config v{c.version}", t.rollout_salt,
+            t.rollout_percent, t.hardware, t.devices,
+        )  # fmt: skip
+    man, _ = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    t = m.targets
+    return Target(
+        "release", m.app, m.channel, m.sequence, m.version, t.rollout_salt, t.rollout_percent,
+        t.hardware, t.devices,
+    )  # fmt: skip
+
+
 class RolloutController:
     def __init__(
         self,
@@ -87,11 +147,10 @@ class RolloutController:
     ) -> None:
         self.s, self.p, self.key, self.policy, self.emit = s, prefix, key, policy, emit
         self.data = data
-        man, _ = bundle.unpack(data)
-        self.m = manifest.parse_manifest(man)
-        if self.m.targets.rollout_percent > policy.steps[0]:
+        self.t = target_of(data)
+        if self.t.default_percent > policy.steps[0]:
             raise RolloutError(
-                f"the release's default rollout is {self.m.targets.rollout_percent}%, above the first step "
+                f"the {self.t.kind}'s default rollout is {self.t.default_percent}%, above the first step "
                 f"({policy.steps[0]}%): devices would take it before the rollout starts. Sign it with "
                 "--rollout-percent 0 for a staged rollout."
             )
@@ -105,25 +164,26 @@ class RolloutController:
         if msg is None:
             return
         device, kind, doc = msg
+        t = self.t
         with self.fleet.lock:
             if kind == "status":
-                app = (doc.get("apps") or {}).get(self.m.app)
-                if app is None or doc.get("hardware") not in self.m.targets.hardware:
+                app = (doc.get("apps") or {}).get(t.app)
+                if not isinstance(app, dict) or doc.get("hardware") not in t.hardware:
                     return
-                if self.m.targets.devices and device not in self.m.targets.devices:
+                if t.devices and device not in t.devices:
                     return
                 v = self.fleet.dev(device)
                 v.hardware = doc.get("hardware", "?")
-                if app.get("sequence") == self.m.sequence and app.get("phase") == "COMMITTED":
+                if t.committed_in(app):
                     v.result = v.result or "committed"
             else:
-                if doc.get("app") != self.m.app or doc.get("sequence") != self.m.sequence:
+                if doc.get("app") != t.app or doc.get(t.event_key) != t.number:
                     return
                 v = self.fleet.dev(device)
                 v.phase = doc.get("phase")
-                if v.phase == "COMMITTED":
+                if v.phase == t.committed_phase():
                     v.result = "committed"
-                elif v.phase in FAILED_PHASES and v.result is None:
+                elif v.phase in t.failed_phases() and v.result is None:
                     v.result, v.reason = "failed", f"{doc.get('reason')}: {doc.get('reason_text', '')}"[:200]
 
     # -- the rollout -----------------------------------------------------------------
@@ -131,19 +191,22 @@ class RolloutController:
     def _publish_doc(self, sess: operator.Session, percent: int, paused: bool) -> None:
         self.version += 1
         now = int(time.time())
+        t = self.t
         signed = manifest.rollout_signed(
-            app=self.m.app,
-            channel=self.m.channel,
-            sequence=self.m.sequence,
+            app=t.app,
+            channel=t.channel,
+            sequence=t.number,
             percent=percent,
-            salt=self.m.targets.rollout_salt,
+            salt=t.salt,
             paused=paused,
             version=self.version,
             issued=now,
             expires=now + 7 * 86_400,
+            kind=t.kind,
         )
         doc = manifest.sign_envelope(signed, [self.key])
-        sess.publish_many([(topics.rollout(self.p, self.m.app, self.m.channel), doc)], retain=True)
+        topic = (topics.rollout if t.kind == "release" else topics.config_rollout)(self.p, t.app, t.channel)
+        sess.publish_many([(topic, doc)], retain=True)
 
     def _counts(self, now: float) -> dict[str, Any]:
         with self.fleet.lock:
@@ -166,19 +229,23 @@ class RolloutController:
             }
 
     def run(self, discover_s: float = 1.0) -> dict[str, Any]:
-        m, pol = self.m, self.policy
+        t, pol = self.t, self.policy
         with operator.Session(self.s) as sess:
             sess.client.on_message = lambda _c, _u, msg: self._on_message(msg.topic, bytes(msg.payload))
             sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
             time.sleep(discover_s)  # retained statuses: who is out there
             self._publish_doc(sess, pol.steps[0], paused=False)
-            operator.publish_bundle(self.s, self.data, self.p)
+            if t.kind == "release":
+                operator.publish_bundle(self.s, self.data, self.p)
+            else:
+                sess.publish_many([(topics.config(self.p, t.app, t.channel), self.data)], retain=True)
             self.emit(
                 {
                     "event": "published",
-                    "app": m.app,
-                    "version": m.version,
-                    "sequence": m.sequence,
+                    "kind": t.kind,
+                    "app": t.app,
+                    "version": t.label,
+                    t.event_key: t.number,
                     "devices": len(self.fleet.devices),
                 }
             )
@@ -188,7 +255,7 @@ class RolloutController:
                 t_step = time.monotonic()
                 with self.fleet.lock:
                     for v in self.fleet.devices.values():
-                        if v.included_at is None and trust.in_rollout(v.id, m.targets.rollout_salt, pct):
+                        if v.included_at is None and trust.in_rollout(v.id, t.salt, pct):
                             v.included_at = t_step
                 while True:
                     now = time.monotonic()

@@ -461,6 +461,10 @@ class Updater:
         )
         self._resume_deferred(m.app)
 
+    def resume_deferred(self, app: str) -> None:
+        """A trial of ``app`` ended (a config trial, too): a release that waited goes now."""
+        self._resume_deferred(app)
+
     def _resume_deferred(self, app: str) -> None:
         rel = self._deferred.pop(app, None)
         if rel is not None:
