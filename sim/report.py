@@ -126,7 +126,7 @@ def _phase_durations(events: list[dict[str, Any]]) -> dict[str, list[float]]:
 def _rollbacks_by_hw(events: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for e in events:
-        if e.get("phase") == "ROLLED_BACK":
+        if e.get("phase") in ("ROLLED_BACK", "CONFIG_ROLLED_BACK"):  # a release or a config
             out[e.get("hardware") or "?"][(e.get("reason_text") or "")[:80]] += 1
     return {k: dict(v) for k, v in out.items()}
 

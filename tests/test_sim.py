@@ -13,7 +13,16 @@ from tests.conftest import run_cli
 
 @pytest.mark.parametrize(
     "scenario",
-    ["happy", "bad-release", "tampered", "broker-outage", "power-loss", "key-rotation", "flaky-network"],
+    [
+        "happy",
+        "bad-release",
+        "tampered",
+        "broker-outage",
+        "power-loss",
+        "key-rotation",
+        "flaky-network",
+        "bad-config",
+    ],
 )
 def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None:
     r = run_cli(
@@ -24,7 +33,7 @@ def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None
     assert summary["ok"] is True and summary["scenarios"][0]["name"] == scenario
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Versions across the fleet" in page and "data:image/png;base64" in page
-    if scenario == "bad-release":
+    if scenario in ("bad-release", "bad-config"):
         assert set(summary["rollbacks_by_hardware"]) == {"stb-b"}
         assert "PAUSED" in r.stdout.upper()
 
