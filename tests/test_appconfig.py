@@ -22,7 +22,7 @@ from devicerunner.device.daemon import Daemon
 from devicerunner.errors import MalformedError, TooLargeError
 from devicerunner.trust import appconfig, manifest
 from devicerunner.trust.manifest import Health
-from devicerunner.update.config_updates import ConfigState, plan_boot, plan_rollback, plan_stage
+from devicerunner.update.config_state import ConfigState, plan_boot, plan_rollback, plan_stage
 from tests.conftest import until, wat
 from tests.devicekit import Events, Kit
 
