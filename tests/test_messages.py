@@ -312,3 +312,21 @@ def test_only_operators_can_write_to_an_apps_inbox(tmp_path: Path) -> None:
             a.stop()
     finally:
         b.stop()
+
+
+def test_a_devices_message_bounds_come_from_its_config(tmp_path: Path) -> None:
+    from devicerunner.device import config
+
+    boot = tmp_path / "listener.wasm"
+    boot.write_bytes(wat(LISTENER_WAT))
+    kit = Kit(tmp_path / "dev", bootstrap=str(boot))
+    text = kit.config_path.read_text().replace(
+        "[apps.app]\n", "[apps.app]\nmessages_queue = 2\nmessages_rate_per_s = 1000\nmessages_burst = 1000\n"
+    )
+    kit.config_path.write_text(text)
+    d = Daemon(config.load(kit.config_path), status_file=False)  # not started: nothing takes them
+    for i in range(10):
+        assert d.deliver_message("app", "cmd", b"%d" % i, False) is None
+    m = d.status()["apps"]["app"]["messages"]
+    assert (m["queued"], m["dropped_full"], m["dropped_rate"]) == (2, 8, 0)
+    d.stop()

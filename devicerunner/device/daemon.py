@@ -143,6 +143,11 @@ class Daemon:
         )
         self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
         self.config_updates = ConfigUpdates(settings, host, self.trust, self.updater)
+        for name, a in cfg.apps.items():  # the app's, kept across its instances
+            if "messages" in a.policy:
+                self.resources.inboxes[name] = Inbox(
+                    self.clock.monotonic_s(), a.messages_queue, a.messages_rate_per_s, a.messages_burst
+                )
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.updater.listeners.append(self._on_event)
@@ -223,8 +228,8 @@ class Daemon:
         ):
             return "not_granted"  # the policy, or the release running now, does not grant it
         inbox = self.resources.inboxes.get(app)
-        if inbox is None:  # setdefault: atomic, so two lanes never make two inboxes
-            inbox = self.resources.inboxes.setdefault(app, Inbox(self.clock.monotonic_s()))
+        if inbox is None:
+            return "not_granted"
         return inbox.put(topic, payload, broadcast, self.clock.monotonic_s())
 
     def kv_for(self, app: AppConfig) -> KvStore:
