@@ -55,3 +55,25 @@ def test_config_sign_keeps_decimals_from_a_json_file_as_strings(tmp_path: Path) 
     doc = sign(tmp_path, "cfg", "--file", str(settings))
     parsed = appconfig.parse_config(doc.read_bytes())
     assert parsed.settings["hysteresis"] == "0.5" and parsed.settings["mode"] == "eco"
+
+
+def test_config_install_hands_a_config_to_a_device_without_a_broker(tmp_path: Path) -> None:
+    from tests.conftest import wat
+    from tests.devicekit import Kit
+    from tests.test_appconfig import CONFIGURED_WAT, QUICK
+
+    boot = tmp_path / "configured.wasm"
+    boot.write_bytes(wat(CONFIGURED_WAT))
+    kit = Kit(tmp_path / "dev", bootstrap=str(boot))
+    doc = tmp_path / "cfg.json"
+    doc.write_bytes(kit.config(1, {"limit": "9"}, health=QUICK))
+    r = run_cli("config", "install", str(doc), "--config", str(kit.config_path))
+    assert r.returncode == 0 and "queued" in r.stdout, r.stderr
+    r = run_cli("run", "--config", str(kit.config_path), "--once", "--for", "30", "--json")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)["apps"]["app"]["config"]
+    assert (cfg["version"], cfg["phase"]) == (1, "COMMITTED")
+    assert not list((kit.state_dir / "inbox").glob("*.config"))
+    (tmp_path / "junk.json").write_text("{}")
+    r = run_cli("config", "install", str(tmp_path / "junk.json"), "--config", str(kit.config_path))
+    assert r.returncode == 1 and "MalformedError" in r.stderr

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner.cli.mqtt import _broker_opts, _settings
+from devicerunner.device import config as device_config
 from devicerunner.errors import DeviceRunnerError, VerificationError
 from devicerunner.transport import operator, topics
 from devicerunner.trust import appconfig, keys, manifest
 from devicerunner.trust import verify as trust
 from devicerunner.trust.manifest import Health
+from devicerunner.update.config_updates import install_config
 from hostfuncs.messages import MAX_PAYLOAD, TOPIC_RE
 
 DAY = 86_400
@@ -119,6 +121,16 @@ def cmd_config_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_install(args: argparse.Namespace) -> int:
+    cfg = device_config.load(Path(args.config))
+    path = install_config(cfg.state_dir, Path(args.document).read_bytes())
+    print(
+        f"queued {args.document} as {path.name}; a running daemon takes it within a second, "
+        "a stopped one at its next start. Follow it with: devicerunner status --config " + args.config
+    )
+    return 0
+
+
 def cmd_config_publish(args: argparse.Namespace) -> int:
     data = Path(args.document).read_bytes()
     doc = appconfig.parse_config(data)
@@ -199,6 +211,11 @@ def register(sub: Any) -> None:
     v.add_argument("--highest-version", type=int, default=0)
     v.add_argument("--now", type=int)
     v.set_defaults(func=cmd_config_verify)
+
+    i = csub.add_parser("install", help="hand a config document to a device through its local inbox")
+    i.add_argument("document")
+    i.add_argument("--config", required=True, help="the device's device.toml")
+    i.set_defaults(func=cmd_config_install)
 
     p = csub.add_parser("publish", help="publish a config document (retained) for every device at once")
     p.add_argument("document")

@@ -47,6 +47,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -140,6 +141,7 @@ consumer of release events mistakes one for the other."""
 MAX_SEEN = 256
 """Digests kept in memory (any refused document, signed or not)."""
 DEFAULT_HEALTH = Health(trial_ticks=50, trial_seconds=5, max_traps=0, max_overruns=0, max_broker_loss_s=60)
+INBOX_SUFFIX = ".config"
 UNAUTHENTICATED = (NoTrustRootError, BadSignatureError, ThresholdError, MalformedError, TooLargeError)
 ROLLOUT_FILE = "rollout.json"
 
@@ -215,7 +217,10 @@ class ConfigUpdates:
         """app -> the newest config that arrived while a trial was running."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._trials: dict[str, ConfigDoc] = {}
+        self.inbox = settings.state_dir / "inbox"
         updater.listeners.append(self._on_update_event)
+        updater.inbox_scanners.append(self._scan_inbox)
+        updater.inbox_suffixes.add(INBOX_SUFFIX)
 
     # -- boot (before the apps start) ---------------------------------------------------
 
@@ -404,6 +409,31 @@ class ConfigUpdates:
         if doc.kind == "config" and doc.app == app:
             self.rollouts[app] = doc
 
+    def _scan_inbox(self) -> None:
+        """The local channel (``config install``): each ``inbox/*.config`` is taken
+        like a message on the config topic, then removed; one whose app is on
+        trial now stays for a later scan (so a stop loses nothing)."""
+        try:
+            entries = sorted(p for p in self.inbox.iterdir() if p.suffix == INBOX_SUFFIX)
+        except OSError:
+            return
+        for path in entries:
+            try:
+                if path.stat().st_size > MAX_CONFIG_BYTES:
+                    raise TooLargeError(f"{path.name}: larger than {MAX_CONFIG_BYTES} bytes")
+                data = path.read_bytes()
+            except (OSError, TooLargeError) as e:
+                self._emit("unknown", REJECTED, None, getattr(e, "reason", "unreadable"), str(e))
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            app = _peek_app(data)
+            if app in self.files and self._busy(app):
+                continue  # a trial runs: look again later
+            self._process(data, f"inbox:{path.name}")
+            with contextlib.suppress(OSError):
+                path.unlink()
+
     def _busy(self, app: str) -> bool:
         return not self.host.running(app) or self.host.on_trial(app)
 
@@ -507,6 +537,16 @@ class ConfigUpdates:
         """A release's trial ended (or the app started): a waiting config may go."""
         if ev.kind in (Kind.COMMITTED, Kind.ROLLED_BACK, Kind.REJECTED) and ev.app in self.pending:
             self._retry(ev.app)
+
+
+def install_config(state_dir: Path, data: bytes) -> Path:
+    """Drop a config document into the inbox atomically (the local channel)."""
+    parse_config(data)  # refuse what is not even a config document, early and clearly
+    inbox = Path(state_dir) / "inbox"
+    makedirs(inbox)
+    path = inbox / f"{int(time.time() * 1000):015d}-{digest_of(data)[:16]}{INBOX_SUFFIX}"
+    atomic_write(path, data)
+    return path
 
 
 def _peek_app(data: bytes) -> str | None:
