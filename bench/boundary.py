@@ -31,7 +31,7 @@ from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import RealClock, VirtualClock
 from hostfuncs.kv import KvStore
 
-ALL = frozenset(["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"])
+ALL = frozenset(["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi", "messages", "config"])
 LOOP = 2000
 HOSTCALLS = f"""(module
   (import "sensors" "count" (func $count (result i32)))

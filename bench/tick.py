@@ -18,7 +18,7 @@ from devicerunner.sandbox.engine import Limits, Sandbox
 from firmware_shims.base import VirtualClock
 from hostfuncs.kv import KvStore
 
-ALL = frozenset(["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"])
+ALL = frozenset(["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi", "messages", "config"])
 EMPTY = """(module (memory (export "memory") 1)
   (func (export "dr_init") (result i32) (i32.const 0))
   (func (export "dr_tick") (result i32) (i32.const 0)))"""

@@ -5,7 +5,7 @@ Importing this package registers every capability's functions in
 both generated from that one table.
 """
 
-from hostfuncs import actuators, clock, kv, log, sensors, telemetry, wasi  # noqa: F401
+from hostfuncs import actuators, clock, config, kv, log, messages, sensors, telemetry, wasi  # noqa: F401
 from hostfuncs.registry import CAPABILITIES, REGISTRY, HostFunc
 
 __all__ = ["CAPABILITIES", "REGISTRY", "HostFunc"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 OK = 0
 ERR_NOT_FOUND = -1
-"""Unknown sensor/actuator name or id, or missing kv key."""
+"""Unknown sensor/actuator name or id, missing kv or config key, or no message waiting."""
 ERR_BOUNDS = -2
 """A (ptr, len) the app passed lies outside its linear memory."""
 ERR_QUOTA = -3
@@ -46,7 +46,7 @@ NAMES: dict[int, str] = {
 
 DOCS: dict[int, str] = {
     OK: "success",
-    ERR_NOT_FOUND: "unknown sensor/actuator name or id, or missing kv key",
+    ERR_NOT_FOUND: "unknown sensor/actuator name or id, missing kv/config key, no message waiting",
     ERR_BOUNDS: "a (ptr, len) lies outside the app's linear memory",
     ERR_QUOTA: "the app's kv byte quota would be exceeded",
     ERR_STALE: "the sensor's newest sample is older than its max_age_ms",

@@ -56,6 +56,8 @@ class AppContext:
     actuators: Mapping[str, Actuator] = field(default_factory=dict)
     kv: object | None = None  # hostfuncs.kv.KvStore
     telemetry: object | None = None  # hostfuncs.telemetry.Outbox
+    inbox: object | None = None  # hostfuncs.messages.Inbox (the app's, shared by its instances)
+    config: object | None = None  # hostfuncs.config.AppSettings (immutable for this instance)
     log_sink: LogSink | None = None
     log_rate_per_s: float = 50.0
     log_burst: float = 200.0

@@ -33,6 +33,8 @@ CAPABILITIES: dict[str, str] = {
     "actuators": "actuators",
     "kv": "kv",
     "telemetry": "telemetry",
+    "messages": "messages",
+    "config": "config",
     "wasi": "wasi_snapshot_preview1",
 }
 """Capability name -> the Wasm import namespace it unlocks."""

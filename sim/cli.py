@@ -185,8 +185,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--scenario",
         default="demo",
-        help="happy, bad-release, tampered, broker-outage, power-loss, key-rotation, flaky-network "
-        "(comma-separated), "
+        help="happy, bad-release, tampered, broker-outage, power-loss, key-rotation, flaky-network, "
+        "bad-config (comma-separated), "
         "'all', or 'demo' (happy,bad-release,tampered)",
     )
     p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")

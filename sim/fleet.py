@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devicerunner.transport import operator, reports
 from devicerunner.transport.settings import BrokerSettings
-from devicerunner.trust import bundle, manifest
+from devicerunner.trust import appconfig, bundle, manifest
 from sim import apps, worker
 
 HARDWARE = ("rpi4", "stb-a", "stb-b")
@@ -35,6 +35,7 @@ class Keys:
         default_factory=lambda: [Ed25519PrivateKey.generate() for _ in range(2)]
     )
     rollout: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    config: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     version: int = 1
     tick_interval_ms: int = 100
     """How often the releases' apps tick (a thermostat needs 1 Hz; the
@@ -51,8 +52,9 @@ class Keys:
                 "root": [k.public_key() for k in self.root],
                 "release": [k.public_key() for k in self.release],
                 "rollout": [self.rollout.public_key()],
+                "config": [self.config.public_key()],
             },
-            thresholds={"root": 1, "release": 2, "rollout": 1},
+            thresholds={"root": 1, "release": 2, "rollout": 1, "config": 1},
         )
         return manifest.sign_envelope(signed, signers or self.root)
 
@@ -65,6 +67,7 @@ class Keys:
         percent: int = 0,
         signers: list[Ed25519PrivateKey] | None = None,
         hardware: tuple[str, ...] = HARDWARE,
+        capabilities: tuple[str, ...] = ("log", "clock", "sensors"),
     ) -> bytes:
         now = int(time.time())
         signed = manifest.manifest_signed(
@@ -72,7 +75,7 @@ class Keys:
             version=version,
             sequence=sequence,
             module=module,
-            capabilities=["log", "clock", "sensors"],
+            capabilities=list(capabilities),
             hardware=list(hardware),
             issued=now - 5,
             expires=now + 86_400,
@@ -89,6 +92,29 @@ class Keys:
             max_overruns=2,
         )
         return bundle.pack(manifest.sign_envelope(signed, signers or self.release), module)
+
+    def config_doc(self, version: int, settings: dict[str, Any], *, percent: int = 100) -> bytes:
+        """A config document for the fleet's app, signed by the config role."""
+        now = int(time.time())
+        signed = appconfig.config_signed(
+            app="app",
+            version=version,
+            settings=settings,
+            hardware=list(HARDWARE),
+            issued=now - 5,
+            expires=now + 86_400,
+            rollout_percent=percent,
+            rollout_salt=f"sim-config-{version}",
+            # the same allowance as a release trial: contention is not the bug under test
+            health=manifest.Health(
+                trial_ticks=self.trial_ticks,
+                trial_seconds=1,
+                max_traps=0,
+                max_overruns=2,
+                max_broker_loss_s=60,
+            ),
+        )
+        return manifest.sign_envelope(signed, [self.config])
 
 
 class Watcher:

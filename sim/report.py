@@ -161,7 +161,7 @@ def _rollbacks_by_hw(events: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """hardware -> the whole rollback reason -> devices (the page wraps it, never cuts it)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for e in events:
-        if e.get("phase") == "ROLLED_BACK":
+        if e.get("phase") in ("ROLLED_BACK", "CONFIG_ROLLED_BACK"):  # a release or a config
             out[e.get("hardware") or "?"][e.get("reason_text") or e.get("reason") or ""] += 1
     return {k: dict(v) for k, v in out.items()}
 

@@ -35,6 +35,7 @@ class Ctx:
         self.fleet, self.w = fleet, watcher
         self.s = watcher.s
         self.sequence = 0
+        self.config_version = 0
         self.restart_broker = restart_broker
         """Stops the broker for the given seconds and starts it again (None: not ours to restart)."""
         self.proxy = proxy
@@ -43,6 +44,17 @@ class Ctx:
     def next_sequence(self) -> int:
         self.sequence += 1
         return self.sequence
+
+    def next_config_version(self) -> int:
+        self.config_version += 1
+        return self.config_version
+
+    def on_config(self, version: int) -> Callable[[str, dict[str, Any]], bool]:
+        def committed(_d: str, st: dict[str, Any]) -> bool:
+            a = (st.get("apps") or {}).get("app") or {}
+            return a.get("config_version") == version and a.get("config_phase") == "COMMITTED"
+
+        return committed
 
     def rollout(
         self,
@@ -131,6 +143,70 @@ def bad_release(ctx: Ctx) -> dict[str, Any]:
             f"rollout {result['result']} at {result['step']}%: {result.get('reason', '')}",
             f"rolled back on: {dict(by_hw)} (the variant with the bug: {QUIRKY})",
             f"{on_new} device(s) kept the new release (none of them {QUIRKY}), {on_old} on the old one",
+        ],
+    }
+
+
+def bad_config(ctx: Ctx) -> dict[str, Any]:
+    """A config change that breaks the app on one hardware variant, rolled out in
+    stages: the rollout pauses and only those devices go back to the previous config."""
+    keys, n = ctx.fleet.keys, ctx.fleet.n
+    seq = ctx.next_sequence()  # the app that reads its gain from config, everywhere
+    module = apps.configured(f"c{seq}")
+    caps = ("log", "clock", "sensors", "config")
+    operator.publish_bundle(ctx.s, keys.bundle(module, seq, f"1.{seq}.0", percent=100, capabilities=caps), P)
+    ctx.w.wait(lambda: ctx.w.count(ctx.on_seq(seq)) == n, 60)
+    good = ctx.next_config_version()
+    with operator.Session(ctx.s) as sess:
+        sess.publish_many(
+            [(topics.config(P, "app", "stable"), keys.config_doc(good, {"gain": "2"}))], retain=True
+        )
+    ctx.w.wait(lambda: ctx.w.count(ctx.on_config(good)) == n, 40)
+    on_good_before = ctx.w.count(ctx.on_config(good))
+    bad = ctx.next_config_version()
+    result, events = ctx.rollout(
+        keys.config_doc(bad, {"gain": "50"}, percent=0), (10, 30, 60, 100), abort_pct=15, min_devices=3
+    )
+
+    def settled(_d: str, st: dict[str, Any]) -> bool:
+        return not ((st.get("apps") or {}).get("app") or {}).get("config_on_trial")
+
+    ctx.w.wait(lambda: ctx.w.count(settled) == n, 15)  # in-flight trials end
+    rolled = [
+        e for e in ctx.w.events if e.get("phase") == "CONFIG_ROLLED_BACK" and e.get("config_version") == bad
+    ]
+    by_hw = Counter(e.get("hardware") for e in rolled)
+
+    def quirky(pred: Callable[[str, dict[str, Any]], bool]) -> Callable[[str, dict[str, Any]], bool]:
+        return lambda d, st: pred(d, st) and st.get("hardware") == QUIRKY
+
+    quirky_on_bad = ctx.w.count(quirky(ctx.on_config(bad)))
+    rolled_devices = {e["device"] for e in rolled}
+    back_on_good = sum(1 for d in rolled_devices if (ctx.w.app_of(d).get("config_version") == good))
+    on_bad = ctx.w.count(ctx.on_config(bad))
+    ctx.settled(events, result, committed=on_bad, failed=len(rolled_devices))
+    ok = (
+        on_good_before == n
+        and result["result"] == "paused"
+        and bool(rolled)
+        and set(by_hw) == {QUIRKY}
+        and quirky_on_bad == 0
+        and back_on_good == len(rolled_devices)
+    )
+    return {
+        "ok": ok,
+        "sequence": seq,
+        "config_version": bad,
+        "rollout": result,
+        "rollout_events": events,
+        "rollbacks_by_hardware": dict(by_hw),
+        "checks": [
+            f"{on_good_before}/{n} devices committed config v{good} (gain 2) on release {seq}",
+            f"config v{bad} (gain 50) rollout {result['result']} at {result['step']}%: "
+            f"{result.get('reason', '')}",
+            f"rolled back on: {dict(by_hw)} (the variant the config breaks: {QUIRKY}); "
+            f"{back_on_good}/{len(rolled_devices)} of them run config v{good} again",
+            f"{on_bad} device(s) kept config v{bad} (none of them {QUIRKY})",
         ],
     }
 
@@ -359,5 +435,6 @@ SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "power-loss": power_loss,
     "key-rotation": key_rotation,
     "flaky-network": flaky_network,
+    "bad-config": bad_config,
 }
 DEMO = ("happy", "bad-release", "tampered")

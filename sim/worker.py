@@ -32,7 +32,7 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
         "apps": {
             "app": {
                 "module": str(spec["bootstrap"]),
-                "policy": ["log", "clock", "sensors"],
+                "policy": ["log", "clock", "sensors", "config", "messages"],
                 "tick_interval_ms": spec.get("tick_interval_ms", 100),
                 "health_interval_ms": 5 * spec.get("tick_interval_ms", 100),
             }

@@ -17,7 +17,9 @@ from firmware_shims.base import Clock, RealClock
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "apps"
-ALL_CAPS = frozenset({"log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"})
+ALL_CAPS = frozenset(
+    {"log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi", "messages", "config"}
+)
 
 
 def wat(text: str) -> bytes:

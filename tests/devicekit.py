@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devicerunner.device import config
 from devicerunner.device.daemon import Daemon
-from devicerunner.trust import bundle, manifest
+from devicerunner.trust import appconfig, bundle, manifest
 from tests.conftest import wat
 
-ALL = ["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"]
+ALL = ["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi", "messages", "config"]
 
 COUNTER_WAT = """(module
   (import "kv" "get" (func $get (param i32 i32 i32 i32) (result i32)))
@@ -51,6 +51,7 @@ class Kit:
         default_factory=lambda: [Ed25519PrivateKey.generate() for _ in range(2)]
     )
     root_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    config_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     hardware: str = "rpi4"
     device_id: str = "dev-1"
     bootstrap: str | None = None
@@ -67,8 +68,9 @@ class Kit:
             role_keys={
                 "root": [self.root_key.public_key()],
                 "release": [k.public_key() for k in self.release_keys],
+                "config": [self.config_key.public_key()],
             },
-            thresholds={"root": 1, "release": 2},
+            thresholds={"root": 1, "release": 2, "config": 1},
         )
         (self.dir / "root.json").write_bytes(manifest.sign_envelope(signed, [self.root_key]))
         boot = self.bootstrap or str(self.dir / "boot.wasm")
@@ -131,6 +133,29 @@ driver = "sim"
         )
         return bundle.pack(manifest.sign_envelope(signed, self.release_keys), module)
 
+    def config(
+        self,
+        version: int,
+        settings: dict[str, Any],
+        *,
+        app: str = "app",
+        hardware: str | None = None,
+        signers: list[Ed25519PrivateKey] | None = None,
+        **kw: Any,
+    ) -> bytes:
+        """A config document for this device's app, signed by the config key."""
+        now = int(time.time())
+        signed = appconfig.config_signed(
+            app=app,
+            version=version,
+            settings=settings,
+            hardware=[hardware or self.hardware],
+            issued=now - 10,
+            expires=now + 86400,
+            **kw,
+        )
+        return manifest.sign_envelope(signed, [self.config_key] if signers is None else signers)
+
 
 class Events:
     """Collects a daemon's update events; waits for one, bounded."""
@@ -145,10 +170,12 @@ class Events:
             self.items.append(ev)
             self._cond.notify_all()
 
-    def wait(self, phase: str, sequence: int | None = None, timeout_s: float = 20.0) -> dict[str, Any]:
+    def wait(
+        self, phase: str, sequence: int | None = None, timeout_s: float = 20.0, key: str = "sequence"
+    ) -> dict[str, Any]:
         def match() -> dict[str, Any] | None:
             for ev in self.items:
-                if ev["phase"] == phase and (sequence is None or ev.get("sequence") == sequence):
+                if ev["phase"] == phase and (sequence is None or ev.get(key) == sequence):
                     return ev
             return None
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import EXAMPLES, run_cli
 
 THERMO = str(EXAMPLES / "thermostat.wasm")
-CAPS = "log,clock,sensors,actuators,kv,telemetry,wasi"
+CAPS = "log,clock,sensors,actuators,kv,telemetry,wasi,messages,config"
 
 
 @pytest.fixture(scope="module")

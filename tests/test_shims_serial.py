@@ -304,7 +304,7 @@ id = "serial-dev"
 state_dir = "state"
 [apps.thermostat]
 module = "{EXAMPLES / "thermostat.wasm"}"
-policy = ["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi"]
+policy = ["log", "clock", "sensors", "actuators", "kv", "telemetry", "wasi", "messages", "config"]
 tick_interval_ms = 20
 [sensors.temp]
 driver = "serial"

@@ -14,7 +14,16 @@ from tests.conftest import run_cli
 
 @pytest.mark.parametrize(
     "scenario",
-    ["happy", "bad-release", "tampered", "broker-outage", "power-loss", "key-rotation", "flaky-network"],
+    [
+        "happy",
+        "bad-release",
+        "tampered",
+        "broker-outage",
+        "power-loss",
+        "key-rotation",
+        "flaky-network",
+        "bad-config",
+    ],
 )
 def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None:
     # The flaky network runs at the demo's size (20) on the embedded broker: at 6
@@ -30,7 +39,7 @@ def test_scenario_passes_on_a_small_fleet(scenario: str, tmp_path: Path) -> None
     assert "Versions across the fleet" in page and "data:image/png;base64" in page
     # every rollout line says something ("rollout published: " used to end there)
     assert not re.search(r"rollout \w+: *$", r.stdout, re.M), r.stdout
-    if scenario == "bad-release":
+    if scenario in ("bad-release", "bad-config"):
         assert set(summary["rollbacks_by_hardware"]) == {"stb-b"}
         assert "PAUSED" in r.stdout.upper()
 

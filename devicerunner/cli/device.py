@@ -11,6 +11,7 @@ from typing import Any
 
 from devicerunner.device import config
 from devicerunner.device.paths import STATUS_FILE
+from devicerunner.update.config_updates import ConfigFiles
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState, releases
 from devicerunner.update.updater import install_bundle
@@ -59,6 +60,15 @@ def device_status(cfg: config.DeviceConfig) -> dict[str, Any]:
             entry.update({k: v for k, v in live["apps"][name].items() if k != "state"})
         else:
             entry.update(releases(st, None))
+        if "config" not in entry:  # stopped: the config state on disk
+            cst = ConfigFiles(cfg.state_dir, name).load()
+            entry["config"] = {
+                "version": cst.active_version,
+                "phase": cst.phase,
+                "candidate_version": cst.candidate_version,
+                "refused_versions": sorted(cst.bad),
+                "last_error": cst.last_error,
+            }
         out["apps"][name] = entry
     if running:
         out["events"] = live.get("events", [])
@@ -112,6 +122,23 @@ def status_lines(name: str, a: dict[str, Any]) -> str:
         lines.append(line)
     elif a.get("last_error"):
         lines.append(f"    last error: {a['last_error']}")
+    c = a.get("config") or {}
+    if c.get("version") or c.get("phase") not in (None, "IDLE"):
+        line = f"    config v{c['version']}, {c['phase']}"
+        if c.get("on_trial") or c.get("candidate_version"):
+            line += f", v{c.get('on_trial') or c.get('candidate_version')} pending"
+        if c.get("refused_versions"):
+            line += f", refused: {', '.join(f'v{v}' for v in c['refused_versions'])}"
+        lines.append(line)
+        if c.get("last_error"):
+            lines.append(f"    config error: {c['last_error']}")
+    m = a.get("messages")
+    if m:
+        lines.append(
+            f"    messages: {m['received']} received, {m['delivered']} delivered, {m['queued']} queued, "
+            f"dropped {m['dropped_full']} (full) {m['dropped_rate']} (rate) "
+            f"{m['dropped_invalid']} (invalid)"
+        )
     return "\n".join(lines)
 
 

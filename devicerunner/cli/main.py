@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner import __version__
+from devicerunner.cli.config import setting_value
 from devicerunner.device import logfmt, sdnotify
 from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
+from hostfuncs.config import AppSettings
 from hostfuncs.registry import CAPABILITIES
 
 log = logging.getLogger("devicerunner")
@@ -119,6 +121,30 @@ def parse_device_spec(arg: str, kind: str = "sensor") -> tuple[str, dict[str, An
     return name, table
 
 
+def parse_messages(items: Sequence[str] | None) -> dict[int, list[tuple[str, bytes]]]:
+    """``--message TICK:PAYLOAD`` (topic ``cmd``) or ``TICK@TOPIC:PAYLOAD``: queued
+    for the app just before tick TICK (0-based), as the daemon queues an operator's."""
+    out: dict[int, list[tuple[str, bytes]]] = {}
+    for item in items or ():
+        head, sep, payload = item.partition(":")
+        tick, _, topic = head.partition("@")
+        if not sep or not tick.isdigit():
+            raise UsageError(f"--message {item!r}: expected TICK:PAYLOAD or TICK@TOPIC:PAYLOAD")
+        out.setdefault(int(tick), []).append((topic or "cmd", payload.encode()))
+    return out
+
+
+def parse_settings(items: Sequence[str]) -> Any:
+    """``--setting KEY=VALUE``: the app runs as if config v1 held these settings."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--setting {item!r}: expected KEY=VALUE")
+        settings[k] = setting_value(v)
+    return AppSettings(1, settings, json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+
+
 def _caps(text: str) -> frozenset[str]:
     from devicerunner.device.config import parse_capabilities
 
@@ -161,12 +187,14 @@ def cmd_app_run(args: argparse.Namespace) -> int:
     state = Path(args.state) if args.state else Path(tmp := tempfile.mkdtemp(prefix="dr-app-"))
     from devicerunner.device.apps import AppSpec
 
+    messages = parse_messages(args.message)
     spec = AppSpec(
         name=app_name,
         wasm=wasm,
         grant=_caps(args.grant),
         limits=Limits(memory_bytes=args.memory_limit, tick_budget_ms=args.budget_ms),
         tick_interval_ms=args.interval_ms,
+        config=parse_settings(args.setting) if args.setting else None,
     )
     kv = open_store(state / "kv" / app_name, args.kv_quota)
     sandbox = Sandbox(cache_dir=state / "cache")
@@ -175,13 +203,22 @@ def cmd_app_run(args: argparse.Namespace) -> int:
         app = App(spec, inst)
         stop = threading.Event()
         _on_signals(stop.set)
-        for _ in range(args.ticks):
+        for n in range(args.ticks):
             if stop.is_set():
                 break
             if isinstance(clock, VirtualClock):
                 clock.advance(args.interval_ms / 1000.0)
             elif stop.wait(args.interval_ms / 1000.0):
                 break
+            for topic, payload in messages.get(n, ()):
+                inbox = res.inboxes.get(app_name)
+                why = (
+                    "not granted 'messages'"
+                    if inbox is None
+                    else inbox.put(topic, payload, False, clock.monotonic_s())
+                )
+                if why:
+                    sink(app_name, logging.WARNING, f"message at tick {n} on {topic} dropped: {why}")
             app.tick()
             for m in outbox.drain():
                 sink(m.app, logging.INFO, f"telemetry {m.name} {m.payload.decode('utf-8', 'replace')}")
@@ -189,6 +226,8 @@ def cmd_app_run(args: argparse.Namespace) -> int:
         kv.flush()
         summary = app.status(clock.monotonic_s())
         summary["kv_bytes"] = kv.used_bytes
+        if app_name in res.inboxes:
+            summary["messages"] = res.inboxes[app_name].stats.as_dict()
         summary["actuators"] = {n: a.value for n, a in actuators.items()}
     finally:
         sandbox.close()
@@ -316,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=SPEC",
         help="simulated actuator, e.g. fan=0 (none given: fan and led)",
     )
+    r.add_argument(
+        "--message",
+        action="append",
+        metavar="TICK:PAYLOAD",
+        help="queue a message for the app before tick TICK (TICK@TOPIC:PAYLOAD for a topic other than cmd)",
+    )
+    r.add_argument(
+        "--setting", action="append", metavar="KEY=VALUE", help="a config setting the app reads (repeat)"
+    )
     r.add_argument("--ticks", type=int, default=10, help="how many ticks to run")
     r.add_argument(
         "--interval-ms", type=int, default=100, help="tick interval (virtual time unless --realtime)"
@@ -351,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print final status as JSON")
     run.set_defaults(func=cmd_run)
 
+    from devicerunner.cli import config as cli_config
     from devicerunner.cli import device as cli_device
     from devicerunner.cli import mqtt as cli_mqtt
     from devicerunner.cli import sensors as cli_sensors
@@ -361,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_device.register(sub)
     cli_mqtt.register(sub, trust_sub)
     cli_mqtt.register_rollout(sub)
+    cli_config.register(sub)
 
     _register_plugins(sub)
     return p

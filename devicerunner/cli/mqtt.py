@@ -86,26 +86,38 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
                     "online" if d.online else "offline",
                     d.hardware,
                     app,
-                    *(_app_columns(a) if a is not None else ("-", "-", "-", "-", "")),
+                    *(_app_columns(a) if a is not None else ("-", "-", "-", "-", "-", "")),
                 )
             )
-    head = ("DEVICE", "STATE", "HARDWARE", "APP", "VERSION", "SEQ", "PHASE", "CANDIDATE", "LAST ERROR")
+    head = (
+        "DEVICE",
+        "STATE",
+        "HARDWARE",
+        "APP",
+        "VERSION",
+        "SEQ",
+        "PHASE",
+        "CANDIDATE",
+        "CONFIG",
+        "LAST ERROR",
+    )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
-def _app_columns(a: reports.AppReport) -> tuple[str, str, str, str, str]:
+def _app_columns(a: reports.AppReport) -> tuple[str, str, str, str, str, str]:
     """VERSION and SEQ are the active (committed) release; CANDIDATE the one
-    being downloaded or on trial, if any."""
+    being downloaded or on trial, if any; CONFIG the app's signed config."""
     cand = ""
     if a.pending_sequence is not None:
         cand = f"{a.pending_version or '?'} (seq {a.pending_sequence})"
     err = a.last_error or ""
     if err and a.last_error_sequence is not None:
         err = f"seq {a.last_error_sequence}: {err}"
-    return (a.version or "-", str(a.sequence), a.phase, cand, err[:70])
+    config = f"v{a.config_version} {a.config_phase or ''}".strip() if a.config_version is not None else "-"
+    return (a.version or "-", str(a.sequence), a.phase, cand, config, (err or a.config_last_error or "")[:70])
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -195,9 +207,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         e = ev["event"]
         if e == "published":
             verb = "found" if ev.get("already_stored") else "published"
+            which = f"sequence {ev['sequence']}" if "sequence" in ev else "a signed config"
+            what = "release and chunks" if "sequence" in ev else "config"
             print(
-                f"{verb} {ev['app']} {ev['version']} (sequence {ev['sequence']}; release and chunks read "
-                f"back from the broker); {ev['devices']} device(s) run this app on the targeted hardware",
+                f"{verb} {ev['app']} {ev['version']} ({which}; {what} read back from the broker); "
+                f"{ev['devices']} device(s) run this app on the targeted hardware",
                 flush=True,
             )
         elif e == "progress":
@@ -242,7 +256,7 @@ def _interrupted(args: argparse.Namespace, where: dict[str, Any]) -> None:
     if pct is None:
         msg = (
             f"interrupted before the first rollout document: no device takes {where['app']} "
-            f"sequence {where['sequence']} (the release is at 0%)."
+            f"{where['version']} (it is at 0%)."
         )
     else:
         state = "paused" if where["paused"] else "not paused: devices in it keep updating"
@@ -270,9 +284,9 @@ def _pause(args: argparse.Namespace, pct: int) -> int:
     )
     ctl.pause(pct)
     if args.json:
-        print(json.dumps({"event": "paused", "ts": round(time.time(), 3), "step": pct, "app": ctl.m.app}))
+        print(json.dumps({"event": "paused", "ts": round(time.time(), 3), "step": pct, "app": ctl.t.app}))
     else:
-        print(f"paused the rollout of {ctl.m.app} sequence {ctl.m.sequence} at {pct}%")
+        print(f"paused the rollout of {ctl.t.app} {ctl.t.label} at {pct}%")
     return 0
 
 
@@ -281,8 +295,10 @@ def _rest(steps: str, pct: int) -> list[int]:
 
 
 def register_rollout(sub: Any) -> None:
-    r = sub.add_parser("rollout", help="publish a release and roll it out in stages with an abort threshold")
-    r.add_argument("bundle", help="signed with --rollout-percent 0")
+    r = sub.add_parser(
+        "rollout", help="publish a release or a config and roll it out in stages with an abort threshold"
+    )
+    r.add_argument("bundle", help="a release bundle or a config document, signed with --rollout-percent 0")
     r.add_argument("--steps", default="1,5,25,100", help="percentages, e.g. 1,5,25,100")
     r.add_argument("--step-wait", type=float, default=60.0, help="seconds per step at most")
     r.add_argument("--abort-failure-pct", type=float, default=10.0, help="pause above this failure share")

@@ -247,7 +247,7 @@ def _role_options(p: argparse.ArgumentParser, required: bool) -> None:
             f"--{role}-key",
             action="append",
             metavar="PUB",
-            required=required and role != "rollout",
+            required=required and role in ("root", "release"),
             help=f"public key of the {role} role (repeat for several)",
         )
         p.add_argument(f"--{role}-threshold", type=int, metavar="N", help=f"signatures the {role} role needs")

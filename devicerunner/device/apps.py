@@ -34,8 +34,10 @@ from devicerunner.runtime.lanes import Executor, Lane, Timer
 from devicerunner.sandbox.engine import AppInstance, CallResult, Limits, Outcome, Sandbox
 from devicerunner.update.trial import Trial
 from firmware_shims.base import Actuator, Clock, Sensor
+from hostfuncs.config import AppSettings
 from hostfuncs.context import AppContext, LogSink
 from hostfuncs.kv import KvStore
+from hostfuncs.messages import Inbox
 from hostfuncs.ratelimit import TokenBucket
 from hostfuncs.telemetry import Outbox, TelemetryGrant
 
@@ -109,6 +111,10 @@ class DeviceResources:
     actuators: Mapping[str, Actuator] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
     log_sink: LogSink | None = None
+    inboxes: dict[str, Inbox] = field(default_factory=dict)
+    """app -> its message queue (capability ``messages``); kept across its instances."""
+    configs: dict[str, AppSettings] = field(default_factory=dict)
+    """app -> its committed config (capability ``config``); a spec may carry a candidate."""
 
 
 @dataclass
@@ -127,6 +133,8 @@ class AppSpec:
     telemetry_burst: int = 20
     version: str = "local"
     sequence: int = 0
+    config: AppSettings | None = None
+    """A config on trial; None: the app's committed config (DeviceResources.configs)."""
 
 
 def _pick(all_: Mapping[str, Any], names: tuple[str, ...] | None) -> dict[str, Any]:
@@ -148,12 +156,21 @@ def start_instance(sandbox: Sandbox, spec: AppSpec, res: DeviceResources, kv: Kv
         kv=kv if "kv" in spec.grant else None,
         telemetry=telemetry,
         log_sink=res.log_sink,
+        inbox=_inbox(res, spec.name) if "messages" in spec.grant else None,
+        config=(spec.config or res.configs.get(spec.name)) if "config" in spec.grant else None,
     )
     inst = sandbox.instantiate(compiled, ctx, spec.grant, spec.limits)
     r = inst.call("dr_init")
     if not r.ok:
         raise AppInitError(f"dr_init failed: {r.message}")
     return inst
+
+
+def _inbox(res: DeviceResources, app: str) -> Inbox:
+    inbox = res.inboxes.get(app)
+    if inbox is None:  # setdefault: atomic, so two lanes never make two inboxes
+        inbox = res.inboxes.setdefault(app, Inbox(res.clock.monotonic_s()))
+    return inbox
 
 
 class App:

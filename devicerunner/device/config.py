@@ -45,6 +45,10 @@ class AppConfig:
     telemetry_rate_per_s: float = 5.0
     telemetry_burst: int = 20
     health_interval_ms: int = 1000
+    messages_queue: int = 32
+    """Messages from operators kept for the app at most (the oldest dropped beyond)."""
+    messages_rate_per_s: float = 20.0
+    messages_burst: int = 40
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,9 @@ def _app(name: str, t: _Table, base: Path) -> AppConfig:
         telemetry_rate_per_s=t.number("telemetry_rate_per_s", 5.0),
         telemetry_burst=t.integer("telemetry_burst", 20, 1, 100_000),
         health_interval_ms=t.integer("health_interval_ms", 1000, 1, 3_600_000),
+        messages_queue=t.integer("messages_queue", 32, 1, 1024),
+        messages_rate_per_s=t.number("messages_rate_per_s", 20.0),
+        messages_burst=t.integer("messages_burst", 40, 1, 10_000),
     )
     t.done()
     return cfg

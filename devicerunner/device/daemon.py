@@ -33,6 +33,7 @@ from devicerunner.transport.settings import parse_url
 from devicerunner.trust.manifest import Manifest
 from devicerunner.trust.store import TrustStore
 from devicerunner.trust.verify import DeviceIdentity
+from devicerunner.update.config_updates import ConfigUpdates
 from devicerunner.update.delivery import Delivery
 from devicerunner.update.events import Event
 from devicerunner.update.host import UpdateSettings
@@ -43,6 +44,7 @@ from firmware_shims.base import Clock, RealClock
 from firmware_shims.env import ShimEnv
 from hostfuncs.context import LogSink
 from hostfuncs.kv import KvStore
+from hostfuncs.messages import Inbox
 from hostfuncs.telemetry import Outbox
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,12 @@ class Daemon:
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
         )
         self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
+        self.config_updates = ConfigUpdates(settings, host, self.trust, self.updater)
+        for name, a in cfg.apps.items():  # the app's, kept across its instances
+            if "messages" in a.policy:
+                self.resources.inboxes[name] = Inbox(
+                    self.clock.monotonic_s(), a.messages_queue, a.messages_rate_per_s, a.messages_burst
+                )
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self.updater.listeners.append(self._on_event)
@@ -165,13 +173,14 @@ class Daemon:
             prefix=b.prefix,
             device_id=self.cfg.id,
             hardware=self.cfg.hardware,
-            apps=[Subscription(n, a.channel) for n, a in self.cfg.apps.items()],
+            apps=[Subscription(n, a.channel, "messages" in a.policy) for n, a in self.cfg.apps.items()],
             lane=lane,
             runtime=self.runtime,
             status=self.broker_status,
             outbox=self.resources.outbox,
             backoff_min_s=b.reconnect_min_s,
             backoff_max_s=b.reconnect_max_s,
+            messages=self.deliver_message,
         )
         self.delivery = Delivery(
             state_dir=self.cfg.state_dir,
@@ -209,6 +218,21 @@ class Daemon:
 
     # -- apps -------------------------------------------------------------------
 
+    def deliver_message(self, app: str, topic: str, payload: bytes, broadcast: bool) -> str | None:
+        """Queue an operator's message for ``app`` (any thread; never waits).
+        None, or why it was dropped: ``no_app``, ``not_granted``, ``invalid``, ``rate``."""
+        if app not in self.cfg.apps:
+            return "no_app"
+        running = self.scheduler.apps.get(app)
+        if "messages" not in self.cfg.apps[app].policy or (
+            running is not None and "messages" not in running.spec.grant
+        ):
+            return "not_granted"  # the policy, or the release running now, does not grant it
+        inbox = self.resources.inboxes.get(app)
+        if inbox is None:
+            return "not_granted"
+        return inbox.put(topic, payload, broadcast, self.clock.monotonic_s())
+
     def kv_for(self, app: AppConfig) -> KvStore:
         store = self.kv.get(app.name)
         if store is None:
@@ -238,6 +262,7 @@ class Daemon:
         if cleaned:
             log.info("removed %d temp file(s) left by an interrupted write", cleaned)
         self.rollouts.restore()
+        self.config_updates.boot()  # each app's first instance starts with its committed config
         for name, app in self.cfg.apps.items():
             try:
                 spec = self._boot_spec(app)
@@ -254,9 +279,10 @@ class Daemon:
         self.kv_flusher.start()
         self.scheduler.start()
         self.updater.start()
+        self.config_updates.start()
         if self.channel is not None and self.delivery is not None:
             self.channel.post(self.delivery.resume_downloads)
-            self.channel.start(self.delivery)
+            self.channel.start(self.delivery, self.config_updates)
         if self._status_file:
             self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
 
@@ -289,7 +315,14 @@ class Daemon:
         now_s = self.clock.monotonic_s()
         for name in self.cfg.apps:
             st, _ = self.updater.slots[name].load()
-            entry: dict[str, Any] = {"app": name, "state": dataclasses.asdict(st)}
+            entry: dict[str, Any] = {
+                "app": name,
+                "state": dataclasses.asdict(st),
+                "config": self.config_updates.status(name),
+            }
+            inbox = self.resources.inboxes.get(name)
+            if inbox is not None:
+                entry["messages"] = {"queued": len(inbox), **inbox.stats.as_dict()}
             live = self.scheduler.apps.get(name)
             if live is not None:
                 entry.update(live.status(now_s))
@@ -327,7 +360,13 @@ class Daemon:
                 "last_error_sequence": st.get("last_error_sequence"),
                 "running": a.get("running", False),
                 "trial": a.get("trial"),
+                "config_version": a["config"]["version"],
+                "config_phase": a["config"]["phase"],
+                "config_on_trial": a["config"]["on_trial"],
+                "config_last_error": a["config"]["last_error"],
             }
+            if "messages" in a:
+                apps[name]["messages"] = a["messages"]
         return {
             "device": self.cfg.id,
             "hardware": self.cfg.hardware,

@@ -7,19 +7,24 @@ old version keeps ticking; ``begin_trial`` switches on the scheduler lane
 between two ticks, keeping the old instance warm; every tick of the trial
 is judged by update.trial.Trial, and a failure switches back at once, on
 the same lane, before the updater hears of it.
+
+The same host runs a config trial (update.config_updates.ConfigHost): the
+candidate is the module running now, started again with new settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
+from devicerunner.errors import AppInitError
 from devicerunner.sandbox.engine import AppInstance, CallResult, Sandbox
-from devicerunner.trust.manifest import Manifest
+from devicerunner.trust.manifest import Health, Manifest
 from devicerunner.update.host import Candidate, Verdict
 from devicerunner.update.trial import PASSED, Snapshot, Trial
 from firmware_shims.base import Clock
+from hostfuncs.config import AppSettings
 from hostfuncs.kv import KvStore
 
 SWITCH_TIMEOUT_S = 30.0
@@ -60,11 +65,28 @@ class TrialHost:
         return Prepared(spec, start_instance(self._sandbox, spec, self._resources, self._kv_for(app)))
 
     def begin_trial(self, app: str, m: Manifest, candidate: Candidate, on_verdict: Verdict) -> None:
+        self.begin_config_trial(app, m.health, candidate, on_verdict)
+
+    def prepare_config(self, app: str, settings: AppSettings) -> Candidate:
+        live = self._scheduler.apps.get(app)
+        if live is None:
+            raise AppInitError(f"app {app} is not running: no module to try the config with")
+        spec = replace(live.spec, config=settings)
+        return Prepared(spec, start_instance(self._sandbox, spec, self._resources, self._kv_for(app)))
+
+    def begin_config_trial(self, app: str, health: Health, candidate: Candidate, on_verdict: Verdict) -> None:
         assert isinstance(candidate, Prepared)
-        fut = self._scheduler.submit(lambda: self._switch_in(app, m, candidate, on_verdict))
+        fut = self._scheduler.submit(lambda: self._switch_in(app, health, candidate, on_verdict))
         err = fut.exception(timeout=SWITCH_TIMEOUT_S)
         if err is not None:
             raise err
+
+    def commit_config(self, app: str, settings: AppSettings) -> None:
+        self._resources.configs[app] = settings  # read by start_instance: every later instance
+
+    def running(self, app: str) -> bool:
+        a = self._scheduler.apps.get(app)
+        return a is not None and a.running
 
     def end_trial(self, app: str) -> None:
         old = self._scheduler.submit(lambda: self._drop_previous(app)).result(timeout=SWITCH_TIMEOUT_S)
@@ -76,7 +98,7 @@ class TrialHost:
 
     # -- on the scheduler lane --------------------------------------------------------
 
-    def _switch_in(self, name: str, m: Manifest, c: Prepared, on_verdict: Verdict) -> None:
+    def _switch_in(self, name: str, health: Health, c: Prepared, on_verdict: Verdict) -> None:
         """The new instance, already initialised, replaces the old one between
         two ticks; the old one stays warm (``app.previous``) until the verdict."""
         app = self._scheduler.apps.get(name)
@@ -88,7 +110,7 @@ class TrialHost:
             app.previous = app.switch_to(c.instance, c.spec)
         co = app.counters
         app.trial = Trial(
-            m.health,
+            health,
             self._clock.monotonic_s(),
             Snapshot(co.ticks, co.traps, co.overruns, co.health_failures),
             c.spec.limits.memory_bytes,

@@ -17,9 +17,17 @@ above the threshold, or when no included device has taken the release within
 ``device_timeout_s``. The rollout is "completed" only when every included
 device committed; otherwise it ends "incomplete" (exit non-zero).
 
-Before the first step the release, every chunk and each rollout document
-are read back from the broker: a broker may acknowledge a publish its ACL
-refused (``operator.NotStoredError``).
+Before the first step the release and every chunk (or the config), and
+each rollout document, are read back from the broker: a broker may
+acknowledge a publish its ACL refused (``operator.NotStoredError``). What
+the broker already holds, identical, is not published again.
+
+The same controller stages a signed app configuration (``data`` is then a
+config document, not a bundle): its rollout documents have ``kind:
+config`` and go to ``{p}/rollouts/{app}/{channel}/config``, the config is
+published retained on ``{p}/configs/{app}/{channel}``, and a device counts
+as committed when its status shows that ``config_version`` COMMITTED, as
+failed on CONFIG_REJECTED / CONFIG_ROLLED_BACK / CONFIG_FAILED.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ from devicerunner.transport import operator, reports, topics
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
 from devicerunner.trust import verify as trust
+from devicerunner.trust.appconfig import parse_config
 
 FAILED_PHASES = ("REJECTED", "ROLLED_BACK", "FAILED")
+CONFIG_FAILED_PHASES = ("CONFIG_REJECTED", "CONFIG_ROLLED_BACK", "CONFIG_FAILED")
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +102,70 @@ class FleetView:
 COUNT_KEYS = ("eligible", "pending", "committed", "failed", "timed_out")
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a rollout moves: a release (by sequence) or a config (by version)."""
+
+    kind: str  # "release" | "config"
+    app: str
+    channel: str
+    number: int
+    """The release's sequence or the config's version."""
+    label: str
+    salt: str
+    default_percent: int
+    hardware: tuple[str, ...]
+    devices: tuple[str, ...]
+
+    @property
+    def event_key(self) -> str:
+        return "sequence" if self.kind == "release" else "config_version"
+
+    def committed_in(self, app: reports.AppReport) -> bool:
+        if self.kind == "release":
+            return app.sequence == self.number and app.phase == "COMMITTED"
+        return app.config_version == self.number and app.config_phase == "COMMITTED"
+
+    def taken_in(self, app: reports.AppReport) -> bool:
+        """The device acts on it (downloading, staged, on trial, or done)."""
+        if self.kind == "release":
+            return self.number in (app.sequence, app.pending_sequence)
+        return self.number in (app.config_version, app.config_on_trial)
+
+    def failed_in(self, app: reports.AppReport) -> str | None:
+        """Why the device's status says it will never take this release, if it does."""
+        if self.kind == "release" and app.last_error_sequence == self.number and app.phase in FAILED_PHASES:
+            return f"{app.last_reason}: {app.last_error or ''}"
+        return None
+
+    def number_in(self, ev: reports.DeviceEvent) -> int | None:
+        return ev.sequence if self.kind == "release" else ev.config_version
+
+    def committed_phase(self) -> str:
+        return "COMMITTED" if self.kind == "release" else "CONFIG_COMMITTED"
+
+    def failed_phases(self) -> tuple[str, ...]:
+        return FAILED_PHASES if self.kind == "release" else CONFIG_FAILED_PHASES
+
+
+def target_of(data: bytes) -> Target:
+    """A release bundle or a config document (MalformedError if neither)."""
+    if data[:1] == b"{":
+        c = parse_config(data)
+        t = c.targets
+        return Target(
+            "config", c.app, c.channel, c.version, f"config v{c.version}", t.rollout_salt,
+            t.rollout_percent, t.hardware, t.devices,
+        )  # fmt: skip
+    man, _ = bundle.unpack(data)
+    m = manifest.parse_manifest(man)
+    t = m.targets
+    return Target(
+        "release", m.app, m.channel, m.sequence, m.version, t.rollout_salt, t.rollout_percent,
+        t.hardware, t.devices,
+    )  # fmt: skip
+
+
 class RolloutController:
     def __init__(
         self,
@@ -104,11 +178,10 @@ class RolloutController:
     ) -> None:
         self.s, self.p, self.key, self.policy, self._emit = s, prefix, key, policy, emit
         self.data = data
-        man, _ = bundle.unpack(data)
-        self.m = manifest.parse_manifest(man)
-        if self.m.targets.rollout_percent > policy.steps[0]:
+        self.t = target_of(data)
+        if self.t.default_percent > policy.steps[0]:
             raise RolloutError(
-                f"the release's default rollout is {self.m.targets.rollout_percent}%, above the first step "
+                f"the {self.t.kind}'s default rollout is {self.t.default_percent}%, above the first step "
                 f"({policy.steps[0]}%): devices would take it before the rollout starts. Sign it with "
                 "--rollout-percent 0 for a staged rollout."
             )
@@ -138,34 +211,32 @@ class RolloutController:
             log.exception("rollout: message on %s not handled", topic)
 
     def _on_status(self, st: reports.DeviceStatus) -> None:
-        app = st.apps.get(self.m.app)
+        t = self.t
+        app = st.apps.get(t.app)
         with self.fleet.lock:
             known = self.fleet.devices.get(st.device)
             if known is not None:
                 known.online = st.online  # a last will has no apps
-            if app is None or st.hardware not in self.m.targets.hardware:
+            if app is None or st.hardware not in t.hardware:
                 return
-            if self.m.targets.devices and st.device not in self.m.targets.devices:
+            if t.devices and st.device not in t.devices:
                 return
             v = self.fleet.dev(st.device)
             v.hardware, v.online = st.hardware, st.online
-            if app.pending_sequence == self.m.sequence or app.sequence == self.m.sequence:
+            if t.taken_in(app):
                 v.taken = True
-            if app.sequence == self.m.sequence and app.phase == "COMMITTED":
+            failed = t.failed_in(app)
+            if t.committed_in(app):
                 v.result, v.reason = "committed", None
-            elif (
-                app.last_error_sequence == self.m.sequence
-                and app.phase in FAILED_PHASES
-                and v.result in (None, "timed_out")
-            ):
+            elif failed is not None and v.result in (None, "timed_out"):
                 # decided before this run (a rollout resumed after Ctrl-C): it will
                 # never take this sequence again, so it is not left pending
                 v.taken = True
-                v.result = "failed"
-                v.reason = f"{app.last_reason}: {app.last_error or ''}"[:300]
+                v.result, v.reason = "failed", failed[:300]
 
     def _on_event(self, ev: reports.DeviceEvent) -> None:
-        if ev.app != self.m.app:
+        t = self.t
+        if ev.app != t.app:
             return
         with self.fleet.lock:
             if ev.document == "rollout":
@@ -179,13 +250,13 @@ class RolloutController:
                     v.result = "failed"
                     v.reason = f"rollout document refused: {ev.reason}: {ev.reason_text or ''}"[:300]
                 return
-            if ev.sequence != self.m.sequence:
+            if t.number_in(ev) != t.number:
                 return
             v = self.fleet.dev(ev.device)
             v.taken = True
-            if ev.phase == "COMMITTED":
+            if ev.phase == t.committed_phase():
                 v.result, v.reason = "committed", None
-            elif ev.phase in FAILED_PHASES and v.result in (None, "timed_out"):
+            elif ev.phase in t.failed_phases() and v.result in (None, "timed_out"):
                 v.result, v.reason = "failed", f"{ev.reason}: {ev.reason_text or ''}"[:300]
 
     # -- the rollout -----------------------------------------------------------------
@@ -193,19 +264,21 @@ class RolloutController:
     def _publish_doc(self, sess: operator.Session, percent: int, paused: bool) -> None:
         self.version += 1
         now = int(time.time())
+        t = self.t
         signed = manifest.rollout_signed(
-            app=self.m.app,
-            channel=self.m.channel,
-            sequence=self.m.sequence,
+            app=t.app,
+            channel=t.channel,
+            sequence=t.number,
             percent=percent,
-            salt=self.m.targets.rollout_salt,
+            salt=t.salt,
             paused=paused,
             version=self.version,
             issued=now,
             expires=now + 7 * 86_400,
+            kind=t.kind,
         )
         doc = manifest.sign_envelope(signed, [self.key])
-        topic = topics.rollout(self.p, self.m.app, self.m.channel)
+        topic = (topics.rollout if t.kind == "release" else topics.config_rollout)(self.p, t.app, t.channel)
         self.versions.add(self.version)
         sess.publish_many([(topic, doc)], retain=True)
         sess.check_stored({topic: doc}, [topic], "the rollout document")
@@ -240,8 +313,10 @@ class RolloutController:
         """Where the rollout stands (for an interrupted run)."""
         c = self.last_counts or self._counts(time.monotonic())
         return {
-            "app": self.m.app,
-            "sequence": self.m.sequence,
+            "kind": self.t.kind,
+            "app": self.t.app,
+            "version": self.t.label,
+            self.t.event_key: self.t.number,
             "step": self.step,
             "percent": self.published_percent,
             "paused": self.paused,
@@ -279,7 +354,7 @@ class RolloutController:
             self._publish_doc(sess, percent, paused=True)
 
     def run(self, discover_s: float = 1.0) -> dict[str, Any]:
-        m, pol = self.m, self.policy
+        t, pol = self.t, self.policy
         with operator.Session(self.s) as sess:
 
             def on_message(_c: Any, _u: Any, msg: Any) -> None:
@@ -291,15 +366,23 @@ class RolloutController:
             time.sleep(discover_s)  # retained statuses: who is out there
             # An operator may have published the release already (the rollout
             # controller's identity need not write releases or artifacts).
-            stored = operator.release_stored(self.s, self.data, self.p)
-            if not stored:
-                operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
+            if t.kind == "release":
+                stored = operator.release_stored(self.s, self.data, self.p)
+                if not stored:
+                    operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
+            else:
+                topic = topics.config(self.p, t.app, t.channel)
+                stored = not sess.read_back({topic: self.data}, [topic], max_s=1.0)
+                if not stored:
+                    sess.publish_many([(topic, self.data)], retain=True)
+                    sess.check_stored({topic: self.data}, [topic], "the config")
             self.emit(
                 {
                     "event": "published",
-                    "app": m.app,
-                    "version": m.version,
-                    "sequence": m.sequence,
+                    "kind": t.kind,
+                    "app": t.app,
+                    "version": t.label,
+                    t.event_key: t.number,
                     "devices": len(self.fleet.devices),
                     "already_stored": stored,
                 }
@@ -312,7 +395,7 @@ class RolloutController:
                 t_step = time.monotonic()
                 with self.fleet.lock:
                     for v in self.fleet.devices.values():
-                        if v.included_at is None and trust.in_rollout(v.id, m.targets.rollout_salt, pct):
+                        if v.included_at is None and trust.in_rollout(v.id, t.salt, pct):
                             v.included_at = t_step
                 c = self._counts(t_step)
                 self.emit({"event": "step", "step": pct, **c})

@@ -44,12 +44,27 @@ class Inbound(Protocol):
     def on_chunk(self, sha256: str, index: int, payload: bytes) -> None: ...
 
 
+class ConfigInbound(Protocol):
+    """Where signed app configurations go (update.config_updates), on the lane."""
+
+    def on_config(self, app: str, payload: bytes) -> None: ...
+
+    def on_config_rollout(self, app: str, payload: bytes) -> None: ...
+
+
+MessageSink = Callable[[str, str, bytes, bool], "str | None"]
+"""``(app, topic suffix, payload, broadcast)`` -> None, or why it was dropped.
+Called on the I/O loop: it must only queue (bounded) and never wait."""
+
+
 @dataclass(frozen=True)
 class Subscription:
     """One app the device runs, and the channel it follows."""
 
     app: str
     channel: str
+    messages: bool = False
+    """Subscribe to the app's message topics (its grant has ``messages``)."""
 
 
 class DeviceChannel:
@@ -67,8 +82,10 @@ class DeviceChannel:
         outbox: Outbox,
         backoff_min_s: float,
         backoff_max_s: float,
+        messages: MessageSink | None = None,
     ) -> None:
-        """``status(online)``: the device's status document, built on demand."""
+        """``status(online)``: the device's status document, built on demand.
+        ``messages``: where operators' messages to apps go."""
         self.p = prefix
         self.id = device_id
         self._apps = tuple(apps)
@@ -77,6 +94,10 @@ class DeviceChannel:
         self._outbox = outbox
         self.inbound: Inbound | None = None
         self._status_due = False
+        self.configs: ConfigInbound | None = None
+        self._messages = messages
+        self.messages_refused = 0
+        """App messages not queued: retained, for another device, or refused by the sink."""
         offline = json.dumps({"device": device_id, "hardware": hardware, "online": False}).encode()
         self.conn = Connection(
             settings,
@@ -92,12 +113,19 @@ class DeviceChannel:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, inbound: Inbound) -> None:
+    def start(self, inbound: Inbound, configs: ConfigInbound | None = None) -> None:
         self.inbound = inbound
+        self.configs = configs
         subs = [topics.root(self.p), topics.root_version(self.p, "+")]
         for s in self._apps:
             subs.append(topics.release(self.p, s.app, s.channel))
             subs.append(topics.rollout(self.p, s.app, s.channel))
+            if configs is not None:
+                subs.append(topics.config(self.p, s.app, s.channel))
+                subs.append(topics.config_rollout(self.p, s.app, s.channel))
+            if s.messages and self._messages is not None:
+                subs.append(topics.app_inbox(self.p, s.app, self.id) + "/#")
+                subs.append(topics.app_inbox(self.p, s.app) + "/#")
         self.conn.subscribe(subs)
         self._lane.every(HEARTBEAT_S, self.publish_status)
         self._lane.resume()
@@ -151,7 +179,23 @@ class DeviceChannel:
     # -- inbound: I/O loop -> lane ---------------------------------------------------------
 
     def _arrived(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic.startswith((f"{self.p}/apps/", f"{self.p}/devices/")):
+            # a message for an app: queued at once (bounded, never waits), no lane hop
+            self._app_message(topic, payload, retained)
+            return
         self.post(self._dispatch, topic, payload)
+
+    def _app_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_app_message(self.p, self.id, topic)
+        if parsed is None or retained or self._messages is None:
+            # retained: it would replay on every reconnect; another device's: loose matching
+            self.messages_refused += 1
+            return
+        app, suffix, broadcast = parsed
+        why = self._messages(app, suffix, payload, broadcast)
+        if why is not None:
+            self.messages_refused += 1
+            log.debug("message for %s on %s dropped: %s", app, topic, why)
 
     def _on_connect(self) -> None:
         self.post(self.publish_status)
@@ -173,6 +217,12 @@ class DeviceChannel:
             parts = topic[len(p) + 1 :].split("/")
             if len(parts) == 3:
                 inbound.on_rollout(parts[1], payload)
+            elif len(parts) == 4 and parts[3] == "config" and self.configs is not None:
+                self.configs.on_config_rollout(parts[1], payload)
+        elif topic.startswith(f"{p}/configs/") and self.configs is not None:
+            parts = topic[len(p) + 1 :].split("/")
+            if len(parts) == 3:
+                self.configs.on_config(parts[1], payload)
 
     # -- outbound ------------------------------------------------------------------------
 

@@ -39,8 +39,16 @@ PHASES = frozenset(
         "ROLLED_BACK",
         "FAILED",
         "ROOT_ROTATED",
+        "CONFIG_STAGED",
+        "CONFIG_TRIAL",
+        "CONFIG_COMMITTED",
+        "CONFIG_ROLLED_BACK",
+        "CONFIG_REJECTED",
+        "CONFIG_FAILED",
     }
 )
+CONFIG_PHASES = frozenset({"IDLE", "STAGED", "TRIAL", "COMMITTED", "ROLLED_BACK", "REJECTED"})
+"""An app's config flow (``config_phase`` in its status)."""
 
 
 class MalformedReport(DeviceRunnerError):
@@ -123,6 +131,11 @@ class AppReport:
     last_error_sequence: int | None = None
     running: bool = False
     trial: dict[str, float] | None = None
+    config_version: int | None = None
+    config_phase: str | None = None
+    config_on_trial: int | None = None
+    config_last_error: str | None = None
+    messages: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -159,6 +172,8 @@ class DeviceEvent:
     reason_text: str | None = None
     document: str | None = None
     """``"rollout"`` when the event is about a rollout document, not a release."""
+    config_version: int | None = None
+    """Set on ``CONFIG_*`` events (a signed app configuration), never with ``sequence``."""
     rollout_version: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Other scalar fields (``seconds``, ``chunks``, ``attempt`` ...)."""
@@ -195,6 +210,14 @@ def _app(device: str, name: str, obj: Any) -> AppReport:
     if trial is not None:
         t = _Doc(device, "status", trial, f"apps.{name}.trial.")
         trial = {k: t.num(k) or 0.0 for k in ("ticks", "of_ticks", "seconds", "of_seconds")}
+    config_phase = a.str_("config_phase")
+    if config_phase is not None and config_phase not in CONFIG_PHASES:
+        why = f"apps.{name}.config_phase {config_phase[:40]!r} is not a phase"
+        raise MalformedReport(device, "status", why)
+    messages = a.obj_("messages")
+    if messages is not None:
+        mdoc = _Doc(device, "status", messages, f"apps.{name}.messages.")
+        messages = {k[:64]: mdoc.int_(k) or 0 for k in list(messages)[:16]}
     return AppReport(
         version=a.str_("version"),
         sequence=a.int_("sequence", 0) or 0,
@@ -206,6 +229,11 @@ def _app(device: str, name: str, obj: Any) -> AppReport:
         last_error_sequence=a.int_("last_error_sequence"),
         running=a.bool_("running"),
         trial=trial,
+        config_version=a.int_("config_version"),
+        config_phase=config_phase,
+        config_on_trial=a.int_("config_on_trial"),
+        config_last_error=a.str_("config_last_error"),
+        messages=messages,
     )
 
 
@@ -236,7 +264,7 @@ def read_event(device: str, payload: bytes) -> DeviceEvent:
     if phase not in PHASES:
         raise MalformedReport(device, "event", f"phase {phase[:40]!r} is not a phase")
     known = {"device", "app", "phase", "ts", "sequence", "version", "reason", "reason_text", "document"}
-    known.add("rollout_version")
+    known |= {"rollout_version", "config_version"}
     extra = {
         k[:64]: v
         for k, v in list(obj.items())[:32]
@@ -255,6 +283,7 @@ def read_event(device: str, payload: bytes) -> DeviceEvent:
         reason_text=d.str_("reason_text"),
         document=d.str_("document"),
         rollout_version=d.int_("rollout_version"),
+        config_version=d.int_("config_version"),
         extra=extra,
     )
 

@@ -21,6 +21,32 @@ def rollout(p: str, app: str, channel: str) -> str:
     return f"{p}/rollouts/{app}/{channel}"
 
 
+def config(p: str, app: str, channel: str) -> str:
+    return f"{p}/configs/{app}/{channel}"
+
+
+def config_rollout(p: str, app: str, channel: str) -> str:
+    return f"{p}/rollouts/{app}/{channel}/config"
+
+
+def app_inbox(p: str, app: str, device: str | None = None) -> str:
+    """Where operators send ``app`` messages: one device's, or (None) every device's."""
+    return f"{p}/devices/{device}/apps/{app}/in" if device else f"{p}/apps/{app}/in"
+
+
+def parse_app_message(p: str, device: str, topic: str) -> tuple[str, str, bool] | None:
+    """``(app, suffix, broadcast)`` for a message to an app of ``device``, else None.
+    A message for another device's app is None (some brokers match loosely)."""
+    parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
+    if len(parts) >= 4 and parts[0] == "apps" and parts[2] == "in":
+        return parts[1], "/".join(parts[3:]), True
+    if len(parts) >= 6 and parts[0] == "devices" and parts[2] == "apps" and parts[4] == "in":
+        if parts[1] != device:
+            return None
+        return parts[3], "/".join(parts[5:]), False
+    return None
+
+
 def chunk(p: str, sha256: str, index: int | str) -> str:
     return f"{p}/artifacts/{sha256}/{index}"
 

@@ -47,9 +47,13 @@ MAX_CHUNK = 120 * 1024
 DEFAULT_CHUNK = 64 * 1024
 MAX_SIGNATURES = 32
 MAX_KEYS = 64
-ROLES = ("root", "release", "rollout")
+ROLES = ("root", "release", "rollout", "config")
+REQUIRED_ROLES = ("root", "release", "rollout")
+"""A root may leave out ``config`` (roots made before signed app configuration
+existed): such a root names no config key, so no config document verifies."""
 CAPABILITIES = tuple(ABI_CAPABILITIES)
 """Every capability a manifest may name: the ABI registry's list (hostfuncs.registry)."""
+ROLLOUT_KINDS = ("release", "config")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -254,10 +258,19 @@ def parse_root(data: bytes) -> Root:
             raise MalformedError(f"root.keys.{kid[:12]}: key id is not sha256 of the public key")
         keys[kid] = pub
     roles_raw = f.get("roles")
-    if not isinstance(roles_raw, dict) or set(roles_raw) != set(ROLES):
-        raise MalformedError(f"root.roles: must define exactly {', '.join(ROLES)}")
+    if (
+        not isinstance(roles_raw, dict)
+        or not set(REQUIRED_ROLES) <= set(roles_raw)
+        or not set(roles_raw) <= set(ROLES)
+    ):
+        raise MalformedError(
+            f"root.roles: must define {', '.join(REQUIRED_ROLES)} and may define config, nothing else"
+        )
     roles: dict[str, Role] = {}
     for name in ROLES:
+        if name not in roles_raw:
+            roles[name] = Role(frozenset(), 1)  # an absent optional role can sign nothing
+            continue
         rf = _Fields(roles_raw[name], f"root.roles.{name}", ("keyids", "threshold"))
         ids = rf.text_list("keyids", HEX64_RE, MAX_KEYS)
         for kid in ids:
@@ -292,6 +305,8 @@ def root_signed(
     keys: dict[str, Any] = {}
     roles: dict[str, Any] = {}
     for role in ROLES:
+        if role not in REQUIRED_ROLES and not role_keys.get(role):
+            continue  # an optional role without keys is left out: the root reads as before
         ids = []
         for pub in role_keys.get(role, ()):
             kid = key_id(pub)
@@ -544,10 +559,13 @@ class RolloutDoc:
     salt: str
     paused: bool
     version: int
-    """Monotonic per (app, channel): an older document never replaces a newer one."""
+    """Monotonic per (app, channel, kind): an older document never replaces a newer one."""
     issued: int
     expires: int
     envelope: Envelope = field(repr=False, compare=False)
+    kind: str = "release"
+    """What ``sequence`` counts: a release's sequence, or (``config``) a signed
+    app configuration's version. Absent in the document means ``release``."""
 
 
 def parse_rollout(data: bytes) -> RolloutDoc:
@@ -568,8 +586,12 @@ def parse_rollout(data: bytes) -> RolloutDoc:
             "issued",
             "expires",
         ),
+        ("kind",),
     )
     _schema(f, "rollout")
+    kind = f.get("kind", "release")
+    if kind not in ROLLOUT_KINDS:
+        raise MalformedError(f"rollout.kind: must be one of {', '.join(ROLLOUT_KINDS)}, got {kind!r}")
     paused = f.get("paused")
     if not isinstance(paused, bool):
         raise MalformedError("rollout.paused: must be true or false")
@@ -586,6 +608,7 @@ def parse_rollout(data: bytes) -> RolloutDoc:
         issued=issued,
         expires=expires,
         envelope=env,
+        kind=kind,
     )
 
 
@@ -600,8 +623,11 @@ def rollout_signed(
     version: int,
     issued: int,
     expires: int,
+    kind: str = "release",
 ) -> dict[str, Any]:
+    extra = {"kind": kind} if kind != "release" else {}  # release documents read as before
     return {
+        **extra,
         "_type": "rollout",
         "schema": SCHEMA,
         "app": app,

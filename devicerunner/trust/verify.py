@@ -257,6 +257,12 @@ def verify_rollout(data: bytes, *, root: Root, time_floor: int, now: int, last_v
 def eligible(device_id: str, m: Manifest, doc: RolloutDoc | None) -> bool:
     """Is this device in the release's rollout now? A document for this exact
     release overrides the manifest's default percent and salt; paused stops it."""
-    if doc is not None and doc.app == m.app and doc.channel == m.channel and doc.sequence == m.sequence:
+    if (
+        doc is not None
+        and doc.kind == "release"
+        and doc.app == m.app
+        and doc.channel == m.channel
+        and doc.sequence == m.sequence
+    ):
         return not doc.paused and in_rollout(device_id, doc.salt, doc.percent)
     return in_rollout(device_id, m.targets.rollout_salt, m.targets.rollout_percent)

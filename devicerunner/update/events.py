@@ -40,6 +40,14 @@ class Kind(enum.StrEnum):
     DOWNLOADED = "DOWNLOADED"
     FAILED = "FAILED"
     ROOT_ROTATED = "ROOT_ROTATED"
+    # A signed app configuration's way (update.config_updates); its events carry
+    # ``config_version``, never ``sequence``, so no release consumer mistakes them.
+    CONFIG_STAGED = "CONFIG_STAGED"
+    CONFIG_TRIAL = "CONFIG_TRIAL"
+    CONFIG_COMMITTED = "CONFIG_COMMITTED"
+    CONFIG_ROLLED_BACK = "CONFIG_ROLLED_BACK"
+    CONFIG_REJECTED = "CONFIG_REJECTED"
+    CONFIG_FAILED = "CONFIG_FAILED"
 
 
 class Reason(enum.StrEnum):
@@ -51,9 +59,22 @@ class Reason(enum.StrEnum):
     IO_ERROR = "io_error"
     INTERNAL_ERROR = "internal_error"
     DOWNLOAD_STALLED = "download_stalled"
+    CONFIG_CORRUPT = "config_corrupt"
+    """A stored config document does not match the sha256 its state pins."""
+    STATE_CORRUPT = "state_corrupt"
+    """A config state file is unreadable: the app starts without a config."""
 
 
-WARNING_KINDS = frozenset({Kind.REJECTED, Kind.ROLLED_BACK, Kind.FAILED})
+WARNING_KINDS = frozenset(
+    {
+        Kind.REJECTED,
+        Kind.ROLLED_BACK,
+        Kind.FAILED,
+        Kind.CONFIG_REJECTED,
+        Kind.CONFIG_ROLLED_BACK,
+        Kind.CONFIG_FAILED,
+    }
+)
 SETTLED_KINDS = frozenset({Kind.STAGED, Kind.REJECTED, Kind.COMMITTED, Kind.ROLLED_BACK})
 """After one of these, a download of that sequence (or an older one) is no longer needed."""
 

@@ -131,6 +131,11 @@ class Updater:
         self._deferred: dict[str, _Release] = {}
         """app -> the newest release that arrived while that app was on trial."""
         self.listeners: list[EventListener] = []
+        self.inbox_scanners: list[Callable[[], None]] = []
+        """Other documents' local channels (config_updates), run on this lane with
+        every inbox scan; each handles its own files in ``inbox/``."""
+        self.inbox_suffixes: set[str] = {".bundle"}
+        """Inbox files that mean work is pending (``idle`` stays clear)."""
         self.idle = threading.Event()
         """Set whenever the updater has nothing left to do: no job queued, no
         bundle waiting in the inbox, no trial running (``run --once`` waits on it)."""
@@ -255,13 +260,15 @@ class Updater:
         if self._deferred or any(self.host.on_trial(app) for app in self.slots):
             return True
         try:
-            return any(p.suffix == ".bundle" for p in self.inbox.iterdir())
+            return any(p.suffix in self.inbox_suffixes for p in self.inbox.iterdir())
         except OSError:
             return False
 
     # -- inbox (local channel) --------------------------------------------------------
 
     def _scan_inbox(self) -> None:
+        for scan in self.inbox_scanners:
+            scan()
         try:
             entries = sorted(p for p in self.inbox.iterdir() if p.suffix == ".bundle")
         except OSError:
@@ -469,6 +476,10 @@ class Updater:
             reason_text=reason,
         )
         self._resume_deferred(m.app)
+
+    def resume_deferred(self, app: str) -> None:
+        """A trial of ``app`` ended (a config trial, too): a release that waited goes now."""
+        self._resume_deferred(app)
 
     def _resume_deferred(self, app: str) -> None:
         rel = self._deferred.pop(app, None)

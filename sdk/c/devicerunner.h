@@ -75,6 +75,20 @@ DR_IMPORT("kv", "delete") int32_t dr_kv_delete(const char *key, int32_t key_len)
 DR_IMPORT("telemetry", "publish")
 int32_t dr_telemetry_publish(const char *name, int32_t name_len, const void *payload, int32_t payload_len);
 
+/* messages (grant "messages"): operators' messages, taken in dr_tick. next
+ * returns the payload length and writes the topic after .../in/ with a NUL;
+ * DR_ERR_NOT_FOUND: none waiting; DR_ERR_BUF_TOO_SMALL: it stays queued. */
+DR_IMPORT("messages", "pending") int32_t dr_messages_pending(void);
+DR_IMPORT("messages", "next")
+int32_t dr_messages_next(void *payload, int32_t payload_cap, char *topic, int32_t topic_cap);
+
+/* config (grant "config"): the app's signed settings, fixed for this instance
+ * (read them in dr_init). get_f64 takes integers and decimal strings ("21.5"). */
+DR_IMPORT("config", "version") int64_t dr_config_version(void);
+DR_IMPORT("config", "get") int32_t dr_config_get(const char *key, int32_t key_len, void *out, int32_t out_cap);
+DR_IMPORT("config", "get_f64") int32_t dr_config_get_f64(const char *key, int32_t key_len, double *out);
+DR_IMPORT("config", "read") int32_t dr_config_read(void *out, int32_t out_cap);
+
 /* A string literal as (pointer, length): dr_sensors_find(DR_STR("temp")). */
 #define DR_STR(s) (s), (int32_t)(sizeof(s) - 1)
 

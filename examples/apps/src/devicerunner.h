@@ -27,6 +27,12 @@ DR_IMPORT("actuators", "set") int32_t dr_actuators_set(int32_t id, double value)
 DR_IMPORT("kv", "get") int32_t dr_kv_get(const char *key, int32_t klen, void *val, int32_t vcap);
 DR_IMPORT("kv", "set") int32_t dr_kv_set(const char *key, int32_t klen, const void *val, int32_t vlen);
 DR_IMPORT("kv", "delete") int32_t dr_kv_delete(const char *key, int32_t klen);
+DR_IMPORT("messages", "pending") int32_t dr_messages_pending(void);
+DR_IMPORT("messages", "next") int32_t dr_messages_next(void *buf, int32_t cap, char *topic, int32_t tcap);
+DR_IMPORT("config", "version") int64_t dr_config_version(void);
+DR_IMPORT("config", "get") int32_t dr_config_get(const char *key, int32_t klen, void *out, int32_t cap);
+DR_IMPORT("config", "get_f64") int32_t dr_config_get_f64(const char *key, int32_t klen, double *out);
+DR_IMPORT("config", "read") int32_t dr_config_read(void *out, int32_t cap);
 DR_IMPORT("telemetry", "publish") int32_t dr_telemetry_publish(const char *name, int32_t nlen, const void *payload, int32_t plen);
 
 #define DR_STR(s) (s), (int32_t)(sizeof(s) - 1)
