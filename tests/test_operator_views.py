@@ -400,3 +400,38 @@ def test_rollout_of_a_release_an_operator_published_needs_no_write_access_to_rel
         b.stop()
     assert "found app 1.0.1 (sequence 1; release and chunks read back" in r.stdout, r.stdout + r.stderr
     assert "NotStoredError" not in r.stderr and "INCOMPLETE" in r.stdout  # no device: not "completed"
+
+
+def test_config_rollout_pauses_when_devices_refuse_its_document(tmp_path: Path, mosq: Mosquitto) -> None:
+    """The same for a signed config: the device reports the refused config rollout
+    document (CONFIG_REJECTED, document=rollout) and the controller pauses on it."""
+    from tests.conftest import wat
+    from tests.test_appconfig import CONFIGURED_WAT, QUICK
+
+    boot = tmp_path / "configured.wasm"
+    boot.write_bytes(wat(CONFIGURED_WAT))
+    kit = Kit(tmp_path / "dev", bootstrap=str(boot), extra_config=f'\n[broker]\nurl = "{mosq.url}"\n')
+    d = Daemon(kit.cfg, status_file=False)
+    ev = Events(d)
+    d.start()
+    seen: list[dict] = []  # type: ignore[type-arg]
+    try:
+        assert d.channel.wait_connected(10)
+        time.sleep(0.5)  # its first status is retained by now
+        ctl = RolloutController(
+            parse_url(mosq.url),
+            P,
+            kit.config(1, {"gain": "2"}, health=QUICK, rollout_percent=0),
+            Ed25519PrivateKey.generate(),  # not in the device's root
+            Policy((100,), step_wait_s=60, abort_failure_pct=10, min_devices=1, device_timeout_s=60),
+            seen.append,
+        )
+        t0 = time.monotonic()
+        result = ctl.run(discover_s=1.0)
+        took = time.monotonic() - t0
+    finally:
+        d.stop()
+    refused = [e for e in ev.items if e.get("document") == "rollout"]
+    assert refused and refused[0]["phase"] == "CONFIG_REJECTED", ev.items
+    assert result["result"] == "paused" and took < 30, (result, took)
+    assert "refused the rollout document" in result["reason"]

@@ -240,7 +240,7 @@ class RolloutController:
             return
         with self.fleet.lock:
             if ev.document == "rollout":
-                if ev.phase != "REJECTED" or (
+                if ev.phase not in ("REJECTED", "CONFIG_REJECTED") or (
                     ev.rollout_version is not None and ev.rollout_version not in self.versions
                 ):
                     return

@@ -92,6 +92,7 @@ from devicerunner.update.config_state import (
 )
 from devicerunner.update.events import Event, Kind, Reason
 from devicerunner.update.host import Candidate, UpdateSettings, Verdict
+from devicerunner.update.rollouts import claimed_version
 from devicerunner.update.trial import PASSED
 from devicerunner.update.updater import Updater
 from hostfuncs.config import AppSettings
@@ -381,7 +382,15 @@ class ConfigUpdates:
         except RollbackError:
             return
         except VerificationError as e:
-            self._emit(app, REJECTED, None, e.reason, f"config rollout document: {e}")
+            self._emit(
+                app,
+                REJECTED,
+                None,
+                e.reason,
+                f"config rollout document: {e}",
+                document="rollout",  # counted by the rollout controller (by version)
+                rollout_version=claimed_version(data),
+            )
             return
         if doc.kind != "config" or doc.app != app:
             return

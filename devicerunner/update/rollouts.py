@@ -89,7 +89,7 @@ class RolloutGate:
                 app,
                 Kind.REJECTED,
                 document="rollout",
-                rollout_version=_claimed_version(payload),
+                rollout_version=claimed_version(payload),
                 reason=e.reason,
                 reason_text=f"rollout document: {e}",
             )
@@ -110,7 +110,7 @@ class RolloutGate:
         return None
 
 
-def _claimed_version(payload: bytes) -> int | None:
+def claimed_version(payload: bytes) -> int | None:
     """The ``version`` a (refused, so unverified) rollout document claims, if any."""
     try:
         v = json.loads(payload)["signed"]["version"]
