@@ -51,6 +51,22 @@ def _client_gone(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> No
     loop.default_exception_handler(context)
 
 
+class _ClientGoneFilter(logging.Filter):
+    """amqtt logs a delivery that failed because its client vanished (a PUBACK
+    that never came over a stalled link, a reset) as an error with a
+    traceback. It is the client's problem, not the broker's: one info line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (TimeoutError, ConnectionError, asyncio.IncompleteReadError)):
+            log.info("broker: a delivery to a client that went away failed: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
+
+
+_CLIENT_GONE = _ClientGoneFilter()
+
+
 def _broker_class() -> Any:
     """amqtt's Broker with two fixes a fleet on a flaky link needs (amqtt 0.12).
 
@@ -117,6 +133,9 @@ class EmbeddedBroker:
             raise BrokerError("the embedded broker needs amqtt: pip install 'devicerunner[broker]'") from e
         if not port_free(self.host, self.port):
             raise BrokerError(f"{self.host}:{self.port} is in use (another broker?); choose --port")
+        amqtt_log = logging.getLogger("amqtt.broker")
+        if _CLIENT_GONE not in amqtt_log.filters:
+            amqtt_log.addFilter(_CLIENT_GONE)
         self._thread.start()
         if not self._ready.wait(timeout_s) or self._error is not None:
             raise BrokerError(f"embedded broker did not start: {self._error}")
