@@ -45,7 +45,7 @@ def _now(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    if not manifest.ID_RE.match(args.name):
+    if not manifest.ID_RE.fullmatch(args.name):
         raise OperatorError(f"key name {args.name!r}: use [A-Za-z0-9_.-]")
     priv, pub, kid = keys.generate(args.name, Path(args.dir))
     if args.json:

@@ -122,7 +122,7 @@ def parse_capabilities(key: str, caps: tuple[str, ...] | list[str]) -> frozenset
 
 
 def _app(name: str, t: _Table, base: Path) -> AppConfig:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"apps.{name}: app names are lowercase [a-z0-9_-], at most 63 chars")
     policy = t.str_list("policy")
     if policy is None:
