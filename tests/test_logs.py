@@ -1,0 +1,81 @@
+"""Logs cannot be forged or flooded: app text is escaped in every log format,
+repeated failures are rate-limited with a count of what was suppressed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from devicerunner.sandbox import Sandbox
+from hostfuncs.logsafe import LogLimiter, escape_controls
+from tests.conftest import LogCapture, make_app, wat
+
+FORGED = "reading ok\n12:00:00 ERROR   devicerunner.updater: root key compromised\r\x1b[2K\x1b[31mALERT\x9b0m\u2028x\x00"
+
+
+def _logging_app(text: str) -> bytes:
+    data = text.encode("utf-8")
+    escaped = "".join(f"\\{b:02x}" for b in data)
+    return wat(f"""(module
+      (import "log" "write" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "{escaped}")
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32)
+        (drop (call $log (i32.const 1) (i32.const 0) (i32.const {len(data)}))) (i32.const 0)))""")
+
+
+def test_forged_log_line_from_an_app_stays_one_escaped_line(sandbox: Sandbox, logs: LogCapture) -> None:
+    app = make_app(sandbox, _logging_app(FORGED), logs=logs)
+    assert app.tick().ok
+    (msg,) = logs.messages()
+    assert len(msg.splitlines()) == 1
+    assert "\x1b" not in msg and "\x9b" not in msg and "\r" not in msg and "\x00" not in msg
+    assert "\\n12:00:00 ERROR" in msg and "\\x1b[31mALERT" in msg and "\\x9b0m" in msg and "\\u2028" in msg
+
+
+def test_escape_controls_keeps_printable_text_and_escapes_every_control() -> None:
+    assert escape_controls("Température 21.5 °C, path C:\\x") == "Température 21.5 °C, path C:\\x"
+    for code in [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, 0x202E, 0x2066]:
+        out = escape_controls(f"a{chr(code)}b")
+        assert out.startswith("a\\") and out.endswith("b") and out.isprintable(), (hex(code), out)
+        assert len(out.splitlines()) == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_repeated_failure_is_logged_once_per_interval_with_the_suppressed_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    limiter = LogLimiter(logging.getLogger("t.limiter"), 10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, "t.limiter"):
+        for i in range(1000):  # 1,000 identical failures in 1 s
+            clock.t = i / 1000
+            limiter.log(logging.WARNING, "flush", "kv flush failed: %s", "read-only")
+        clock.t = 10.5
+        limiter.log(logging.WARNING, "flush", "kv flush failed: %s", "read-only")
+        limiter.log(logging.WARNING, "other", "another failure")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == [
+        "kv flush failed: read-only",
+        "kv flush failed: read-only (999 similar suppressed in the last 10 s)",
+        "another failure",
+    ]
+    assert limiter.suppressed_total == 999
+
+
+def test_log_limiter_keys_are_bounded() -> None:
+    clock = FakeClock()
+    limiter = LogLimiter(logging.getLogger("t.bounded"), 10.0, max_keys=8, clock=clock)
+    for i in range(10_000):
+        limiter.log(logging.DEBUG, ("app", i), "x")
+    limiter.log(logging.DEBUG, ("app", 0), "x")  # forgotten (oldest): logged again
+    assert limiter.suppressed_total == 0
