@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from devicerunner.sandbox import Sandbox
+from devicerunner.sandbox.engine import Sandbox
 from hostfuncs.logsafe import LogLimiter, escape_controls
 from tests.conftest import LogCapture, make_app, wat
 
