@@ -79,3 +79,29 @@ def test_log_limiter_keys_are_bounded() -> None:
         limiter.log(logging.DEBUG, ("app", i), "x")
     limiter.log(logging.DEBUG, ("app", 0), "x")  # forgotten (oldest): logged again
     assert limiter.suppressed_total == 0
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_forged_text_in_a_daemon_message_stays_one_line_in_both_log_formats(fmt: str) -> None:
+    # App-supplied text also reaches daemon messages (trap texts, dr_init errors,
+    # manifest fields in update events): the formatter is the last line of defence.
+    import io
+    import json
+
+    from devicerunner.device import logfmt
+
+    stream = io.StringIO()
+    logfmt.setup(logging.INFO, fmt)
+    handler = logging.getLogger().handlers[0]
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        logging.getLogger("devicerunner.test").warning("app %s: %s", "x", FORGED)
+    finally:
+        logging.getLogger().handlers.clear()
+    out = stream.getvalue()
+    assert out.count("\n") == 1 and len(out.splitlines()) == 1, out
+    assert not any(c in out for c in "\x1b\x9b\r\x00\u2028")
+    if fmt == "json":
+        assert json.loads(out)["msg"] == f"app x: {FORGED}"  # escaped, not altered
+    else:
+        assert "\\n12:00:00 ERROR" in out and "\\x1b[31m" in out
