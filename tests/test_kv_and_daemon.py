@@ -305,6 +305,19 @@ def test_config_error_names_the_sensor_and_key(tmp_path: Path, extra: str, key: 
             {"device": {"id": "d"}, "apps": {"a": {"policy": [], "sensors": ["x"]}}},
             "apps.a.sensors: no [sensors.x]",
         ),
+        # reconnect_min_s = 0 made a hot reconnect loop; min > max was not checked
+        ({"device": {"id": "d"}, "broker": {"reconnect_min_s": 0}}, "broker.reconnect_min_s: must be >="),
+        (
+            {"device": {"id": "d"}, "broker": {"reconnect_min_s": 5, "reconnect_max_s": 1}},
+            "broker.reconnect_max_s: must be >= reconnect_min_s",
+        ),
+        (
+            {"device": {"id": "d"}, "broker": {"reconnect_max_s": float("nan")}},
+            "broker.reconnect_max_s: must be a finite",
+        ),
+        ({"device": {"id": "d", "kv_flush_interval_s": 0}}, "device.kv_flush_interval_s: must be >="),
+        ({"device": {"id": "d\n"}}, "device.id: 'd\\n' does not match"),
+        ({"device": {"id": "d"}, "apps": {"a\n": {"policy": []}}}, "apps.a\n: app names are"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, doc: dict, message: str) -> None:  # type: ignore[type-arg]
