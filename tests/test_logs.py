@@ -105,3 +105,19 @@ def test_forged_text_in_a_daemon_message_stays_one_line_in_both_log_formats(fmt:
         assert json.loads(out)["msg"] == f"app x: {FORGED}"  # escaped, not altered
     else:
         assert "\\n12:00:00 ERROR" in out and "\\x1b[31m" in out
+
+
+def test_trap_storm_is_counted_every_tick_but_logged_once_with_the_suppressed_count(
+    sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    trapping = wat("""(module (memory (export "memory") 1)
+      (func (export "dr_init") (result i32) (i32.const 0))
+      (func (export "dr_tick") (result i32) unreachable))""")
+    app = make_app(sandbox, trapping, name="storm")
+    with caplog.at_level(logging.WARNING, "devicerunner.device.apps"):
+        for _ in range(1000):  # 1,000 traps: was 1,000 WARNING lines
+            app.tick()
+    lines = [r for r in caplog.records if r.name == "devicerunner.device.apps"]
+    assert app.counters.traps == 1000
+    assert len(lines) == 1 and "unreachable" in lines[0].getMessage()
+    assert app.failure_log.suppressed_total == 999
