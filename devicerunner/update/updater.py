@@ -165,11 +165,15 @@ class Updater:
                     st,
                     active=other,
                     active_sequence=seq or 0,
+                    active_version=alt.parsed.version,
                     pending=None,
+                    pending_sequence=None,
+                    pending_version=None,
                     phase=Phase.COMMITTED,
                     last_error=f"slot {st.active} corrupt; fell back to committed slot {other}",
                 )
                 active = alt
+                why = why or st.last_error  # persisted below: status and the next boot agree
         plan = plan_boot(st, self.settings.trial_attempts)
         if plan.state != st or why:
             s.save(plan.state)
