@@ -164,7 +164,7 @@ def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tm
         operator.publish_bundle(s, kit.bundle(counter_module(4), 1, rollout_percent=0), P)
         # First the positive signal: the device has seen the release and decided it
         # is not in its rollout yet; only then does "nothing happened" mean anything.
-        assert until(lambda: "app" in d.waiting)
+        assert until(lambda: "app" in d.rollouts.waiting)
         assert not [e for e in ev.items if e.get("sequence") == 1]  # 0%: nothing happens
         _publish_rollout(b.url, rollout_key, version=1, percent=100, paused=False)
         ev.wait("COMMITTED", 1)

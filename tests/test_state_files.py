@@ -175,3 +175,118 @@ def test_app_state_round_trips() -> None:
     )
     again = AppState.from_json(st.to_json())
     assert again == AppState(**{**st.__dict__, "bad_sequences": {"8": "x" * 4096}})
+
+
+def test_oversized_inbox_bundle_is_refused_unread_and_set_aside(kit: Kit) -> None:
+    import resource
+
+    inbox = kit.state_dir / "inbox"
+    inbox.mkdir(exist_ok=True)
+    huge = inbox / "0000-huge.bundle"
+    with open(huge, "wb") as f:
+        f.truncate(1536 * 1024 * 1024)  # 1.5 GB, sparse: read whole it was 1.5 GB of RSS
+    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        rejected = ev.wait("REJECTED")
+    finally:
+        d.stop()
+    assert rejected["reason"] == "too_large" and "limit" in rejected["reason_text"]
+    assert (inbox / "failed" / huge.name).exists() and not huge.exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib < 200 * 1024
+
+
+def test_install_refuses_an_oversized_bundle_before_reading_it(kit: Kit, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    huge = tmp_path / "huge.bundle"
+    with open(huge, "wb") as f:
+        f.truncate(1536 * 1024 * 1024)
+    r = run_cli("install", "--config", str(kit.config_path), str(huge))
+    assert r.returncode == 1 and "TooLargeError" in r.stderr and "the limit is" in r.stderr, r.stderr
+    assert not list((kit.state_dir / "inbox").glob("*.bundle"))
+
+
+def test_refused_inbox_file_that_cannot_be_set_aside_is_not_processed_again(
+    kit: Kit, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As on a read-only state dir: the refused file can neither move nor go. It
+    # used to be refused again (an event and a log line) on every 0.25 s scan.
+    import logging
+    import time
+
+    inbox = kit.state_dir / "inbox"
+    inbox.mkdir(exist_ok=True)
+    (inbox / "failed").write_bytes(b"")  # inbox/failed/ cannot be created: moves fail
+    (inbox / "0001-garbage.bundle").write_bytes(b"not a bundle")
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    with caplog.at_level(logging.INFO, "devicerunner.update.updater"):
+        d.start()
+        try:
+            ev.wait("REJECTED")
+            scans = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:  # 8 inbox scans at 0.25 s
+                d.updater.submit(lambda: None)  # each submit is followed by a scan
+                assert d.updater.idle.wait(5)
+                scans += 1
+                time.sleep(0.05)
+        finally:
+            d.stop()
+    assert scans >= 8
+    assert len([e for e in ev.items if e["phase"] == "REJECTED"]) == 1
+    stuck = [r for r in caplog.records if "skipping it while it is unchanged" in r.getMessage()]
+    assert len(stuck) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        seal({"time_floor": 10**30}),  # a floor in the far future expires every release
+        seal({"time_floor": "1e999"}),
+        seal({"time_floor": True}),
+        b'{"time_floor": 1700000000, "sha256": "00"}',
+        b"[" * 100_000,
+    ],
+)
+def test_damaged_time_floor_is_rebuilt_from_the_committed_slots(kit: Kit, content: bytes) -> None:
+    from devicerunner.trust.manifest import parse_manifest
+    from devicerunner.trust.store import TrustStore
+
+    path = kit.state_dir / "trust" / "state.json"
+    good = TrustStore(kit.state_dir, kit.cfg.trust_root).time_floor
+    issued = [
+        parse_manifest((kit.state_dir / "apps" / "app" / "slots" / s / "manifest.json").read_bytes()).issued
+        for s in ("a", "b")
+    ]
+    assert good == max(issued)
+    path.write_bytes(content)
+    assert TrustStore(kit.state_dir, kit.cfg.trust_root).time_floor == max(issued)
+
+
+def test_planted_or_damaged_downloads_are_removed_not_fatal(kit: Kit) -> None:
+    from devicerunner.update.downloads import DownloadStore
+
+    bad_json = kit.state_dir / "downloads" / ("a" * 64)
+    bad_json.mkdir(parents=True)
+    (bad_json / "manifest.json").write_bytes(b"[" * 100_000)
+    misplaced = kit.state_dir / "downloads" / ("b" * 64)  # a real manifest under another hash
+    misplaced.mkdir()
+    (misplaced / "manifest.json").write_bytes((kit.state_dir / "apps/app/slots/a/manifest.json").read_bytes())
+    assert DownloadStore(kit.state_dir).pending() == []
+    assert not bad_json.exists() and not misplaced.exists()
+
+
+def test_oversized_rollout_file_is_ignored_and_the_daemon_starts(kit: Kit) -> None:
+    path = kit.state_dir / "apps" / "app" / "rollout.json"
+    with open(path, "wb") as f:
+        f.truncate(1536 * 1024 * 1024)
+    d = Daemon(kit.cfg)
+    d.start()
+    try:
+        assert "app" in d.scheduler.apps and "app" not in d.rollouts.documents
+    finally:
+        d.stop()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from devicerunner.errors import RollbackError, VerificationError
 from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.statefile import read_bounded
 from devicerunner.trust import verify as trust
-from devicerunner.trust.manifest import Manifest, RolloutDoc
+from devicerunner.trust.manifest import MAX_ROLLOUT_BYTES, Manifest, RolloutDoc
 from devicerunner.update.events import Kind
 from devicerunner.update.verification import Verifier
 
@@ -55,12 +56,12 @@ class RolloutGate:
         """The last rollout document accepted per app, verified again (a stored
         file is not trusted more than a message)."""
         for app in self._apps:
-            try:
-                payload = self.path(app).read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
+            try:  # bounded before reading: the verifier refuses larger ones anyway
+                payload = read_bounded(self.path(app), MAX_ROLLOUT_BYTES)
+            except (OSError, ValueError) as e:
                 log.warning("rollout document for %s unreadable: %s", app, e)
+                continue
+            if payload is None:
                 continue
             try:
                 doc = self._verifier.rollout(payload, last_version=0)
