@@ -266,3 +266,22 @@ def test_compile_cache_refuses_a_well_formed_entry_from_another_device(tmp_path,
         assert logs.lines == []  # the counter ran, not the planted module
     finally:
         sb2.close()
+
+
+def test_compiled_modules_in_memory_are_bounded_least_recently_used_first(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # One compiled module per release ever seen stayed in memory for the life of the
+    # daemon (or of a simulator running many releases).
+    sb = Sandbox(cache_dir=tmp_path / "cache")
+    try:
+        tick = '(func (export "dr_tick") (result i32) (i32.const %d))'
+        modules = [wat(f"(module {ABI} {tick % i})") for i in range(60)]
+        first = sb.compile(modules[0])
+        for m in modules[1:]:
+            sb.compile(m)
+            sb.compile(modules[0])  # used all along: kept
+        assert sb.modules_in_memory == sb.max_modules < len(modules)
+        assert sb.compile(modules[0]) is first
+        again = sb.compile(modules[1])  # dropped long ago: back from the disk cache
+        assert again.from_cache
+    finally:
+        sb.close()
