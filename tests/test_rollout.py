@@ -194,8 +194,11 @@ def test_replayed_older_rollout_document_after_a_reboot_cannot_undo_a_pause(tmp_
         d2.start()
         try:
             assert d2.channel.wait_connected(10)
-            assert until(lambda: d2.delivery.stats["releases_seen"] >= 1)
-            time.sleep(1.5)  # the replayed document has arrived by now (retained)
+            # Positive signals first: the release was seen and parked (paused), and the
+            # replayed (retained) document arrived and was decided as stale. A sleep
+            # here passed whenever the document was slower than the sleep.
+            assert until(lambda: "app" in d2.rollouts.waiting)
+            assert until(lambda: d2.rollouts.counts["stale"] >= 1)
             assert not [e for e in ev.items if e.get("sequence") == 1], ev.items  # still paused
             assert d2.rollouts.documents["app"].version == 2 and d2.rollouts.documents["app"].paused
         finally:

@@ -44,6 +44,8 @@ class RolloutGate:
         self.documents: dict[str, RolloutDoc] = {}
         self.waiting: dict[str, Manifest] = {}
         """app -> a verified release this device is not (yet) in the rollout of."""
+        self.counts = {"accepted": 0, "stale": 0, "refused": 0}
+        """Rollout documents received, by outcome (counted once decided)."""
 
     def path(self, app: str) -> Path:
         return self._dir / app / ROLLOUT_FILE
@@ -80,14 +82,18 @@ class RolloutGate:
         try:
             doc = self._verifier.rollout(payload, current.version if current else 0)
         except RollbackError:
+            self.counts["stale"] += 1
             return None  # the same (or an older) document again: nothing new
         except VerificationError as e:
             log.warning("rollout document for %s refused: %s", app, e)
             self._emit(app, Kind.REJECTED, reason=e.reason, reason_text=f"rollout document: {e}")
+            self.counts["refused"] += 1
             return None
         if doc.app != app:
+            self.counts["refused"] += 1
             return None
         self.documents[app] = doc
+        self.counts["accepted"] += 1
         try:  # kept across reboots: a replayed older document stays refused
             makedirs(self.path(app).parent)
             atomic_write(self.path(app), payload)
