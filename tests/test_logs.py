@@ -4,6 +4,7 @@ repeated failures are rate-limited with a count of what was suppressed."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,46 @@ def test_trap_storm_is_counted_every_tick_but_logged_once_with_the_suppressed_co
     assert app.counters.traps == 1000
     assert len(lines) == 1 and "unreachable" in lines[0].getMessage()
     assert app.failure_log.suppressed_total == 999
+
+
+def test_unwritable_state_dir_gives_a_bounded_number_of_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on a read-only state dir (root ignores permissions, so the failures are
+    made real another way): every kv flush fails (the store's directory is a
+    file) and a refused inbox bundle can be neither removed nor set aside. The
+    kv error was logged 4x/s and the inbox refusal every 0.25 s; now a handful
+    of lines in 3 s, while the work keeps being retried with backoff."""
+    import dataclasses
+    import time
+
+    from devicerunner.device.daemon import Daemon
+    from tests.conftest import until
+    from tests.devicekit import Events, Kit
+
+    kit = Kit(tmp_path / "dev")
+    cfg = dataclasses.replace(kit.cfg, kv_flush_interval_s=0.1)
+    inbox = kit.state_dir / "inbox"
+    inbox.mkdir(parents=True)
+    (inbox / "failed").write_bytes(b"")
+    (inbox / "0001-garbage.bundle").write_bytes(b"not a bundle")
+    d = Daemon(cfg)
+    ev = Events(d)
+    with caplog.at_level(logging.INFO, "devicerunner"):
+        d.start()
+        try:
+            kv_dir = kit.state_dir / "apps" / "app" / "kv"
+            assert until(lambda: (kv_dir / "data.json").exists())  # one flush worked
+            (kv_dir / "data.json").unlink()
+            kv_dir.rmdir()
+            kv_dir.write_bytes(b"")  # from now on every flush fails
+            t0 = time.monotonic()
+            caplog.clear()
+            time.sleep(3.0)  # a window to count log lines in (the app writes kv every tick)
+            assert d.kv_flusher.failures >= 2  # still retrying, backing off
+        finally:
+            d.stop()
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING and r.created >= t0]
+    assert any("kv flush failed" in r.getMessage() for r in lines)
+    assert len(lines) <= 4, [r.getMessage() for r in lines]
+    assert len([e for e in ev.items if e["phase"] == "REJECTED"]) == 1
