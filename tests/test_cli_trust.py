@@ -241,3 +241,21 @@ def test_keygen_with_a_passphrase_file_encrypts_the_key_and_signing_needs_it(
         "cosign", str(tmp_path / "b.bundle"), "--key", str(tmp_path / "enc.key"), "--passphrase-file", str(pw)
     )
     assert yes.returncode == 0, yes.stderr
+
+
+def test_an_explicit_threshold_of_zero_is_refused_not_turned_into_one(keydir: Path, tmp_path: Path) -> None:
+    r = run_cli(
+        "trust",
+        "init",
+        "--root-key",
+        str(keydir / "root1.pub"),
+        "--release-key",
+        str(keydir / "rel1.pub"),
+        "--release-threshold",
+        "0",
+        "--sign",
+        str(keydir / "root1.key"),
+        "-o",
+        str(tmp_path / "root.json"),
+    )
+    assert r.returncode != 0 and "--release-threshold 0: must be between 1 and 1" in r.stderr, r.stderr

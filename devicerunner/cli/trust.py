@@ -77,11 +77,11 @@ def _role_keys(args: argparse.Namespace, base: manifest.Root | None) -> tuple[di
         elif base is not None:
             r = base.role(role)
             role_keys[role] = [base.keys[k] for k in sorted(r.keyids)]
-            threshold = threshold or r.threshold
+            threshold = r.threshold if threshold is None else threshold
         else:
             role_keys[role] = []
         n = len(role_keys[role])
-        threshold = threshold or 1
+        threshold = 1 if threshold is None else threshold  # an explicit 0 is refused below, not made 1
         if n and not 1 <= threshold <= n:
             raise OperatorError(f"--{role}-threshold {threshold}: must be between 1 and {n} ({role} keys)")
         thresholds[role] = threshold
