@@ -285,3 +285,18 @@ def test_compiled_modules_in_memory_are_bounded_least_recently_used_first(tmp_pa
         assert again.from_cache
     finally:
         sb.close()
+
+
+def test_huge_planted_compile_cache_entry_is_not_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "cache"
+    sb = Sandbox(cache_dir=cache)
+    sb.compile(COUNTER)
+    sb.close()
+    (entry,) = cache.glob("*.cwasm")
+    with open(entry, "r+b") as f:
+        f.truncate(1536 * 1024 * 1024)  # sparse 1.5 GB where a few KB belong
+    sb2 = Sandbox(cache_dir=cache)
+    try:
+        assert not sb2.compile(COUNTER).from_cache
+    finally:
+        sb2.close()

@@ -289,7 +289,8 @@ class Sandbox:
         if self._cache_key is None:
             key_path = self.cache_dir / ".cache-key"
             try:
-                key = key_path.read_bytes()
+                with open(key_path, "rb") as f:
+                    key = f.read(33)  # a key is 32 bytes: anything else is replaced
             except FileNotFoundError:
                 key = b""
             if len(key) != 32:
@@ -315,7 +316,7 @@ class Sandbox:
                 self._modules.move_to_end(sha)
         if hit is not None:
             return hit
-        cached = self._load_cached(sha)
+        cached = self._load_cached(sha, max_bytes=64 * len(wasm) + 16 * 1024 * 1024)
         if cached is not None:
             module, meta = cached
             from_cache = True
@@ -335,12 +336,18 @@ class Sandbox:
                 self._modules.popitem(last=False)
         return compiled
 
-    def _load_cached(self, sha: str) -> tuple[wasmtime.Module, dict[str, Any]] | None:
+    def _load_cached(self, sha: str, max_bytes: int) -> tuple[wasmtime.Module, dict[str, Any]] | None:
+        """A cache entry this device wrote, else None (and the module is compiled
+        again). ``max_bytes``: a larger file is not even read (planted, or damaged)."""
         if self.cache_dir is None:
             return None
         path = self._cache_path(sha)
         try:
-            blob = path.read_bytes()
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size > max_bytes:
+                    log.warning("compile cache entry %s is implausibly large; recompiling", path.name)
+                    return None
+                blob = f.read()
         except OSError:
             return None
         tag, payload = blob[:32], blob[32:]
