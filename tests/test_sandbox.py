@@ -295,8 +295,12 @@ def test_huge_planted_compile_cache_entry_is_not_read(tmp_path) -> None:  # type
     (entry,) = cache.glob("*.cwasm")
     with open(entry, "r+b") as f:
         f.truncate(1536 * 1024 * 1024)  # sparse 1.5 GB where a few KB belong
+    import resource
+
+    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sb2 = Sandbox(cache_dir=cache)
     try:
         assert not sb2.compile(COUNTER).from_cache
     finally:
         sb2.close()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib < 200 * 1024  # not read
