@@ -28,12 +28,12 @@ class Options(Strict):
     def number(self, key: str, default: float, *, min_value: float | None = None) -> float:  # type: ignore[override]
         return float(super().number(key, default, lo=min_value))
 
-    @overload
+    @overload  # type: ignore[override]
     def integer(self, key: str, default: int, *, min_value: int | None = None) -> int: ...
     @overload
     def integer(self, key: str, default: None, *, min_value: int | None = None) -> int | None: ...
 
-    def integer(self, key: str, default: int | None, *, min_value: int | None = None) -> int | None:  # type: ignore[override]
+    def integer(self, key: str, default: int | None, *, min_value: int | None = None) -> int | None:
         """The integer under ``key``, or ``default`` when absent. A present 0 is 0:
         never write ``o.integer(...) or default``, which turns 0 into the default."""
         v = super().integer(key, default, lo=min_value)
