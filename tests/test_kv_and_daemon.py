@@ -316,7 +316,7 @@ def test_config_error_names_the_sensor_and_key(tmp_path: Path, extra: str, key: 
             "broker.reconnect_max_s: must be a finite",
         ),
         ({"device": {"id": "d", "kv_flush_interval_s": 0}}, "device.kv_flush_interval_s: must be >="),
-        ({"device": {"id": "d\n"}}, "device.id: 'd\\n' does not match"),
+        ({"device": {"id": "d\n"}}, "device.id: invalid value 'd\\n'"),
         ({"device": {"id": "d"}, "apps": {"a\n": {"policy": []}}}, "apps.a\n: app names are"),
     ],
 )
