@@ -11,6 +11,11 @@ Invariants:
   never ends the thread.
 - The port is opened by URL or path (``serial.serial_for_url``): device
   paths, ``loop://``, ``socket://host:port``, ``rfc2217://host:port``.
+- A sensor that joins a port already open is online at once: "online" is
+  the port's state, copied into every cell under one lock, whenever the
+  cell joined.
+- On a Modbus RTU bus every request follows at least t3.5 (3.5 character
+  times) of silence after the previous frame, as the standard requires.
 """
 
 from __future__ import annotations
@@ -57,16 +62,30 @@ class PortSettings:
             raise ShimConfigError(
                 "port", "is required (a device path or a pyserial URL such as socket://host:port)"
             )
-        return cls(
+        settings = cls(
             url=url,
-            baudrate=o.integer("baudrate", 9600, min_value=50) or 9600,
+            baudrate=o.integer("baudrate", 9600, min_value=50),
             parity=o.text("parity", "N", tuple(PARITIES)),
-            bytesize=o.integer("bytesize", 8, min_value=5) or 8,
+            bytesize=o.integer("bytesize", 8, min_value=5),
             stopbits=o.number("stopbits", 1.0, min_value=1.0),
-            timeout_s=(o.integer("timeout_ms", 200, min_value=1) or 200) / 1000.0,
+            timeout_s=o.integer("timeout_ms", 200, min_value=1) / 1000.0,
             reconnect_min_s=o.number("reconnect_min_s", 0.2, min_value=0.01),
             reconnect_max_s=o.number("reconnect_max_s", 10.0, min_value=0.01),
         )
+        if settings.reconnect_max_s < settings.reconnect_min_s:
+            raise ShimConfigError(
+                "reconnect_max_s",
+                f"must be >= reconnect_min_s ({settings.reconnect_min_s}), got {settings.reconnect_max_s}",
+            )
+        return settings
+
+    @property
+    def t35_s(self) -> float:
+        """Modbus RTU inter-frame silence: 3.5 characters of 11 bits, fixed at
+        1.75 ms above 19,200 baud (Modbus over serial line, 2.5.1.1)."""
+        if self.baudrate > 19200:
+            return 0.00175
+        return 3.5 * 11 / self.baudrate
 
 
 class SampleCell:
@@ -138,6 +157,8 @@ class Port:
         self.line_handlers: list[Callable[[str], None]] = []
         self.pollers: list[Callable[[Any], None]] = []
         self.poll_s = 1.0
+        self.online = False
+        self._cells_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
@@ -154,9 +175,18 @@ class Port:
         if self._thread is not None:
             self._thread.join(2 * self.settings.timeout_s + 1)
 
+    def attach(self, cell: SampleCell) -> None:
+        """Add a sensor's cell; it takes the port's current state (a port opened
+        before this sensor joined must not leave it OFFLINE until a reconnect)."""
+        with self._cells_lock:
+            cell.online = self.online
+            self.cells.append(cell)
+
     def _set_online(self, online: bool) -> None:
-        for c in self.cells:
-            c.online = online
+        with self._cells_lock:
+            self.online = online
+            for c in self.cells:
+                c.online = online
 
     def _open(self) -> Any:
         import serial  # pyserial: a core dependency
@@ -237,10 +267,12 @@ class Port:
                 buf.clear()
 
     def _poll(self, port: Any) -> None:
+        t35 = self.settings.t35_s
         while not self._stop.is_set():
             t0 = time.monotonic()
-            for poll in self.pollers:
+            for poll in list(self.pollers):
                 poll(port)
+                time.sleep(t35)  # the bus must be silent before the next frame
             self._stop.wait(max(0.0, self.poll_s - (time.monotonic() - t0)))
 
 

@@ -36,13 +36,15 @@ def nmea_checksum_ok(line: str) -> bool:
     if not line.startswith("$") or "*" not in line:
         return False
     body, _, cs = line[1:].rpartition("*")
+    if not _NMEA_CHECKSUM.fullmatch(cs):  # exactly two hex digits: "*A" or "*A5x" is not a checksum
+        return False
     x = 0
     for ch in body.encode("ascii", "replace"):
         x ^= ch
-    try:
-        return int(cs[:2], 16) == x
-    except ValueError:
-        return False
+    return int(cs, 16) == x
+
+
+_NMEA_CHECKSUM = re.compile(r"[0-9A-Fa-f]{2}")
 
 
 def make_parser(spec: str) -> Parser:
@@ -123,7 +125,7 @@ class _SerialSensorBase(CellSensor):
         self.unit = o.text("unit", "")
         self.scale = o.number("scale", 1.0)
         self.offset = o.number("offset", 0.0)
-        self.cell = SampleCell((o.integer("max_age_ms", 5000, min_value=1) or 5000) / 1000.0)
+        self.cell = SampleCell(o.integer("max_age_ms", 5000, min_value=1) / 1000.0)
 
 
 class LineSensor(_SerialSensorBase):
@@ -140,7 +142,7 @@ class LineSensor(_SerialSensorBase):
         self.parser = make_parser(spec)
         self.port: Port = env.ports.get(PortSettings.from_options(o), "line")
         o.finish()
-        self.port.cells.append(self.cell)
+        self.port.attach(self.cell)
         self.port.line_handlers.append(self._line)
         self.port.start()
 
@@ -202,6 +204,9 @@ def rtu_response_registers(frame: bytes, unit: int, function: int, count: int) -
 
 
 DATA_TYPES = {"u16": (1, ">H"), "s16": (1, ">h"), "u32": (2, ">I"), "s32": (2, ">i"), "f32": (2, ">f")}
+WORD_ORDERS = ("big", "little")
+"""For 32-bit values: ``big`` = high word in the first register (the Modbus
+convention), ``little`` = low word first (many meters and PLCs)."""
 
 
 class ModbusSensor(_SerialSensorBase):
@@ -212,20 +217,21 @@ class ModbusSensor(_SerialSensorBase):
     def __init__(self, name: str, table: Mapping[str, Any], clock: Clock, env: ShimEnv) -> None:
         o = Options(table)
         super().__init__(name, o)
-        self.unit_id = o.integer("unit_id", 1, min_value=1) or 1
+        self.unit_id = o.integer("unit_id", 1, min_value=1)
         if self.unit_id > 247:
             raise ShimConfigError("unit_id", "must be 1..247")
-        self.function = o.integer("function", 3) or 3
+        self.function = o.integer("function", 3)
         if self.function not in (3, 4):
             raise ShimConfigError("function", "must be 3 (holding registers) or 4 (input registers)")
-        self.register = o.integer("register", 0, min_value=0) or 0
+        self.register = o.integer("register", 0, min_value=0)
         self.data_type = o.text("data_type", "u16", tuple(DATA_TYPES))
         self.count, self.fmt = DATA_TYPES[self.data_type]
-        poll_s = (o.integer("poll_ms", 1000, min_value=10) or 1000) / 1000.0
+        self.word_order = o.text("word_order", "big", WORD_ORDERS)
+        poll_s = o.integer("poll_ms", 1000, min_value=10) / 1000.0
         self.port: Port = env.ports.get(PortSettings.from_options(o), "modbus")
         o.finish()
         self.port.poll_s = min(self.port.poll_s, poll_s)
-        self.port.cells.append(self.cell)
+        self.port.attach(self.cell)
         self.port.pollers.append(self._poll)
         self.port.start()
 
@@ -233,10 +239,12 @@ class ModbusSensor(_SerialSensorBase):
         req = rtu_request(self.unit_id, self.function, self.register, self.count)
         port.reset_input_buffer()
         port.write(req)
-        want = 5 + 2 * self.count
-        frame = port.read(want)
-        if len(frame) >= 5 and frame[1] & 0x80:
-            frame = frame[:5]
+        # Read the header first: an exception reply is 5 bytes, and asking for
+        # the full length would wait out the whole read timeout for it.
+        frame = bytes(port.read(2))
+        if len(frame) == 2:
+            rest = 3 if frame[1] & 0x80 else 3 + 2 * self.count
+            frame += bytes(port.read(rest))
         if not frame:
             self.cell.bad(self.name, f"no answer from unit {self.unit_id}")
             return
@@ -245,6 +253,8 @@ class ModbusSensor(_SerialSensorBase):
         except Malformed as e:
             self.cell.bad(self.name, str(e))
             return
+        if self.word_order == "little":
+            regs.reverse()
         raw = struct.pack(f">{self.count}H", *regs)
         (v,) = struct.unpack(self.fmt, raw)
         self.cell.put(float(v) * self.scale + self.offset)

@@ -59,14 +59,13 @@ class SimSensor:
         self.walk_step = o.number("walk_step", 0.1, min_value=0.0)
         self.noise = o.number("noise", 0.0, min_value=0.0)
         interval_ms = o.integer("sample_interval_ms", 100, min_value=1)
-        assert interval_ms is not None
         self.dt_s = interval_ms / 1000.0
-        self.max_age_s = (o.integer("max_age_ms", 5 * interval_ms, min_value=1) or 0) / 1000.0
+        self.max_age_s = o.integer("max_age_ms", 5 * interval_ms, min_value=1) / 1000.0
         self.fault = o.text("fault", "none", FAULTS)
         self.fault_after_s = o.number("fault_after_s", 0.0, min_value=0.0)
         self.fault_rate = o.number("fault_rate", 0.1, min_value=0.0)
         self.spike_magnitude = o.number("spike_magnitude", 100.0)
-        self.seed = o.integer("seed", zlib.crc32(name.encode())) or 0
+        self.seed = o.integer("seed", zlib.crc32(name.encode()))
         o.finish()
         self._clock = clock
         self._t0 = clock.monotonic_s()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 from devicerunner.runtime.strict import REQUIRED, Strict
 from firmware_shims.errors import ShimConfigError
@@ -28,6 +28,13 @@ class Options(Strict):
     def number(self, key: str, default: float, *, min_value: float | None = None) -> float:  # type: ignore[override]
         return float(super().number(key, default, lo=min_value))
 
-    def integer(self, key: str, default: int | None, *, min_value: int | None = None) -> int | None:  # type: ignore[override]
+    @overload  # type: ignore[override]
+    def integer(self, key: str, default: int, *, min_value: int | None = None) -> int: ...
+    @overload
+    def integer(self, key: str, default: None, *, min_value: int | None = None) -> int | None: ...
+
+    def integer(self, key: str, default: int | None, *, min_value: int | None = None) -> int | None:
+        """The integer under ``key``, or ``default`` when absent. A present 0 is 0:
+        never write ``o.integer(...) or default``, which turns 0 into the default."""
         v = super().integer(key, default, lo=min_value)
         return None if v is None else int(v)

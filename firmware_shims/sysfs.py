@@ -66,8 +66,8 @@ class SysfsSensor(CellSensor):
         o = Options(table)
         self.name = name
         kind = o.text("driver", "thermal")
-        poll_s = (o.integer("poll_ms", 1000, min_value=10) or 1000) / 1000.0
-        self.cell = SampleCell((o.integer("max_age_ms", int(poll_s * 5000), min_value=1) or 5000) / 1000.0)
+        poll_s = o.integer("poll_ms", 1000, min_value=10) / 1000.0
+        self.cell = SampleCell(o.integer("max_age_ms", int(poll_s * 5000), min_value=1) / 1000.0)
         root = env.sysfs_root
         self.scale_extra = o.number("scale", 1.0)
         self.offset_extra = o.number("offset", 0.0)

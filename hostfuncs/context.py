@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from firmware_shims.base import Actuator, Clock, Sensor
+from hostfuncs.logsafe import escape_controls
 from hostfuncs.memory import GuestMemory
 from hostfuncs.ratelimit import TokenBucket
 
@@ -76,11 +77,14 @@ class AppContext:
         self.stdio_buffers: dict[int, bytearray] = {}
 
     def emit_log(self, level: int, message: str) -> bool:
-        """Log a line from the app; False when the rate limit dropped it."""
+        """Log a line from the app; False when the rate limit dropped it. Control
+        characters are escaped here, once for every sink: an app cannot forge a
+        log line (``\n``) or drive the operator's terminal (ANSI escapes)."""
         if not self.log_bucket.take(self.clock.monotonic_s()):
             self.stats.log_dropped += 1
             return False
         self.stats.log_lines += 1
+        message = escape_controls(message)
         if self.log_sink is not None:
             self.log_sink(self.app, level, message)
         else:

@@ -1,19 +1,29 @@
 """Capability ``kv``: a small persistent key-value store per app.
 
 Invariants:
-- Quota: the sum of len(key) + len(value) over all entries never exceeds
-  ``quota_bytes``; a set that would exceed it fails with ERR_QUOTA and
+- Quota: counts what is stored, not what the app handed in. ``used_bytes``
+  is the size of the snapshot's entries exactly as written (base64 key and
+  value, quotes, colon, comma), so the file is at most ``quota_bytes`` plus
+  ``FRAMING_BYTES``; a set that would exceed it fails with ERR_QUOTA and
   changes nothing.
 - A host call never waits on storage: ``set``/``delete`` change memory and
   mark the store dirty; the daemon's flusher persists a whole snapshot
-  atomically (see devicerunner.device.kvfile). A clean stop flushes; a power cut
-  loses at most the writes of the last flush interval, never corrupts.
+  atomically (see devicerunner.device.kvfile). A clean stop flushes; a power
+  cut loses at most the writes of the last flush interval, never corrupts.
+- Flash-friendly: setting a key to the value it has changes nothing (the store
+  stays clean), and a snapshot identical to the last one written is not
+  written again.
+- A snapshot on disk is untrusted input: its size and nesting are bounded
+  before it is parsed, its shape checked after; anything else is
+  KvCorruptError (the daemon sets the file aside and starts empty).
 - The store belongs to the app, not to an instance: a swap or rollback keeps it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import json
 import threading
 from collections.abc import Callable
@@ -25,6 +35,23 @@ from hostfuncs.registry import hostfunc
 
 MAX_KEY = 256
 MAX_VALUE = 64 * 1024
+FRAMING_BYTES = len(b'{"entries":{},"kv":1}')
+"""What a snapshot holds besides its entries."""
+
+
+def _b64len(n: int) -> int:
+    return 4 * ((n + 2) // 3)
+
+
+def entry_bytes(key: bytes, value: bytes) -> int:
+    """Bytes one entry takes in the snapshot: ``"KEY":"VALUE",`` in base64."""
+    return _b64len(len(key)) + _b64len(len(value)) + 6
+
+
+def max_snapshot_bytes(quota_bytes: int) -> int:
+    """The largest snapshot file worth parsing for this quota (older, less compact
+    snapshots and a quota lowered since included); larger is corrupt or planted."""
+    return 4 * quota_bytes + 4096
 
 
 class KvBackend(Protocol):
@@ -45,14 +72,23 @@ class KvStore:
         self._lock = threading.Lock()
         self._version = 0
         self._saved_version = 0
+        self._saved_digest = b""
+        self.writes = 0
+        """Snapshots handed to the backend (the flash-wear counter)."""
         self.on_dirty: Callable[[], None] | None = None
         """Called (outside the lock; must not block) when a clean store
         changes: its flusher need not poll."""
         if backend is not None:
             raw = backend.load()
             if raw:
+                if len(raw) > max_snapshot_bytes(quota_bytes):
+                    raise KvCorruptError(
+                        f"kv snapshot is {len(raw)} bytes, more than {max_snapshot_bytes(quota_bytes)} "
+                        f"for a {quota_bytes}-byte quota"
+                    )
                 self._data = decode(raw)
-                self._used = sum(len(k) + len(v) for k, v in self._data.items())
+                self._used = sum(entry_bytes(k, v) for k, v in self._data.items())
+                self._saved_digest = hashlib.sha256(encode(self._data)).digest()
 
     @property
     def used_bytes(self) -> int:
@@ -68,7 +104,9 @@ class KvStore:
     def set(self, key: bytes, value: bytes) -> int:
         with self._lock:
             old = self._data.get(key)
-            delta = len(key) + len(value) - (0 if old is None else len(key) + len(old))
+            if old == value:
+                return codes.OK  # nothing changes: nothing to write
+            delta = entry_bytes(key, value) - (0 if old is None else entry_bytes(key, old))
             if self._used + delta > self.quota_bytes:
                 return codes.ERR_QUOTA
             self._data[key] = value
@@ -84,7 +122,7 @@ class KvStore:
             old = self._data.pop(key, None)
             if old is None:
                 return codes.ERR_NOT_FOUND
-            self._used -= len(key) + len(old)
+            self._used -= entry_bytes(key, old)
             was_clean = self._version == self._saved_version
             self._version += 1
         if was_clean and self.on_dirty is not None:
@@ -100,22 +138,45 @@ class KvStore:
             if version == self._saved_version:
                 return
             snapshot = encode(self._data)
-        self._backend.save(snapshot)
+        digest = hashlib.sha256(snapshot).digest()
+        if digest != self._saved_digest:  # changed and changed back: the file holds it already
+            self._backend.save(snapshot)
+            self.writes += 1
+            self._saved_digest = digest
         self._saved_version = version
 
 
 def encode(data: dict[bytes, bytes]) -> bytes:
     obj = {base64.b64encode(k).decode(): base64.b64encode(v).decode() for k, v in data.items()}
-    return json.dumps({"kv": 1, "entries": obj}, sort_keys=True).encode()
+    return json.dumps({"kv": 1, "entries": obj}, sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode(raw: bytes) -> dict[bytes, bytes]:
+    """Entries of a snapshot; KvCorruptError for anything that is not one.
+
+    Base64 and the two fixed keys never contain ``{`` or ``[``: a snapshot has
+    exactly two ``{`` and no ``[``, which bounds nesting before ``json.loads``
+    (a deeply nested file raised RecursionError through the daemon)."""
+    if raw.count(b"{") != 2 or b"[" in raw:
+        raise KvCorruptError("kv snapshot unreadable: not the flat {kv, entries} shape")
     try:
         obj = json.loads(raw)
-        entries = obj["entries"]
-        return {base64.b64decode(k): base64.b64decode(v) for k, v in entries.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise KvCorruptError(f"kv snapshot unreadable: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise KvCorruptError(f"kv snapshot unreadable: {e}") from None
+    if not isinstance(obj, dict) or obj.get("kv") != 1 or not isinstance(obj.get("entries"), dict):
+        raise KvCorruptError("kv snapshot unreadable: not a version-1 snapshot")
+    out: dict[bytes, bytes] = {}
+    for k, v in obj["entries"].items():
+        if not isinstance(v, str):
+            raise KvCorruptError(f"kv snapshot unreadable: value of {k[:20]!r} is not a string")
+        try:
+            key, value = base64.b64decode(k, validate=True), base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise KvCorruptError(f"kv snapshot unreadable: bad base64: {e}") from None
+        if not 0 < len(key) <= MAX_KEY or len(value) > MAX_VALUE:
+            raise KvCorruptError("kv snapshot unreadable: key or value out of bounds")
+        out[key] = value
+    return out
 
 
 def _store(ctx: AppContext) -> KvStore:

@@ -1,7 +1,9 @@
 """Capability ``log``: the app writes lines to the device log.
 
 Lines are UTF-8 (invalid bytes replaced), at most MAX_LINE bytes (longer
-ones are cut, not refused: a log is for people), rate-limited per app.
+ones are cut, not refused: a log is for people), rate-limited per app, and
+one line each: control characters (newlines, ANSI escapes, C1 controls) are
+shown escaped (``\n``, ``\x1b``), so an app cannot forge other log lines.
 """
 
 from __future__ import annotations

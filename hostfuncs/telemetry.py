@@ -91,7 +91,7 @@ def publish(ctx: AppContext, nptr: int, nlen: int, pptr: int, plen: int) -> int:
         name = ctx.memory.read(nptr, nlen).decode("ascii")
     except UnicodeDecodeError:
         return codes.ERR_INVALID
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return codes.ERR_INVALID
     payload = ctx.memory.read(pptr, plen)
     if not grant.bucket.take(ctx.clock.monotonic_s()):

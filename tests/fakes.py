@@ -7,6 +7,7 @@ import contextlib
 import os
 import struct
 import threading
+import time
 import tty
 from pathlib import Path
 
@@ -43,7 +44,9 @@ class PtyDevice:
 
 
 class ModbusResponder(PtyDevice):
-    """Answers function 3/4 requests from a register map; can corrupt CRCs on purpose."""
+    """Answers function 3/4 requests from a register map; can corrupt CRCs on purpose,
+    answer with a Modbus exception for chosen registers, and records when each
+    request arrived and each reply left (to check the bus's silent intervals)."""
 
     def __init__(self, link: Path, unit: int, registers: dict[int, int]) -> None:
         super().__init__(link)
@@ -51,6 +54,10 @@ class ModbusResponder(PtyDevice):
         self.registers = registers
         self.corrupt_next = 0
         self.requests = 0
+        self.exceptions: dict[int, int] = {}
+        """register -> Modbus exception code to answer with"""
+        self.timeline: list[tuple[str, float]] = []
+        """("request" | "reply", time.monotonic()) in order"""
         self._stop = threading.Event()
         self.restart()
 
@@ -77,12 +84,17 @@ class ModbusResponder(PtyDevice):
                 if crc16(req[:6]) != struct.unpack("<H", req[6:])[0] or unit != self.unit:
                     continue
                 self.requests += 1
-                data = b"".join(struct.pack(">H", self.registers.get(reg + i, 0)) for i in range(count))
-                pdu = bytes([unit, fn, 2 * count]) + data
+                self.timeline.append(("request", time.monotonic()))
+                if reg in self.exceptions:
+                    pdu = bytes([unit, fn | 0x80, self.exceptions[reg]])
+                else:
+                    data = b"".join(struct.pack(">H", self.registers.get(reg + i, 0)) for i in range(count))
+                    pdu = bytes([unit, fn, 2 * count]) + data
                 crc = crc16(pdu)
                 if self.corrupt_next:
                     self.corrupt_next -= 1
                     crc ^= 0xFFFF
+                self.timeline.append(("reply", time.monotonic()))  # before: the poller may answer at once
                 os.write(self.master, pdu + struct.pack("<H", crc))
 
     def close(self) -> None:

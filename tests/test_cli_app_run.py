@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import EXAMPLES, run_cli
 
 
@@ -111,3 +113,20 @@ def test_failing_health_check_is_not_reported_as_a_clean_run(tmp_path: Path) -> 
     assert "health checks failed" in r.stdout
     n = int(r.stdout.split(" of ")[0].rsplit(", ", 1)[-1])
     assert n >= 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--interval-ms", "0", "--interval-ms: must be between 1 and"),  # was a ZeroDivisionError traceback
+        ("--budget-ms", "nan", "--budget-ms: must be a finite number"),
+        ("--budget-ms", "inf", "--budget-ms: must be a finite number"),
+        ("--memory-limit", "-1", "--memory-limit: must be between 65536"),  # -1 removed the limit
+        ("--kv-quota", "-5", "--kv-quota: must be between 0"),
+        ("--ticks", "x", "--ticks: not an integer"),
+    ],
+)
+def test_bad_app_run_numbers_are_usage_errors_not_tracebacks(flag: str, value: str, message: str) -> None:
+    r = run_cli("app", "run", str(EXAMPLES / "thermostat.wasm"), "--ticks", "3", flag, value)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -199,3 +199,63 @@ def test_garbage_root_file_is_a_clear_error(tmp_path: Path, keydir: Path) -> Non
     _sign(keydir, "g.bundle", "rel1", "rel2")
     r = run_cli("verify", str(keydir / "g.bundle"), "--root", str(tmp_path / "root.json"))
     assert r.returncode == 1 and "malformed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_private_key_given_as_a_public_key_is_refused(keydir: Path) -> None:
+    # load_public used to take the public half of a private key silently, so
+    # private keys travelled to wherever public ones were wanted.
+    from devicerunner.trust import keys
+
+    with pytest.raises(keys.KeyFileError, match="private key; give its public half"):
+        keys.load_public(keydir / "rel1.key")
+    assert keys.load_public(keydir / "rel1.pub")
+
+
+def test_keygen_with_a_passphrase_file_encrypts_the_key_and_signing_needs_it(
+    tmp_path: Path, keydir: Path
+) -> None:
+    pw = tmp_path / "pass"
+    pw.write_text("correct horse battery staple\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("hunter2\n")
+    r = run_cli("keygen", "enc", "--dir", str(tmp_path), "--json", "--passphrase-file", str(pw))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["encrypted"] is True
+    pem = (tmp_path / "enc.key").read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+    plain = run_cli("keygen", "plain", "--dir", str(tmp_path))
+    assert "UNENCRYPTED" in plain.stdout
+
+    from devicerunner.trust import keys
+
+    with pytest.raises(keys.KeyFileError, match="encrypted: give --passphrase-file"):
+        keys.load_private(tmp_path / "enc.key", password=None)
+    with pytest.raises(keys.KeyFileError, match="wrong passphrase"):
+        keys.load_private(tmp_path / "enc.key", keys.passphrase(wrong))
+    assert keys.load_private(tmp_path / "enc.key", keys.passphrase(pw))
+    # the CLI: cosign with the encrypted key, with and without its passphrase
+    _sign(keydir, str(tmp_path / "b.bundle"), "rel1", "rel2")
+    no = run_cli("cosign", str(tmp_path / "b.bundle"), "--key", str(tmp_path / "enc.key"))
+    assert no.returncode != 0 and "encrypted" in no.stderr and "Traceback" not in no.stderr
+    yes = run_cli(
+        "cosign", str(tmp_path / "b.bundle"), "--key", str(tmp_path / "enc.key"), "--passphrase-file", str(pw)
+    )
+    assert yes.returncode == 0, yes.stderr
+
+
+def test_an_explicit_threshold_of_zero_is_refused_not_turned_into_one(keydir: Path, tmp_path: Path) -> None:
+    r = run_cli(
+        "trust",
+        "init",
+        "--root-key",
+        str(keydir / "root1.pub"),
+        "--release-key",
+        str(keydir / "rel1.pub"),
+        "--release-threshold",
+        "0",
+        "--sign",
+        str(keydir / "root1.key"),
+        "-o",
+        str(tmp_path / "root.json"),
+    )
+    assert r.returncode != 0 and "--release-threshold 0: must be between 1 and 1" in r.stderr, r.stderr

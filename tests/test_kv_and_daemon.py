@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from devicerunner.errors import ConfigError
 from devicerunner.runtime.lanes import Executor
 from devicerunner.sandbox.engine import Sandbox
 from hostfuncs import codes
-from hostfuncs.kv import KvStore
+from hostfuncs.kv import FRAMING_BYTES, KvStore, entry_bytes
 from hostfuncs.kv import decode as kv_decode
 from tests.conftest import ROOT, make_app, run_cli, until, wat
 
@@ -54,7 +55,7 @@ def test_kv_quota_is_enforced_and_data_survives_restart(tmp_path: Path) -> None:
         assert int.from_bytes(mem.read(64, 4), "little") == boot
         quota_rc = int.from_bytes(mem.read(512, 4), "little", signed=True)
         assert quota_rc == codes.ERR_QUOTA
-        assert store.get(b"big") is None and store.used_bytes == len(b"boots") + 4
+        assert store.get(b"big") is None and store.used_bytes == entry_bytes(b"boots", b"1234")
         store.flush()  # what the daemon's flusher and a clean stop do
         sb.close()
 
@@ -111,6 +112,124 @@ def test_kv_flusher_saves_after_each_change_and_never_while_idle() -> None:
         flusher.stop()  # stop saves what is still dirty
         assert kv_decode(backend.saves[-1]) == {b"a": b"2"}
     finally:
+        ex.shutdown()
+
+
+def test_kv_quota_counts_the_bytes_actually_stored() -> None:
+    # 4-byte keys and values: 8 bytes handed in, 22 stored (base64, quotes, colon,
+    # comma). The quota used to count the 8, so a "64 KiB" store wrote 196 KiB files.
+    import random
+
+    rng = random.Random(7)
+    backend = CountingBackend()
+    store = KvStore(4096, backend)
+    for i in range(2000):
+        key = rng.randbytes(rng.randint(1, 9))
+        if rng.random() < 0.2:
+            store.delete(key)
+        else:
+            store.set(key, rng.randbytes(rng.randint(0, 40)))
+        if i % 50 == 0:
+            store.set(b"flush-marker", i.to_bytes(4, "little"))
+            store.flush()
+            n = len(kv_decode(backend.saves[-1]))
+            assert len(backend.saves[-1]) == FRAMING_BYTES + store.used_bytes - (1 if n else 0)
+            assert len(backend.saves[-1]) <= FRAMING_BYTES + store.quota_bytes
+    assert store.set(b"k", b"x" * 4096) == codes.ERR_QUOTA
+
+
+def test_unchanged_kv_store_is_never_rewritten() -> None:
+    backend = CountingBackend()
+    store = KvStore(1000, backend)
+    store.set(b"setpoint", b"22.0")
+    store.flush()
+    assert len(backend.saves) == 1
+    for _ in range(100):  # an app writing the same value every tick
+        assert store.set(b"setpoint", b"22.0") == codes.OK
+    assert not store.dirty
+    store.set(b"setpoint", b"23.0")
+    store.set(b"setpoint", b"22.0")  # changed and changed back before the flush
+    store.flush()
+    assert len(backend.saves) == 1 and store.writes == 1 and not store.dirty
+
+
+def test_kv_writes_are_coalesced_to_one_flush_per_interval_by_default(tmp_path: Path) -> None:
+    # The flusher wrote 0.5 s after every change: twice a second for an app that
+    # writes every tick. Default now: at most one snapshot per 5 s, and on stop.
+    ex = Executor(1, "kv")
+    try:
+        backend = CountingBackend()
+        store = KvStore(1000, backend)
+        flusher = KvFlusher(ex.lane("kv"))
+        flusher.add(store)
+        flusher.start()
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.5:  # an app rewriting kv every 10 ms tick
+            n += 1
+            store.set(b"count", n.to_bytes(4, "little"))
+            time.sleep(0.01)
+        assert backend.saves == []
+        flusher.stop()
+        assert len(backend.saves) == 1 and kv_decode(backend.saves[0]) == {b"count": n.to_bytes(4, "little")}
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 200_000,  # RecursionError through the daemon, before
+        b'{"kv": 1, "entries": {"YQ==": {"x": {}}}}',
+        b'{"kv": 1, "entries": {"YQ==": 5}}',
+        b'{"kv": 1, "entries": {"!!": "YQ=="}}',
+        b'{"kv": 1, "entries": []}',
+        b"\xff\xfe",
+    ],
+)
+def test_corrupt_or_nested_kv_snapshot_is_set_aside_not_a_crash(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / "data.json").write_bytes(content)
+    store = open_store(tmp_path / "kv", quota_bytes=1000)
+    assert store.used_bytes == 0 and store.get(b"a") is None
+    assert (tmp_path / "kv" / "data.corrupt").read_bytes() == content
+
+
+def test_oversized_kv_snapshot_is_set_aside_unread(tmp_path: Path) -> None:
+    (tmp_path / "kv").mkdir()
+    with open(tmp_path / "kv" / "data.json", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: reading it would take 1 GiB of RAM
+    store = open_store(tmp_path / "kv", quota_bytes=1000)
+    assert store.used_bytes == 0
+    assert (tmp_path / "kv" / "data.corrupt").stat().st_size == 1 << 30
+
+
+def test_failing_kv_flush_retries_with_backoff_and_logs_a_bounded_number_of_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real OSError from the file system: the store's directory is under a regular file.
+    from devicerunner.device.kvfile import FileKvBackend
+
+    ex = Executor(1, "kv")
+    flusher = KvFlusher(ex.lane("kv"), interval_s=0.05)
+    try:
+        store = KvStore(1000, FileKvBackend(tmp_path / "kv"))
+        (tmp_path / "kv").write_bytes(b"")  # now every save fails: ENOTDIR / EEXIST
+        flusher.add(store)
+        flusher.start()
+        with caplog.at_level(logging.INFO, "devicerunner.device.kvfile"):
+            t0 = time.monotonic()
+            n = 0
+            while time.monotonic() - t0 < 2.0:  # every 10 ms for 2 s: 40 flush intervals
+                n += 1
+                store.set(b"count", n.to_bytes(4, "little"))
+                time.sleep(0.01)
+        lines = [r for r in caplog.records if r.name == "devicerunner.device.kvfile"]
+        assert 2 <= flusher.failures <= 6  # 0.1, 0.2, 0.4, 0.8 s ...: backing off, still trying
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert store.dirty  # nothing lost: written once the disk works again
+    finally:
+        flusher.stop()
         ex.shutdown()
 
 
@@ -186,6 +305,19 @@ def test_config_error_names_the_sensor_and_key(tmp_path: Path, extra: str, key: 
             {"device": {"id": "d"}, "apps": {"a": {"policy": [], "sensors": ["x"]}}},
             "apps.a.sensors: no [sensors.x]",
         ),
+        # reconnect_min_s = 0 made a hot reconnect loop; min > max was not checked
+        ({"device": {"id": "d"}, "broker": {"reconnect_min_s": 0}}, "broker.reconnect_min_s: must be >="),
+        (
+            {"device": {"id": "d"}, "broker": {"reconnect_min_s": 5, "reconnect_max_s": 1}},
+            "broker.reconnect_max_s: must be >= reconnect_min_s",
+        ),
+        (
+            {"device": {"id": "d"}, "broker": {"reconnect_max_s": float("nan")}},
+            "broker.reconnect_max_s: must be a finite",
+        ),
+        ({"device": {"id": "d", "kv_flush_interval_s": 0}}, "device.kv_flush_interval_s: must be >="),
+        ({"device": {"id": "d\n"}}, "device.id: invalid value 'd\\n'"),
+        ({"device": {"id": "d"}, "apps": {"a\n": {"policy": []}}}, "apps.a\n: app names are"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, doc: dict, message: str) -> None:  # type: ignore[type-arg]

@@ -186,3 +186,26 @@ def test_one_process_holds_more_mqtt_connections_than_select_can_watch(tmp_path:
             c.stop(timeout_s=1)
         rt.close()
         broker.stop()
+
+
+def test_closing_a_lane_fails_the_futures_of_queued_submits_instead_of_leaving_them_unresolved() -> None:
+    from devicerunner.runtime.lanes import LaneClosedError
+
+    ex = Executor(2, "t")
+    try:
+        lane = ex.lane("l")
+        gate = threading.Event()
+        started = threading.Event()
+        first = lane.submit(lambda: (started.set(), gate.wait(5)))
+        assert started.wait(5)
+        queued = [lane.submit(lambda i=i: i) for i in range(3)]  # behind the blocked task
+        lane.close()
+        for fut in queued:  # these used to never resolve: a caller waiting on one hung
+            with pytest.raises(LaneClosedError):
+                fut.result(timeout=2)
+        with pytest.raises(LaneClosedError):
+            lane.submit(lambda: 1).result(timeout=2)
+        gate.set()
+        assert first.result(timeout=5) == (None, True)  # the running task finishes
+    finally:
+        ex.shutdown()

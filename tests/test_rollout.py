@@ -73,6 +73,14 @@ def test_expired_rollout_document_is_refused() -> None:
         )
 
 
+def test_rollout_document_under_an_expired_root_is_refused() -> None:
+    # verify_release refused an expired root; verify_rollout did not look at it.
+    repo = Repo()
+    root = trust.load_trusted_root(repo.root_bytes(expires=NOW - 1))
+    with pytest.raises(ExpiredError, match="trust root"):
+        trust.verify_rollout(doc(repo), root=root, time_floor=0, now=NOW, last_version=0)
+
+
 def test_raising_the_percent_only_adds_devices() -> None:
     ids = [f"dev-{i}" for i in range(2000)]
     prev: set[str] = set()
@@ -154,7 +162,9 @@ def test_device_waits_for_the_rollout_document_before_taking_a_staged_release(tm
     try:
         assert d.channel.wait_connected(10)
         operator.publish_bundle(s, kit.bundle(counter_module(4), 1, rollout_percent=0), P)
-        time.sleep(1.0)
+        # First the positive signal: the device has seen the release and decided it
+        # is not in its rollout yet; only then does "nothing happened" mean anything.
+        assert until(lambda: "app" in d.rollouts.waiting)
         assert not [e for e in ev.items if e.get("sequence") == 1]  # 0%: nothing happens
         _publish_rollout(b.url, rollout_key, version=1, percent=100, paused=False)
         ev.wait("COMMITTED", 1)
@@ -184,8 +194,11 @@ def test_replayed_older_rollout_document_after_a_reboot_cannot_undo_a_pause(tmp_
         d2.start()
         try:
             assert d2.channel.wait_connected(10)
-            assert until(lambda: d2.delivery.stats["releases_seen"] >= 1)
-            time.sleep(1.5)  # the replayed document has arrived by now (retained)
+            # Positive signals first: the release was seen and parked (paused), and the
+            # replayed (retained) document arrived and was decided as stale. A sleep
+            # here passed whenever the document was slower than the sleep.
+            assert until(lambda: "app" in d2.rollouts.waiting)
+            assert until(lambda: d2.rollouts.counts["stale"] >= 1)
             assert not [e for e in ev.items if e.get("sequence") == 1], ev.items  # still paused
             assert d2.rollouts.documents["app"].version == 2 and d2.rollouts.documents["app"].paused
         finally:

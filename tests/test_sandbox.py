@@ -233,3 +233,74 @@ def test_compile_cache_never_loads_an_entry_it_did_not_write(tmp_path) -> None: 
     sb3 = Sandbox(cache_dir=cache)
     assert not sb3.compile(COUNTER).from_cache
     sb3.close()
+
+
+def test_compile_cache_refuses_a_well_formed_entry_from_another_device(tmp_path, logs: LogCapture) -> None:  # type: ignore[no-untyped-def]
+    """Cache poisoning with a *valid* entry: the right format, a module that
+    deserializes on this engine, an HMAC that is correct -- under another device's
+    key. Planted under the name of this device's entry, it must never be loaded.
+    (Flipping a byte of the JSON header, as above, is refused by the header parse
+    even without an HMAC check; this one only by the HMAC.)"""
+    cache = tmp_path / "cache"
+    sb = Sandbox(cache_dir=cache)
+    assert not sb.compile(COUNTER).from_cache
+    sb.close()
+    (entry,) = cache.glob("*.cwasm")
+    planted = wat(f"""(module
+      (import "log" "write" (func $log (param i32 i32 i32) (result i32)))
+      {ABI}
+      (data (i32.const 0) "planted code ran")
+      (func (export "dr_tick") (result i32)
+        (drop (call $log (i32.const 2) (i32.const 0) (i32.const 16))) (i32.const 0)))""")
+    other = Sandbox(cache_dir=tmp_path / "other-device")
+    assert not other.compile(planted).from_cache
+    other.close()
+    (foreign,) = (tmp_path / "other-device").glob("*.cwasm")
+    entry.write_bytes(foreign.read_bytes())
+    sb2 = Sandbox(cache_dir=cache)
+    try:
+        compiled = sb2.compile(COUNTER)
+        assert not compiled.from_cache
+        app = make_app(sb2, COUNTER, logs=logs)
+        assert app.tick().ok
+        assert logs.lines == []  # the counter ran, not the planted module
+    finally:
+        sb2.close()
+
+
+def test_compiled_modules_in_memory_are_bounded_least_recently_used_first(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # One compiled module per release ever seen stayed in memory for the life of the
+    # daemon (or of a simulator running many releases).
+    sb = Sandbox(cache_dir=tmp_path / "cache")
+    try:
+        tick = '(func (export "dr_tick") (result i32) (i32.const %d))'
+        modules = [wat(f"(module {ABI} {tick % i})") for i in range(60)]
+        first = sb.compile(modules[0])
+        for m in modules[1:]:
+            sb.compile(m)
+            sb.compile(modules[0])  # used all along: kept
+        assert sb.modules_in_memory == sb.max_modules < len(modules)
+        assert sb.compile(modules[0]) is first
+        again = sb.compile(modules[1])  # dropped long ago: back from the disk cache
+        assert again.from_cache
+    finally:
+        sb.close()
+
+
+def test_huge_planted_compile_cache_entry_is_not_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "cache"
+    sb = Sandbox(cache_dir=cache)
+    sb.compile(COUNTER)
+    sb.close()
+    (entry,) = cache.glob("*.cwasm")
+    with open(entry, "r+b") as f:
+        f.truncate(1536 * 1024 * 1024)  # sparse 1.5 GB where a few KB belong
+    import resource
+
+    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sb2 = Sandbox(cache_dir=cache)
+    try:
+        assert not sb2.compile(COUNTER).from_cache
+    finally:
+        sb2.close()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib < 200 * 1024  # not read

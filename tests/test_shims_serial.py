@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import socket
 import threading
@@ -51,6 +52,26 @@ def test_parsers_read_kv_csv_regex_and_nmea() -> None:
     assert nmea_checksum_ok(line) and make_parser("nmea:MTW:1")(line) == 17.3
     with pytest.raises(ValueError, match="checksum"):
         make_parser("nmea:MTW:1")(line[:-2] + "00")
+
+
+def test_nmea_checksum_of_one_hex_digit_or_trailing_junk_is_refused() -> None:
+    line = nmea("YXMTW,17.3,C").decode().strip()
+    body, _ = line.split("*")
+    assert nmea_checksum_ok(line)
+    # A one-digit checksum equal to the XOR's value (pad the body until its XOR is < 16).
+    for pad in range(256):
+        b = f"{body},{pad}"
+        x = 0
+        for ch in b[1:].encode():
+            x ^= ch
+        if x < 16:
+            break
+    assert x < 16
+    assert not nmea_checksum_ok(f"{b}*{x:X}")
+    assert nmea_checksum_ok(f"{b}*{x:02X}")
+    assert not nmea_checksum_ok(f"{line}Z")  # "*hhZ": three characters are not a checksum
+    with pytest.raises(ValueError, match="checksum"):
+        make_parser("nmea:MTW:1")(f"{b}*{x:X}")
 
 
 def test_line_sensor_survives_garbage_split_lines_and_bad_checksums(tmp_path: Path, env: ShimEnv) -> None:
@@ -232,6 +253,74 @@ def test_modbus_rtu_sensor_reads_registers_and_counts_bad_crcs(tmp_path: Path, e
         dev.close()
 
 
+def test_sensor_joining_a_port_that_is_already_open_is_online_at_once(tmp_path: Path, env: ShimEnv) -> None:
+    # Each cell used to copy "online" only when the port (re)connected: a sensor
+    # that joined a bus already open stayed OFFLINE until the next reconnect. The
+    # whole-file run of the Modbus test hit it whenever ``import serial`` was already
+    # done (by an earlier test) and the port thread opened before the 2nd sensor joined.
+    dev = ModbusResponder(tmp_path / "rs485", unit=7, registers={100: 215, 101: 5})
+    table = {"driver": "modbus", "port": str(dev.link), "unit_id": 7, "poll_ms": 20}
+    try:
+        first = sensors_for({"a": {**table, "register": 100}}, env)["a"]
+        assert until(lambda: first.read().status == Status.OK)
+        second = sensors_for({"b": {**table, "register": 101}}, env)["b"]
+        assert until(lambda: second.read().status == Status.OK, 3), second.read()
+        assert second.read().value == 5.0
+    finally:
+        dev.close()
+
+
+def test_modbus_word_order_little_reads_the_low_word_first(tmp_path: Path, env: ShimEnv) -> None:
+    dev = ModbusResponder(
+        tmp_path / "rs485", unit=7, registers={200: 0x0000, 201: 0x41A8, 300: 0x0001, 301: 0x0002}
+    )
+    table = {"driver": "modbus", "port": str(dev.link), "unit_id": 7, "poll_ms": 20}
+    try:
+        s = sensors_for(
+            {
+                "flow": {**table, "register": 200, "data_type": "f32", "word_order": "little"},
+                "count": {**table, "register": 300, "data_type": "u32", "word_order": "little"},
+                "count_be": {**table, "register": 300, "data_type": "u32"},
+            },
+            env,
+        )
+        assert until(lambda: all(x.read().status == Status.OK for x in s.values()))
+        assert s["flow"].read().value == 21.0
+        assert s["count"].read().value == 0x00020001
+        assert s["count_be"].read().value == 0x00010002
+    finally:
+        dev.close()
+
+
+def test_modbus_exception_reply_does_not_wait_out_the_read_timeout(tmp_path: Path, env: ShimEnv) -> None:
+    # An exception reply is 5 bytes; reading the 7 of a normal reply waited the whole
+    # 1.5 s timeout for every poll, stalling every other sensor on the bus.
+    dev = ModbusResponder(tmp_path / "rs485", unit=7, registers={})
+    dev.exceptions[100] = 2  # illegal data address
+    table = {"driver": "modbus", "port": str(dev.link), "unit_id": 7, "register": 100}
+    try:
+        s = sensors_for({"x": {**table, "poll_ms": 20, "timeout_ms": 1500}}, env)["x"]
+        t0 = time.monotonic()
+        assert until(lambda: s.malformed >= 5, 5)  # type: ignore[attr-defined]
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        dev.close()
+
+
+def test_modbus_polls_on_one_bus_keep_the_t35_silent_interval(tmp_path: Path, env: ShimEnv) -> None:
+    dev = ModbusResponder(tmp_path / "rs485", unit=7, registers={1: 1, 2: 2, 3: 3})
+    table = {"driver": "modbus", "port": str(dev.link), "unit_id": 7, "poll_ms": 50, "baudrate": 9600}
+    try:
+        sensors_for({f"r{i}": {**table, "register": i} for i in (1, 2, 3)}, env)
+        assert until(lambda: dev.requests >= 12)
+        events = list(dev.timeline)
+        gaps = [b[1] - a[1] for a, b in itertools.pairwise(events) if a[0] == "reply" and b[0] == "request"]
+        t35 = 3.5 * 11 / 9600  # 4.0 ms
+        assert len(gaps) >= 10 and min(gaps) >= t35, [round(g * 1000, 2) for g in gaps]
+    finally:
+        dev.close()
+
+
 def test_modbus_bus_unplugged_mid_poll_goes_offline_without_killing_its_thread(
     tmp_path: Path, env: ShimEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -283,6 +372,22 @@ def test_modbus_bus_unplugged_mid_poll_goes_offline_without_killing_its_thread(
         ({"driver": "serial", "port": "/dev/null", "parser": "regex:\\d+"}, "sensors.x.parser: regex needs"),
         ({"driver": "serial", "port": "/dev/null"}, "sensors.x.parser: is required"),
         ({"driver": "modbus", "port": "/dev/null", "function": 6}, "sensors.x.function: must be 3"),
+        # ``o.integer(...) or 3`` used to turn an explicit 0 into function 3, silently
+        ({"driver": "modbus", "port": "/dev/null", "function": 0}, "sensors.x.function: must be 3"),
+        (
+            {"driver": "modbus", "port": "/dev/null", "word_order": "middle"},
+            "sensors.x.word_order: must be one of big, little",
+        ),
+        (
+            {
+                "driver": "serial",
+                "port": "/dev/null",
+                "parser": "kv:t",
+                "reconnect_min_s": 5,
+                "reconnect_max_s": 1,
+            },
+            "sensors.x.reconnect_max_s: must be >= reconnect_min_s",
+        ),
         (
             {"driver": "serial", "port": "/dev/null", "parser": "kv:t", "baud": 9600},
             "sensors.x.baud: unknown option",

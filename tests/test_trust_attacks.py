@@ -52,6 +52,33 @@ def test_manifest_signed_by_root_key_is_not_a_release_signature(repo: Repo) -> N
         verify(repo, repo.release(signers=repo.root_keys[:2]))
 
 
+def test_manifest_signed_by_the_rollout_key_is_not_a_release_signature() -> None:
+    # Release threshold 1, so a rollout signature would be enough if it counted.
+    repo = Repo(release_threshold=1)
+    assert verify(repo, repo.release(signers=repo.release_keys[:1])).sequence == 5
+    with pytest.raises(BadSignatureError):
+        verify(repo, repo.release(signers=repo.rollout_keys))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("app", "thermo\n"),
+        ("version", "1.0.0\n"),
+        ("channel", "stable\n"),
+        ("issued", "2026-01-01T00:00:00Z\n"),
+    ],
+)
+def test_field_with_a_trailing_newline_is_malformed(repo: Repo, field: str, value: str) -> None:
+    # re.match(r"^...$") accepts "thermo\n": every pattern must match the whole text.
+    env = json.loads(repo.release())
+    env["signed"][field] = value
+    with pytest.raises(MalformedError):
+        manifest.manifest_from_envelope(
+            manifest.parse_envelope(json.dumps(env).encode(), manifest.MAX_MANIFEST_BYTES, "manifest")
+        )
+
+
 def test_signatures_below_threshold_are_rejected(repo: Repo) -> None:
     with pytest.raises(ThresholdError, match="1 of the 2"):
         verify(repo, repo.release(signers=[repo.release_keys[0]]))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devicerunner.errors import VerificationError
+from devicerunner.errors import MalformedError, VerificationError
+from devicerunner.transport import reports, topics
 from devicerunner.trust import manifest
 from devicerunner.trust import verify as trust
 from tests.trustsim import Repo, verify
@@ -106,11 +108,40 @@ def test_fuzz_arbitrary_bytes_as_root_give_typed_errors(data: bytes) -> None:
     raise AssertionError("random bytes verified as a root")
 
 
+# st.text() never yields lone surrogates, but a JSON "\ud800" escape does, and
+# str.encode() then raises UnicodeEncodeError: the fuzz must produce them.
+LONE_SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
+
+
+def _texts(max_size: int) -> st.SearchStrategy[str]:
+    with_surrogate = st.builds(
+        lambda a, s, b: a + s + b,
+        st.text(max_size=max_size // 2),
+        LONE_SURROGATES,
+        st.text(max_size=max_size // 2),
+    )
+    return st.text(max_size=max_size) | with_surrogate
+
+
 JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | _texts(10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_texts(8), inner, max_size=4),
     max_leaves=20,
 )
+
+
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_lone_surrogate_escape_in_an_envelope_is_a_typed_error(where: str) -> None:
+    env = json.loads(GOOD)
+    if where == "value":
+        env["signed"]["version"] = "\ud800"
+    else:
+        env["signed"]["\ud800"] = 1
+    data = json.dumps(env).encode()  # ensure_ascii: the surrogate travels as a "\ud800" escape
+    assert b"\\ud800" in data
+    with pytest.raises(MalformedError):
+        manifest.parse_envelope(data, manifest.MAX_MANIFEST_BYTES, "manifest")
+    assert _rejected(data)
 
 
 @SETTINGS
@@ -127,3 +158,22 @@ def test_fuzz_structured_json_as_manifest_and_root_give_typed_errors(obj: object
             trust.load_trusted_root(data)
         with contextlib.suppress(VerificationError):
             manifest.parse_manifest(data)
+
+
+@pytest.mark.parametrize("last", ["\u00b2", "\u0661", "\uff11", "\ud800", "9" * 5000, "-1", ""])
+def test_chunk_topic_with_a_non_ascii_or_huge_index_is_not_a_chunk(last: str) -> None:
+    # "\u00b2".isdigit() is True but int("\u00b2") raises ValueError; 5,000 digits
+    # exceed int()'s limit. A topic is foreign input: None, never an exception.
+    assert topics.parse_chunk("p", f"p/artifacts/x/{last}") is None
+
+
+@SETTINGS
+@given(_texts(40))
+def test_fuzz_topics_parse_to_a_chunk_or_none(tail: str) -> None:
+    for topic in (tail, f"p/{tail}", f"p/artifacts/x/{tail}", f"p/artifacts/{tail}"):
+        r = topics.parse_chunk("p", topic)
+        assert r is None or (isinstance(r[0], str) and isinstance(r[1], int) and r[1] >= 0)
+        where = topics.parse_device_topic("p", topic)
+        assert where is None or where[1] in ("status", "events")
+        msg = reports.Reader("p").read(topic, tail.encode("utf-8", "surrogatepass"))  # never raises
+        assert msg is None or isinstance(msg, reports.DeviceStatus | reports.DeviceEvent)

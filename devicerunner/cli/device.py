@@ -14,14 +14,14 @@ from devicerunner.device.paths import STATUS_FILE
 from devicerunner.update.config_updates import ConfigFiles
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState, releases
-from devicerunner.update.updater import install_bundle
+from devicerunner.update.updater import install_bundle, read_bundle
 
 FRESH_S = 5.0
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.config))
-    data = Path(args.bundle).read_bytes()
+    data = read_bundle(Path(args.bundle))  # size checked before reading (TooLargeError: exit 1)
     path = install_bundle(cfg.state_dir, data)
     print(
         f"queued {args.bundle} as {path.name}; a running daemon takes it within a second, "

@@ -13,6 +13,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import math
 import signal
 import sys
 import tempfile
@@ -323,6 +324,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number between {lo} and {hi}, got {text}")
+        return v
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="devicerunner", description="Sandboxed Wasm apps on edge devices, updated over the air."
@@ -364,13 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--setting", action="append", metavar="KEY=VALUE", help="a config setting the app reads (repeat)"
     )
-    r.add_argument("--ticks", type=int, default=10, help="how many ticks to run")
+    # The same bounds as device.toml: 0 ms ticks, a nan/inf budget or a negative
+    # memory limit ("no limit" to wasmtime) are usage errors, not tracebacks.
+    r.add_argument("--ticks", type=_int_in(0, 10**9), default=10, help="how many ticks to run")
     r.add_argument(
-        "--interval-ms", type=int, default=100, help="tick interval (virtual time unless --realtime)"
+        "--interval-ms",
+        type=_int_in(1, 3_600_000),
+        default=100,
+        help="tick interval (virtual time unless --realtime)",
     )
-    r.add_argument("--budget-ms", type=float, default=10.0, help="tick CPU budget, ms")
-    r.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024, help="app memory limit, bytes")
-    r.add_argument("--kv-quota", type=int, default=64 * 1024, help="kv quota, bytes")
+    r.add_argument("--budget-ms", type=_float_in(0.001, 60_000), default=10.0, help="tick CPU budget, ms")
+    r.add_argument(
+        "--memory-limit",
+        type=_int_in(65536, 4 * 1024**3),
+        default=16 * 1024 * 1024,
+        help="app memory limit, bytes",
+    )
+    r.add_argument("--kv-quota", type=_int_in(0, 1024**3), default=64 * 1024, help="kv quota, bytes")
     r.add_argument("--state", help="directory for kv data and the compile cache (default: temporary)")
     r.add_argument("--realtime", action="store_true", help="tick on the wall clock instead of virtual time")
     r.add_argument("--quiet", action="store_true", help="do not print the app's log")

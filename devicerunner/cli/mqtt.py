@@ -230,7 +230,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         _settings(args),
         args.prefix,
         Path(args.bundle).read_bytes(),
-        keys.load_private(Path(args.key)),
+        keys.load_private(Path(args.key), keys.passphrase(getattr(args, "passphrase_file", None))),
         policy,
         emit,
     )
@@ -317,3 +317,8 @@ def register_rollout(sub: Any) -> None:
     )
     _broker_opts(r)
     r.set_defaults(func=cmd_rollout)
+    r.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="passphrase of the rollout key (default: $DEVICERUNNER_KEY_PASSPHRASE)",
+    )

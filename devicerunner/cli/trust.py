@@ -45,14 +45,22 @@ def _now(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    if not manifest.ID_RE.match(args.name):
+    if not manifest.ID_RE.fullmatch(args.name):
         raise OperatorError(f"key name {args.name!r}: use [A-Za-z0-9_.-]")
-    priv, pub, kid = keys.generate(args.name, Path(args.dir))
+    password = _passphrase(args)
+    priv, pub, kid = keys.generate(args.name, Path(args.dir), password)
     if args.json:
-        print(json.dumps({"keyid": kid, "private": str(priv), "public": str(pub)}))
+        print(
+            json.dumps({"keyid": kid, "private": str(priv), "public": str(pub), "encrypted": bool(password)})
+        )
     else:
-        print(f"{kid}\n  private key: {priv} (mode 0600 — keep it offline)\n  public key:  {pub}")
+        state = "encrypted with the passphrase" if password else "UNENCRYPTED (see --passphrase-file)"
+        print(f"{kid}\n  private key: {priv} (mode 0600, {state} — keep it offline)\n  public key:  {pub}")
     return 0
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    return keys.passphrase(getattr(args, "passphrase_file", None))
 
 
 # -- trust init / rotate -----------------------------------------------------------
@@ -69,11 +77,11 @@ def _role_keys(args: argparse.Namespace, base: manifest.Root | None) -> tuple[di
         elif base is not None:
             r = base.role(role)
             role_keys[role] = [base.keys[k] for k in sorted(r.keyids)]
-            threshold = threshold or r.threshold
+            threshold = r.threshold if threshold is None else threshold
         else:
             role_keys[role] = []
         n = len(role_keys[role])
-        threshold = threshold or 1
+        threshold = 1 if threshold is None else threshold  # an explicit 0 is refused below, not made 1
         if n and not 1 <= threshold <= n:
             raise OperatorError(f"--{role}-threshold {threshold}: must be between 1 and {n} ({role} keys)")
         thresholds[role] = threshold
@@ -93,7 +101,7 @@ def _signed_root(args: argparse.Namespace, version: int, base: manifest.Root | N
         role_keys=role_keys,
         thresholds=thresholds,
     )
-    return manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.sign])
+    return manifest.sign_envelope(signed, [keys.load_private(Path(k), _passphrase(args)) for k in args.sign])
 
 
 def cmd_trust_init(args: argparse.Namespace) -> int:
@@ -165,7 +173,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         max_traps=args.max_traps,
         max_overruns=args.max_overruns,
     )
-    env = manifest.sign_envelope(signed, [keys.load_private(Path(k)) for k in args.key])
+    env = manifest.sign_envelope(signed, [keys.load_private(Path(k), _passphrase(args)) for k in args.key])
     m = manifest.parse_manifest(env)  # the same strict parser the device runs
     _write(args.output, bundle.pack(env, module))
     print(
@@ -178,7 +186,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_cosign(args: argparse.Namespace) -> int:
     env, module = bundle.unpack(Path(args.bundle).read_bytes())
     env = manifest.add_signatures(
-        env, [keys.load_private(Path(k)) for k in args.key], manifest.MAX_MANIFEST_BYTES
+        env, [keys.load_private(Path(k), _passphrase(args)) for k in args.key], manifest.MAX_MANIFEST_BYTES
     )
     _write(args.output or args.bundle, bundle.pack(env, module))
     n = len(manifest.parse_envelope(env, manifest.MAX_MANIFEST_BYTES, "manifest").signatures)
@@ -253,12 +261,22 @@ def _role_options(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument(f"--{role}-threshold", type=int, metavar="N", help=f"signatures the {role} role needs")
 
 
+def _passphrase_option(p: Any) -> None:
+    p.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help=f"private keys are encrypted with (and read with) the first line of FILE; "
+        f"default: ${keys.PASSPHRASE_ENV}, else unencrypted",
+    )
+
+
 def register(sub: Any) -> Any:
     k = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub)")
     k.add_argument("name")
     k.add_argument("--dir", default=".")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_keygen)
+    _passphrase_option(k)
 
     t = sub.add_parser("trust", help="create and rotate the trust root")
     tsub = t.add_subparsers(dest="trust_cmd", required=True)
@@ -268,6 +286,7 @@ def register(sub: Any) -> Any:
     ti.add_argument("--expires-days", type=int, default=365)
     ti.add_argument("-o", "--output", required=True)
     ti.set_defaults(func=cmd_trust_init)
+    _passphrase_option(ti)
     tr = tsub.add_parser("rotate", help="create the next root version (unchanged roles are kept)")
     tr.add_argument("--current", required=True, help="the current root.json")
     _role_options(tr, required=False)
@@ -281,6 +300,7 @@ def register(sub: Any) -> Any:
     tr.add_argument("--expires-days", type=int, default=365)
     tr.add_argument("-o", "--output", required=True)
     tr.set_defaults(func=cmd_trust_rotate)
+    _passphrase_option(tr)
 
     s = sub.add_parser("sign", help="sign a module into a release bundle")
     s.add_argument("module")
@@ -304,12 +324,14 @@ def register(sub: Any) -> Any:
     s.add_argument("--key", action="append", required=True, help="release private key (repeat)")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_sign)
+    _passphrase_option(s)
 
     c = sub.add_parser("cosign", help="add signatures to a bundle (keys held by different people)")
     c.add_argument("bundle")
     c.add_argument("--key", action="append", required=True)
     c.add_argument("-o", "--output")
     c.set_defaults(func=cmd_cosign)
+    _passphrase_option(c)
 
     v = sub.add_parser("verify", help="verify a bundle against a root, as a device would")
     v.add_argument("bundle")

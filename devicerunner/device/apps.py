@@ -11,8 +11,10 @@ Invariants:
   make-before-break: a new version is instantiated and its ``dr_init`` run
   on the updater lane, in its own Store, before it is handed to the
   scheduler. Others hand work over with ``Scheduler.submit`` (no polling).
-- A tick's failure (trap, overrun, non-zero) is counted and logged against
-  that app only; it never stops the scheduler or another app.
+- A tick's failure (trap, overrun, non-zero) is counted on every tick and
+  logged (at most once per outcome per FAILURE_LOG_EVERY_S, with a count of
+  the lines suppressed) against that app only; it never stops the scheduler
+  or another app.
 - ``swap`` replaces an app's instance *between* two ticks: the new instance
   is created and initialised before the switch, so no tick is missed or run
   twice; the old one is returned to the caller, still warm.
@@ -37,6 +39,7 @@ from firmware_shims.base import Actuator, Clock, Sensor
 from hostfuncs.config import AppSettings
 from hostfuncs.context import AppContext, LogSink
 from hostfuncs.kv import KvStore
+from hostfuncs.logsafe import LogLimiter
 from hostfuncs.messages import Inbox
 from hostfuncs.ratelimit import TokenBucket
 from hostfuncs.telemetry import Outbox, TelemetryGrant
@@ -44,6 +47,9 @@ from hostfuncs.telemetry import Outbox, TelemetryGrant
 log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 4096
+FAILURE_LOG_EVERY_S = 10.0
+"""A trap storm is counted on every tick but logged once per app and outcome per
+10 s, with the number of lines suppressed (was: one WARNING per failed tick)."""
 
 
 @dataclass
@@ -189,6 +195,7 @@ class App:
         """Intervals to skip after a tick was cut for CPU: doubles per cut, so a
         runaway app cannot keep taking 50 ms slices from the others."""
         self.running = True
+        self.failure_log = LogLimiter(log, FAILURE_LOG_EVERY_S, max_keys=8)
         self.on_tick: Callable[[App, CallResult], None] | None = None
         # Set by device.trials while a new version is on trial:
         self.trial: Trial | None = None
@@ -214,7 +221,7 @@ class App:
         elif r.ok:
             self.penalty = 0
         if not r.ok:
-            log.warning("app %s: %s", self.name, r.message)
+            self.failure_log.log(logging.WARNING, r.outcome, "app %s: %s", self.name, r.message)
         if self.counters.ticks % self.health_every == 0:
             self.health()
         if self.on_tick is not None:

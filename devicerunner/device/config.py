@@ -80,6 +80,9 @@ class DeviceConfig:
     trust_root: Path | None = None
     sysfs_root: Path = Path("/sys")
     source: Path | None = None
+    kv_flush_interval_s: float = 5.0
+    """At most one kv snapshot write per app per interval (flash wear); a power
+    cut loses at most this much of an app's kv writes. A clean stop flushes."""
 
 
 class _Table(Strict):
@@ -126,7 +129,7 @@ def parse_capabilities(key: str, caps: tuple[str, ...] | list[str]) -> frozenset
 
 
 def _app(name: str, t: _Table, base: Path) -> AppConfig:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"apps.{name}: app names are lowercase [a-z0-9_-], at most 63 chars")
     policy = t.str_list("policy")
     if policy is None:
@@ -167,11 +170,17 @@ def _broker(t: _Table, base: Path) -> BrokerConfig:
         cert_file=t.path_("cert_file", base),
         key_file=t.path_("key_file", base),
         keepalive_s=t.integer("keepalive_s", 30, 5, 3600),
-        reconnect_min_s=t.number("reconnect_min_s", 0.5),
-        reconnect_max_s=t.number("reconnect_max_s", 30.0),
+        # 0 would reconnect in a hot loop (and hammer the broker with every device)
+        reconnect_min_s=t.number("reconnect_min_s", 0.5, lo=0.05),
+        reconnect_max_s=t.number("reconnect_max_s", 30.0, lo=0.05),
         download_stall_s=t.number("download_stall_s", 30.0),
     )
     t.done()
+    if cfg.reconnect_max_s < cfg.reconnect_min_s:
+        raise ConfigError(
+            f"{t.key('reconnect_max_s')}: must be >= reconnect_min_s ({cfg.reconnect_min_s}), "
+            f"got {cfg.reconnect_max_s}"
+        )
     return cfg
 
 
@@ -202,6 +211,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
     trial_attempts = dev.integer("trial_attempts", 1, 1, 100)
     trust_root = dev.path_("trust_root", base)
     sysfs_root = dev.path_("sysfs_root", base) or Path("/sys")
+    kv_flush_interval_s = dev.number("kv_flush_interval_s", 5.0, lo=0.1)
     dev.done()
 
     sensors = _named_tables(root, "sensors")
@@ -234,6 +244,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         trust_root=trust_root,
         sysfs_root=sysfs_root,
         source=source,
+        kv_flush_interval_s=kv_flush_interval_s,
     )
 
 

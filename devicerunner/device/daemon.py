@@ -116,7 +116,7 @@ class Daemon:
         self._own_runtime = runtime is None
         self.runtime = runtime or Runtime(name=cfg.id)
         self.scheduler = Scheduler(self.clock, self.runtime.ticks.lane(f"{cfg.id}/scheduler"))
-        self.kv_flusher = KvFlusher(self.runtime.work.lane(f"{cfg.id}/kv"))
+        self.kv_flusher = KvFlusher(self.runtime.work.lane(f"{cfg.id}/kv"), cfg.kv_flush_interval_s)
         self.kv: dict[str, KvStore] = {}
         self.failed: dict[str, str] = {}
         self.stopped = threading.Event()

@@ -15,7 +15,9 @@ Invariants:
 - An exception escaping a task is logged against its lane; it never kills
   a pool thread or the lane.
 - A paused lane queues but runs nothing until ``resume()``; a closed lane
-  drops what is queued and refuses new work (silently: closing is a stop).
+  drops what is queued and refuses new work (silently: closing is a stop),
+  but every ``submit()`` Future resolves: one whose task was dropped or
+  refused gets LaneClosedError, so no caller waits on it forever.
 - A task may block waiting on a lane of *another* executor (the updater
   waits for the scheduler); never on a lane of its own executor, whose
   threads could all be taken by such waiters.
@@ -42,6 +44,32 @@ BATCH = 16
 """Tasks a lane runs before it goes to the back of the ready queue."""
 
 _local = threading.local()
+
+
+class LaneClosedError(RuntimeError):
+    """The lane was closed before the submitted task could run."""
+
+
+class _Submitted:
+    """A ``submit()``-ted task: the lane fails its Future if it drops it."""
+
+    __slots__ = ("fn", "fut")
+
+    def __init__(self, fn: Callable[[], object], fut: Future[object]) -> None:
+        self.fn = fn
+        self.fut = fut
+
+    def __call__(self) -> None:
+        if not self.fut.set_running_or_notify_cancel():
+            return
+        try:
+            self.fut.set_result(self.fn())
+        except BaseException as e:
+            self.fut.set_exception(e)
+
+    def drop(self, lane: str) -> None:
+        if self.fut.set_running_or_notify_cancel():
+            self.fut.set_exception(LaneClosedError(f"lane {lane} closed before the task ran"))
 
 
 class Timer:
@@ -86,36 +114,26 @@ class Lane:
         """Is the calling code running as a task of this lane?"""
         return getattr(_local, "lane", None) is self
 
-    def post(self, fn: Task) -> None:
+    def post(self, fn: Task) -> bool:
+        """Queue ``fn``; False (and nothing queued) if the lane is closed."""
         ex = self.executor
         with ex._cond:
             if self._closed:
-                return
+                return False
             self._tasks.append(fn)
             ex._make_ready(self)
+            return True
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on this lane; its result or exception via the Future.
-        Called from the lane itself it runs at once (waiting would deadlock)."""
+        """Run ``fn`` on this lane; its result or exception via the Future,
+        LaneClosedError if the lane is closed before it runs. Called from the
+        lane itself it runs at once (waiting would deadlock)."""
         fut: Future[T] = Future()
-
-        def run() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
+        task = _Submitted(fn, fut)  # type: ignore[arg-type]
         if self.current:
-            run()
-        else:
-            with self.executor._cond:
-                closed = self._closed
-            if closed:
-                fut.set_exception(RuntimeError(f"lane {self.name} is closed"))
-            else:
-                self.post(run)
+            task()
+        elif not self.post(task):
+            task.drop(self.name)
         return fut
 
     def call_later(self, delay_s: float, fn: Task) -> Timer:
@@ -146,7 +164,11 @@ class Lane:
         it (unless called from the lane itself)."""
         with self.executor._cond:
             self._closed = True
+            dropped = list(self._tasks)
             self._tasks.clear()
+        for task in dropped:  # outside the lock: a Future's callbacks run here
+            if isinstance(task, _Submitted):
+                task.drop(self.name)
         if wait_s > 0 and not self.current:
             self.drain(wait_s)
 

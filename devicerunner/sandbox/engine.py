@@ -40,6 +40,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -62,6 +63,10 @@ IDLE_AFTER_S = 2.0
 MIN_HARD_LIMIT_S = 0.050
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 ENGINE_CONFIG = "epoch=1;opt=speed;may_move=0;v3"
+MAX_COMPILED_IN_MEMORY = 32
+"""Compiled modules kept in memory (least recently used dropped first): one
+per release ever seen grew without bound on a long-lived daemon or simulator.
+A dropped one comes back from the disk cache in ~40 us."""
 """Every engine setting that changes compiled code; part of the cache key."""
 
 ABI_EXPORTS: dict[str, bool] = {"dr_init": True, "dr_tick": True, "dr_health": False}
@@ -262,13 +267,20 @@ class Sandbox:
         self.engine = wasmtime.Engine(cfg)
         self._ticker = _EpochTicker(self.engine)
         self._functypes: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}
-        self._modules: dict[str, CompiledModule] = {}
+        self._modules: OrderedDict[str, CompiledModule] = OrderedDict()
+        self.max_modules = MAX_COMPILED_IN_MEMORY
         self._lock = threading.Lock()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache_key: bytes | None = None
 
     def close(self) -> None:
         self._ticker.stop()
+
+    @property
+    def modules_in_memory(self) -> int:
+        """Compiled modules held in memory (at most ``max_modules``)."""
+        with self._lock:
+            return len(self._modules)
 
     # -- compile + cache --------------------------------------------------
 
@@ -277,7 +289,8 @@ class Sandbox:
         if self._cache_key is None:
             key_path = self.cache_dir / ".cache-key"
             try:
-                key = key_path.read_bytes()
+                with open(key_path, "rb") as f:
+                    key = f.read(33)  # a key is 32 bytes: anything else is replaced
             except FileNotFoundError:
                 key = b""
             if len(key) != 32:
@@ -299,9 +312,11 @@ class Sandbox:
         sha = hashlib.sha256(wasm).hexdigest()
         with self._lock:
             hit = self._modules.get(sha)
+            if hit is not None:
+                self._modules.move_to_end(sha)
         if hit is not None:
             return hit
-        cached = self._load_cached(sha)
+        cached = self._load_cached(sha, max_bytes=64 * len(wasm) + 16 * 1024 * 1024)
         if cached is not None:
             module, meta = cached
             from_cache = True
@@ -316,14 +331,23 @@ class Sandbox:
         compiled = CompiledModule(sha, module, meta, from_cache)
         with self._lock:
             self._modules[sha] = compiled
+            self._modules.move_to_end(sha)
+            while len(self._modules) > self.max_modules:
+                self._modules.popitem(last=False)
         return compiled
 
-    def _load_cached(self, sha: str) -> tuple[wasmtime.Module, dict[str, Any]] | None:
+    def _load_cached(self, sha: str, max_bytes: int) -> tuple[wasmtime.Module, dict[str, Any]] | None:
+        """A cache entry this device wrote, else None (and the module is compiled
+        again). ``max_bytes``: a larger file is not even read (planted, or damaged)."""
         if self.cache_dir is None:
             return None
         path = self._cache_path(sha)
         try:
-            blob = path.read_bytes()
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size > max_bytes:
+                    log.warning("compile cache entry %s is implausibly large; recompiling", path.name)
+                    return None
+                blob = f.read()
         except OSError:
             return None
         tag, payload = blob[:32], blob[32:]

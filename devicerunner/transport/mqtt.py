@@ -9,6 +9,10 @@ Invariants:
 - Reconnection is ours, not paho's: capped exponential backoff with *full
   jitter* (sleep uniform in [0, min(cap, base * 2^attempt)]), every attempt
   logged, so a broker restart does not bring the fleet back in lockstep.
+  The back-off resets only once a connection has stayed up ``stable_s``: a
+  broker that accepts and then drops us (a duplicate client id kicked by its
+  twin, an ACL refusing the first subscribe) gets ever longer pauses, not a
+  reconnect storm. ``backoff_min_s`` must be > 0 and <= ``backoff_max_s``.
 - At most one (re)connection is scheduled at a time, however many ways the
   loss is reported (``on_disconnect``, a failed read, a keepalive timeout).
 - Subscriptions are remembered and renewed on every (re)connection (clean
@@ -39,6 +43,8 @@ from devicerunner.transport.ioloop import IoLoop
 from devicerunner.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
+STABLE_S = 10.0
+"""A connection that lasted this long was a working one: the back-off starts over."""
 
 MAX_CONNECTS_KEPT = 64
 
@@ -81,9 +87,12 @@ class Connection:
         will: tuple[str, bytes, int, bool] | None = None,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        stable_s: float = STABLE_S,
         rng: random.Random | None = None,
         runtime: Runtime | None = None,
     ) -> None:
+        if not 0 < backoff_min_s <= backoff_max_s:
+            raise ValueError(f"need 0 < backoff_min_s <= backoff_max_s, got {backoff_min_s}, {backoff_max_s}")
         self.settings = settings
         self.client = make_client(settings, client_id)
         if will is not None:
@@ -108,6 +117,8 @@ class Connection:
         self._io = self.runtime.shared("io", IoLoop, IoLoop)
         self._lane = self.runtime.connect.lane(f"mqtt-{client_id}")
         self._attempt = 0
+        self.stable_s = stable_s
+        self._up_since: float | None = None
         self._first = True
         self._scheduled: Timer | None = None
         self._socket_closed = threading.Event()
@@ -163,7 +174,7 @@ class Connection:
         no_delay(client)
         self.connected.set()
         self.lost_since = None
-        self._attempt = 0
+        self._up_since = time.monotonic()  # the back-off resets in _lost, if this lasts
         self.connects.append(time.time())
         with self._lock:
             subs = list(self._subs.items())
@@ -203,6 +214,9 @@ class Connection:
     def _lost(self, why: str) -> None:
         if self.connected.is_set():
             self.lost_since = time.monotonic()
+            up, self._up_since = self._up_since, None
+            if up is not None and self.lost_since - up >= self.stable_s:
+                self._attempt = 0  # it was a working connection: start over quickly
             self.connected.clear()
             if not self._stop.is_set():
                 log.warning("%s from %s", why, self.settings.url)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_PREFIX = "dr/v1"
 
 
@@ -65,9 +67,14 @@ def telemetry(p: str, device: str, app: str, name: str) -> str:
 
 def parse_chunk(p: str, topic: str) -> tuple[str, int] | None:
     parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
-    if len(parts) == 3 and parts[0] == "artifacts" and parts[2].isdigit():
+    # fullmatch on ASCII digits: str.isdigit() is also true for "²" or Arabic-Indic digits, which
+    # int() refuses (ValueError), and a bounded length keeps int() cheap.
+    if len(parts) == 3 and parts[0] == "artifacts" and _INDEX_RE.fullmatch(parts[2]):
         return parts[1], int(parts[2])
     return None
+
+
+_INDEX_RE = re.compile(r"[0-9]{1,9}")
 
 
 def parse_device_topic(p: str, topic: str) -> tuple[str, str] | None:

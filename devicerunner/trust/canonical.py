@@ -35,4 +35,8 @@ def _check(obj: Any, path: str = "") -> None:
 
 def canonical(obj: Any) -> bytes:
     _check(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON "\ud800" escape
+        raise NotCanonicalError(f"not valid Unicode: lone surrogate at offset {e.start}") from None

@@ -70,7 +70,7 @@ def format_time(t: int) -> str:
 
 
 def parse_time(s: str, where: str) -> int:
-    if not isinstance(s, str) or not TIME_RE.match(s):
+    if not isinstance(s, str) or not TIME_RE.fullmatch(s):
         raise MalformedError(f"{where}: expected UTC time like 2026-01-31T12:00:00Z, got {s!r}")
     try:
         return calendar.timegm(time.strptime(s, "%Y-%m-%dT%H:%M:%SZ"))
@@ -152,7 +152,7 @@ def parse_envelope(data: bytes, max_bytes: int, what: str) -> Envelope:
         if not isinstance(s, dict) or set(s) != {"keyid", "sig"}:
             raise MalformedError(f"{what}.signatures[{i}]: must be {{keyid, sig}}")
         kid, sig = s["keyid"], s["sig"]
-        if not isinstance(kid, str) or not HEX64_RE.match(kid):
+        if not isinstance(kid, str) or not HEX64_RE.fullmatch(kid):
             raise MalformedError(f"{what}.signatures[{i}].keyid: must be 64 hex digits")
         if not isinstance(sig, str) or not re.fullmatch(r"[0-9a-f]{128}", sig):
             raise MalformedError(f"{what}.signatures[{i}].sig: must be 128 hex digits")
@@ -415,7 +415,7 @@ def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
     if not isinstance(raw_chunks, list) or len(raw_chunks) != n_chunks:
         raise MalformedError(f"manifest.artifact.chunks: expected {n_chunks} chunk hashes for {size} bytes")
     # identical chunks (e.g. zero padding) legitimately repeat a hash
-    if not all(isinstance(h, str) and HEX64_RE.match(h) for h in raw_chunks):
+    if not all(isinstance(h, str) and HEX64_RE.fullmatch(h) for h in raw_chunks):
         raise MalformedError("manifest.artifact.chunks: every entry must be 64 hex digits")
     chunks = tuple(raw_chunks)
     artifact = Artifact(af.text("sha256", HEX64_RE), size, chunk_size, chunks)
@@ -569,7 +569,10 @@ class RolloutDoc:
 
 
 def parse_rollout(data: bytes) -> RolloutDoc:
-    env = parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout")
+    return rollout_from_envelope(parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout"))
+
+
+def rollout_from_envelope(env: Envelope) -> RolloutDoc:
     f = _Fields(
         env.signed,
         "rollout",

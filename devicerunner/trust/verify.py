@@ -47,8 +47,8 @@ from devicerunner.trust.manifest import (
     format_time,
     manifest_from_envelope,
     parse_envelope,
-    parse_rollout,
     parse_root,
+    rollout_from_envelope,
     valid_signers,
 )
 
@@ -244,8 +244,11 @@ def verify_rollout(data: bytes, *, root: Root, time_floor: int, now: int, last_v
     newer than the last one accepted for its (app, channel)."""
     env = parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout")
     check_threshold(env, root, "rollout", "rollout document")
-    doc = parse_rollout(data)
-    if doc.expires <= effective_time(now, time_floor):
+    doc = rollout_from_envelope(env)
+    t = effective_time(now, time_floor)
+    if root.expires <= t:  # as for releases: an expired root vouches for nothing
+        raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
+    if doc.expires <= t:
         raise ExpiredError(
             f"rollout document v{doc.version} for {doc.app} expired at {format_time(doc.expires)}"
         )

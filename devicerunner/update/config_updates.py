@@ -64,6 +64,7 @@ from devicerunner.errors import (
     VerificationError,
 )
 from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.statefile import StateFileError, read_bounded
 from devicerunner.trust.appconfig import (
     MAX_CONFIG_BYTES,
     ConfigDoc,
@@ -129,6 +130,9 @@ class ConfigHost(Protocol):
 
 log = logging.getLogger(__name__)
 
+MAX_STATE_BYTES = 1024 * 1024
+"""config/state.json is a few hundred bytes; anything larger is not ours."""
+
 EVENT = {
     STAGED: Kind.CONFIG_STAGED,
     TRIAL: Kind.CONFIG_TRIAL,
@@ -160,10 +164,11 @@ class ConfigFiles:
 
     def load(self) -> ConfigState:
         try:
-            return ConfigState.from_json(self.state_path.read_bytes())
-        except FileNotFoundError:
-            return ConfigState()
-        except (OSError, ValueError, TypeError) as e:
+            data = read_bounded(self.state_path, MAX_STATE_BYTES)  # size checked before reading
+            if data is None:
+                return ConfigState()
+            return ConfigState.from_json(data)
+        except (OSError, ValueError, TypeError, RecursionError) as e:
             # No config is a safe state: the app runs as its release has it.
             log.error("app %s: config state unreadable (%s); starting without a config", self.app, e)
             return ConfigState(last_error=f"config state unreadable: {e}", last_reason=Reason.STATE_CORRUPT)
@@ -182,10 +187,14 @@ class ConfigFiles:
     def read_doc(self, version: int, sha256: str | None) -> bytes | None:
         """The stored document, if it is exactly the one the state pins."""
         try:
-            data = self.doc_path(version).read_bytes()
-        except OSError:
+            data = read_bounded(self.doc_path(version), MAX_CONFIG_BYTES)
+        except (OSError, StateFileError):
             return None
-        return data if sha256 is not None and hashlib.sha256(data).hexdigest() == sha256 else None
+        return (
+            data
+            if data is not None and sha256 is not None and hashlib.sha256(data).hexdigest() == sha256
+            else None
+        )
 
     def keep_only(self, *versions: int | None) -> None:
         keep = {f"v{v}.json" for v in versions if v}
@@ -407,8 +416,10 @@ class ConfigUpdates:
 
     def _restore_rollout(self, app: str) -> None:
         try:
-            data = (self.files[app].dir / ROLLOUT_FILE).read_bytes()
-        except OSError:
+            data = read_bounded(self.files[app].dir / ROLLOUT_FILE, MAX_ROLLOUT_BYTES)
+        except (OSError, StateFileError):
+            return
+        if data is None:
             return
         try:
             doc = self.updater.verifier.rollout(data, last_version=0)

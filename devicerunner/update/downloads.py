@@ -5,6 +5,9 @@ chunk, each written atomically only after its hash matched the manifest. So
 a dropped connection *and* a power cut both resume where they stopped, and
 a chunk already held is never fetched again. Chunks are re-hashed when a
 download is reopened; one that does not match is deleted and fetched again.
+Every file is size-checked before it is read (a chunk against the manifest's
+chunk size, a manifest against MAX_MANIFEST_BYTES); a download whose manifest
+does not parse, or sits under another release's hash, is removed.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from devicerunner.errors import VerificationError
+from devicerunner.errors import ArtifactMismatchError, VerificationError
 from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.statefile import StateFileError, read_bounded
 from devicerunner.trust import verify as trust
-from devicerunner.trust.manifest import Manifest, parse_manifest
+from devicerunner.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -45,8 +49,10 @@ class DownloadStore:
             return out
         for p in d.glob("*.chunk"):
             try:
-                i = int(p.stem)
-                trust.verify_chunk(m, i, p.read_bytes())
+                i = int(p.stem) if p.stem.isascii() and p.stem.isdigit() else -1
+                # a chunk is never larger than chunk_size: bounded before reading
+                data = read_bounded(p, m.artifact.chunk_size)
+                trust.verify_chunk(m, i, data or b"")
                 out.add(i)
             except (ValueError, OSError, VerificationError):
                 log.warning("download %s: dropping bad chunk file %s", m.artifact.sha256[:12], p.name)
@@ -61,7 +67,16 @@ class DownloadStore:
 
     def assemble(self, m: Manifest) -> bytes:
         d = self.dir(m)
-        data = b"".join((d / f"{i}.chunk").read_bytes() for i in range(len(m.artifact.chunks)))
+        parts = []
+        for i in range(len(m.artifact.chunks)):
+            try:
+                chunk = read_bounded(d / f"{i}.chunk", m.artifact.chunk_size)
+            except StateFileError as e:  # larger than a chunk: not the one the manifest pins
+                raise ArtifactMismatchError(f"chunk {i}: {e}") from None
+            if chunk is None:
+                raise FileNotFoundError(d / f"{i}.chunk")
+            parts.append(chunk)
+        data = b"".join(parts)
         trust.verify_artifact(m, data)
         return data
 
@@ -75,7 +90,14 @@ class DownloadStore:
             return out
         for d in self.root.iterdir():
             try:
-                out.append(parse_manifest((d / MANIFEST).read_bytes()))
-            except (OSError, VerificationError):
+                raw = read_bounded(d / MANIFEST, MAX_MANIFEST_BYTES)
+                if raw is None:
+                    raise FileNotFoundError(d / MANIFEST)
+                m = parse_manifest(raw)
+                if d.name != m.artifact.sha256:  # stored under another release's name
+                    raise ValueError(f"manifest for {m.artifact.sha256[:12]} under {d.name[:12]}")
+                out.append(m)
+            except (OSError, ValueError, VerificationError) as e:
+                log.warning("download %s unusable (%s); removed", d.name[:12], e)
                 shutil.rmtree(d, ignore_errors=True)
         return out

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from devicerunner.errors import RollbackError, VerificationError
 from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.statefile import read_bounded
 from devicerunner.trust import verify as trust
-from devicerunner.trust.manifest import Manifest, RolloutDoc
+from devicerunner.trust.manifest import MAX_ROLLOUT_BYTES, Manifest, RolloutDoc
 from devicerunner.update.events import Kind
 from devicerunner.update.verification import Verifier
 
@@ -44,6 +45,8 @@ class RolloutGate:
         self.documents: dict[str, RolloutDoc] = {}
         self.waiting: dict[str, Manifest] = {}
         """app -> a verified release this device is not (yet) in the rollout of."""
+        self.counts = {"accepted": 0, "stale": 0, "refused": 0}
+        """Rollout documents received, by outcome (counted once decided)."""
 
     def path(self, app: str) -> Path:
         return self._dir / app / ROLLOUT_FILE
@@ -56,12 +59,12 @@ class RolloutGate:
         """The last rollout document accepted per app, verified again (a stored
         file is not trusted more than a message)."""
         for app in self._apps:
-            try:
-                payload = self.path(app).read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
+            try:  # bounded before reading: the verifier refuses larger ones anyway
+                payload = read_bounded(self.path(app), MAX_ROLLOUT_BYTES)
+            except (OSError, ValueError) as e:
                 log.warning("rollout document for %s unreadable: %s", app, e)
+                continue
+            if payload is None:
                 continue
             try:
                 doc = self._verifier.rollout(payload, last_version=0)
@@ -80,6 +83,7 @@ class RolloutGate:
         try:
             doc = self._verifier.rollout(payload, current.version if current else 0)
         except RollbackError:
+            self.counts["stale"] += 1
             return None  # the same (or an older) document again: nothing new
         except VerificationError as e:
             log.warning("rollout document for %s refused: %s", app, e)
@@ -93,10 +97,13 @@ class RolloutGate:
                 reason=e.reason,
                 reason_text=f"rollout document: {e}",
             )
+            self.counts["refused"] += 1
             return None
         if doc.app != app:
+            self.counts["refused"] += 1
             return None
         self.documents[app] = doc
+        self.counts["accepted"] += 1
         try:  # kept across reboots: a replayed older document stays refused
             makedirs(self.path(app).parent)
             atomic_write(self.path(app), payload)

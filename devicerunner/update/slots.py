@@ -22,26 +22,33 @@ Invariants:
 - A missing, truncated or corrupt state.json is never fatal: ``load`` falls
   back to the committed slot with the highest sequence whose module still
   matches its manifest, and says why.
+- Every file here is untrusted input on load (runtime.statefile): sizes are
+  checked before reading, nesting before parsing, state.json field by field
+  and against its SHA-256 (update.state). A slot counts only if its manifest
+  parses in full and its module matches it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from devicerunner.errors import VerificationError
 from devicerunner.runtime.fsutil import atomic_write, fsync_dir, makedirs
+from devicerunner.runtime.statefile import read_bounded
+from devicerunner.trust.manifest import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from devicerunner.update.events import Phase
-from devicerunner.update.state import SLOTS, AppState
+from devicerunner.update.state import SEQ_RE, SLOTS, AppState
 
 log = logging.getLogger(__name__)
 
 MODULE = "module.wasm"
 MANIFEST = "manifest.json"
 MARKER = "committed"
+MAX_STATE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class SlotContent:
     slot: str
     module: bytes
     manifest: bytes
+    parsed: Manifest
 
 
 class AppSlots:
@@ -74,13 +82,14 @@ class AppSlots:
         if known is not None:
             return known, None
         try:
-            st = AppState.from_json(self.state_path.read_bytes())
-            self._known = st
-            return st, None
-        except FileNotFoundError:
+            raw = read_bounded(self.state_path, MAX_STATE_BYTES)
+            if raw is not None:
+                st = AppState.from_json(raw)
+                self._known = st
+                return st, None
             # A fresh app has no state yet; one that has slots lost its state.
             why = "state.json missing" if (self.root / "slots").exists() else None
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError) as e:
             why = f"state.json unreadable ({type(e).__name__}: {e})"
         if why is None:
             return AppState(), None
@@ -119,22 +128,30 @@ class AppSlots:
 
     def committed_sequence(self, slot: str) -> int | None:
         try:
-            return int((self.slot_dir(slot) / MARKER).read_text().strip())
+            raw = read_bounded(self.slot_dir(slot) / MARKER, 32)
         except (OSError, ValueError):
             return None
+        text = None if raw is None else raw.strip().decode("ascii", "replace")
+        # fullmatch on ASCII digits: int() also takes "1_0", "+5" and Arabic-Indic digits
+        return int(text) if text is not None and SEQ_RE.fullmatch(text) else None
 
     def read_slot(self, slot: str) -> SlotContent | None:
-        """Slot content whose module matches the sha256 in its manifest, else None."""
+        """Slot content whose manifest parses in full and whose module matches
+        the sha256 in it, else None (and the caller falls back to the other slot).
+        The signatures are not checked again here: they were before it was written."""
         d = self.slot_dir(slot)
         try:
-            module = (d / MODULE).read_bytes()
-            manifest = (d / MANIFEST).read_bytes()
-            want = json.loads(manifest)["signed"]["artifact"]["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = read_bounded(d / MANIFEST, MAX_MANIFEST_BYTES)
+            if manifest is None:
+                return None
+            m = parse_manifest(manifest)
+            module = read_bounded(d / MODULE, min(m.artifact.size, MAX_ARTIFACT_BYTES))
+        except (OSError, ValueError, VerificationError) as e:
+            log.warning("app %s: slot %s unusable: %s", self.app, slot, e)
             return None
-        if hashlib.sha256(module).hexdigest() != want:
+        if module is None or hashlib.sha256(module).hexdigest() != m.artifact.sha256:
             return None
-        return SlotContent(slot, module, manifest)
+        return SlotContent(slot, module, manifest, m)
 
     def write_slot(self, slot: str, module: bytes, manifest: bytes) -> None:
         d = self.slot_dir(slot)

@@ -2,19 +2,28 @@
 
 ``AppState`` is the single commit point of an app; AppSlots (update.slots)
 reads and writes it. ``from_json`` treats the file as untrusted input: a
-wrong shape raises ValueError and the caller takes the corruption path.
+wrong shape raises ValueError (StateFileError) naming the field, and the
+caller takes the corruption path. The file carries a SHA-256 of its content
+(runtime.statefile.seal), so a bit flip that still parses (a digit of
+``highest_sequence``) is corruption too, never a silently different state.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from devicerunner.runtime.statefile import StateFileError, seal, unseal
 from devicerunner.update.events import Phase
 
 SLOTS = ("a", "b")
 MAX_BAD_SEQUENCES = 256
+MAX_STATE_DEPTH = 4
+MAX_TEXT = 4096
+"""Longest reason/error text kept in state.json (longer ones are cut)."""
+MAX_SEQUENCE = 2**53
+SEQ_RE = re.compile(r"[0-9]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -37,25 +46,41 @@ class AppState:
 
     def to_json(self) -> bytes:
         # a field-by-field dict: asdict's deep copy was a tenth of an update's CPU
-        doc = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+        return seal({f: getattr(self, f) for f in self.__dataclass_fields__})
 
     @classmethod
     def from_json(cls, data: bytes) -> AppState:
-        obj = json.loads(data)
-        if not isinstance(obj, dict) or obj.get("schema") != 1:
-            raise ValueError("not a schema-1 app state")
-        known = {f for f in cls.__dataclass_fields__}
-        st = cls(**{k: v for k, v in obj.items() if k in known})
-        if (
-            st.phase not in Phase.__members__
-            or st.active not in (None, *SLOTS)
-            or st.pending not in (None, *SLOTS)
-        ):
-            raise ValueError(f"invalid phase/slot in state: {st.phase}/{st.active}/{st.pending}")
-        if not isinstance(st.bad_sequences, dict) or not isinstance(st.highest_sequence, int):
-            raise ValueError("invalid field types in state")
-        return st
+        """The state ``to_json`` wrote; StateFileError (a ValueError) naming the
+        first field that is missing, unknown, of the wrong type or out of range."""
+        obj = unseal(data, MAX_STATE_DEPTH, legacy_keys=_FIELD_NAMES - _ADDED_FIELDS)
+        for name in _ADDED_FIELDS:  # a file written before the field existed: null
+            obj.setdefault(name, None)
+        if set(obj) != _FIELD_NAMES:
+            extra, missing = sorted(set(obj) - _FIELD_NAMES), sorted(_FIELD_NAMES - set(obj))
+            raise StateFileError(f"state.json: unknown fields {extra}, missing fields {missing}")
+        if obj["schema"] != 1 or isinstance(obj["schema"], bool):
+            raise StateFileError(f"state.json: schema {obj['schema']!r}, expected 1")
+        for name in ("active", "pending"):
+            if obj[name] not in (None, *SLOTS):
+                raise StateFileError(f"state.json: {name} must be null, 'a' or 'b', got {obj[name]!r:.40}")
+        if not isinstance(obj["phase"], str) or obj["phase"] not in Phase.__members__:
+            raise StateFileError(f"state.json: unknown phase {obj['phase']!r:.40}")
+        for name in ("active_sequence", "highest_sequence", "trial_attempts"):
+            _check_int(obj, name, optional=False)
+        _check_int(obj, "pending_sequence", optional=True)
+        _check_int(obj, "last_error_sequence", optional=True)
+        for name in ("active_version", "pending_version", "last_error", "last_reason"):
+            _check_text(obj, name)
+        bad = obj["bad_sequences"]
+        if not isinstance(bad, dict) or len(bad) > MAX_BAD_SEQUENCES:
+            raise StateFileError(f"state.json: bad_sequences must be an object of <= {MAX_BAD_SEQUENCES}")
+        for k, v in bad.items():
+            if not SEQ_RE.fullmatch(k) or not isinstance(v, str) or len(v) > MAX_TEXT:
+                raise StateFileError(f"state.json: bad_sequences entry {k[:20]!r} is malformed")
+        if (obj["pending"] is None) != (obj["pending_sequence"] is None):
+            raise StateFileError("state.json: pending and pending_sequence must be set together")
+        obj["phase"] = Phase(obj["phase"])
+        return cls(**obj)
 
     @property
     def bad(self) -> frozenset[int]:
@@ -63,7 +88,7 @@ class AppState:
 
     def mark_bad(self, sequence: int, reason: str) -> AppState:
         bad = dict(self.bad_sequences)
-        bad[str(sequence)] = reason
+        bad[str(sequence)] = reason[:MAX_TEXT]
         while len(bad) > MAX_BAD_SEQUENCES:  # bounded: the oldest (lowest) go first
             bad.pop(str(min(int(s) for s in bad)))
         return replace(self, bad_sequences=bad)
@@ -77,6 +102,25 @@ class AppState:
 
     def other_slot(self) -> str:
         return "b" if self.active == "a" else "a"
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(AppState))
+_ADDED_FIELDS = frozenset({"last_error_sequence"})
+"""Fields newer than some state files on devices: missing means null."""
+
+
+def _check_int(obj: dict[str, Any], name: str, *, optional: bool) -> None:
+    v = obj[name]
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEQUENCE:
+        raise StateFileError(f"state.json: {name} must be an integer 0..2^53, got {v!r:.40}")
+
+
+def _check_text(obj: dict[str, Any], name: str) -> None:
+    v = obj[name]
+    if v is not None and (not isinstance(v, str) or len(v) > MAX_TEXT):
+        raise StateFileError(f"state.json: {name} must be null or a string of <= {MAX_TEXT}")
 
 
 def releases(st: AppState, running_version: str | None, downloading: Any = None) -> dict[str, Any]:

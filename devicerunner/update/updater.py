@@ -34,9 +34,9 @@ update/decisions.py and the device side of a trial in device/trials.py.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -73,11 +73,16 @@ from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState
 from devicerunner.update.trial import PASSED
 from devicerunner.update.verification import Verifier, peek_app, peek_sequence
+from hostfuncs.logsafe import LogLimiter
 
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = (NoTrustRootError, BadSignatureError, ThresholdError, MalformedError, TooLargeError)
 MAX_RETRY_S = 60.0
+MAX_REMEMBERED = 1024
+"""Inbox files refused but not removable (read-only state dir) that are skipped
+while unchanged; past this the oldest are forgotten (and looked at again)."""
+INBOX_LOG_EVERY_S = 60.0
 
 
 # -- the I/O edge -----------------------------------------------------------------------
@@ -128,6 +133,10 @@ class Updater:
         self._outstanding = 0
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
+        self._refused: dict[str, tuple[int, int]] = {}
+        """inbox file name -> (size, mtime_ns) of a refused file that could be
+        neither removed nor set aside: not processed again while unchanged."""
+        self._inbox_log = LogLimiter(log, INBOX_LOG_EVERY_S)
         self._deferred: dict[str, _Release] = {}
         """app -> the newest release that arrived while that app was on trial."""
         self.listeners: list[EventListener] = []
@@ -170,12 +179,16 @@ class Updater:
                     st,
                     active=other,
                     active_sequence=seq or 0,
+                    active_version=alt.parsed.version,
                     pending=None,
+                    pending_sequence=None,
+                    pending_version=None,
                     phase=Phase.COMMITTED,
                     last_error=f"slot {st.active} corrupt; fell back to committed slot {other}",
                     last_error_sequence=None,
                 )
                 active = alt
+                why = why or st.last_error  # persisted below: status and the next boot agree
         plan = plan_boot(st, self.settings.trial_attempts)
         if plan.state != st or why:
             s.save(plan.state)
@@ -260,7 +273,9 @@ class Updater:
         if self._deferred or any(self.host.on_trial(app) for app in self.slots):
             return True
         try:
-            return any(p.suffix in self.inbox_suffixes for p in self.inbox.iterdir())
+            return any(
+                p.suffix in self.inbox_suffixes and not self._still_refused(p) for p in self.inbox.iterdir()
+            )
         except OSError:
             return False
 
@@ -275,10 +290,10 @@ class Updater:
             return
         now = time.monotonic()
         for path in entries:
-            if self._retry_at.get(path.name, 0) > now:
+            if self._retry_at.get(path.name, 0) > now or self._still_refused(path):
                 continue
             try:
-                data = path.read_bytes()
+                data = read_bundle(path)  # the size is checked before a byte is read
                 man, module = bundle.unpack(data)
             except (OSError, VerificationError) as e:
                 self.emit(
@@ -286,9 +301,9 @@ class Updater:
                     Kind.REJECTED,
                     source=f"inbox:{path.name}",
                     reason=getattr(e, "reason", "unreadable"),
-                    reason_text=str(e),
+                    reason_text=f"{e} (moved to inbox/failed/)",
                 )
-                self._discard(path)
+                self._set_aside(path)
                 continue
             try:
                 done = self._process(_Release(man, module, f"inbox:{path.name}", path))
@@ -301,9 +316,7 @@ class Updater:
                     reason=Reason.INTERNAL_ERROR,
                     reason_text=f"{type(e).__name__}: {e} (bundle moved to inbox/failed/)",
                 )
-                with contextlib.suppress(OSError):
-                    makedirs(self.inbox / "failed")
-                    path.replace(self.inbox / "failed" / path.name)
+                self._set_aside(path)
                 continue
             if not done:
                 return  # deferred (trial running): look again later
@@ -311,10 +324,51 @@ class Updater:
     def _discard(self, path: Path | None) -> None:
         if path is None:
             return
-        with contextlib.suppress(OSError):
+        try:
             path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._remember_refused(path, f"cannot remove {path.name}: {e}")
         self._retry_at.pop(path.name, None)
         self._retry_delay.pop(path.name, None)
+
+    def _set_aside(self, path: Path) -> None:
+        """Move a refused inbox file to inbox/failed/ (kept for the operator)."""
+        try:
+            makedirs(self.inbox / "failed")
+            path.replace(self.inbox / "failed" / path.name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._remember_refused(path, f"cannot move {path.name} to inbox/failed/: {e}")
+        self._retry_at.pop(path.name, None)
+        self._retry_delay.pop(path.name, None)
+
+    def _remember_refused(self, path: Path, why: str) -> None:
+        """A refused file that cannot leave the inbox (read-only state dir) is not
+        processed again, and not logged again, while it is unchanged."""
+        self._inbox_log.log(logging.ERROR, "stuck", "inbox: %s; skipping it while it is unchanged", why)
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        self._refused[path.name] = (st.st_size, st.st_mtime_ns)
+        while len(self._refused) > MAX_REMEMBERED:
+            del self._refused[next(iter(self._refused))]
+
+    def _still_refused(self, path: Path) -> bool:
+        seen = self._refused.get(path.name)
+        if seen is None:
+            return False
+        try:
+            st = path.stat()
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) == seen:
+            return True
+        del self._refused[path.name]  # replaced by a new file of the same name
+        return False
 
     def _retry_later(self, path: Path | None) -> None:
         if path is None:
@@ -488,6 +542,19 @@ class Updater:
 
 
 # -- install (any process) ---------------------------------------------------------------
+
+
+def read_bundle(path: Path, max_bytes: int = bundle.MAX_BUNDLE_BYTES) -> bytes:
+    """A bundle file's bytes; TooLargeError before reading one larger than
+    ``max_bytes`` (a 1.5 GB file must not cost 1.5 GB of RAM to refuse)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise TooLargeError(f"bundle {path.name} is {size} bytes, the limit is {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLargeError(f"bundle {path.name} grew past {max_bytes} bytes while being read")
+    return data
 
 
 def install_bundle(state_dir: Path, data: bytes) -> Path:
