@@ -154,7 +154,13 @@ class Watcher:
             return
         with self._lock:
             if isinstance(msg, reports.DeviceStatus):
-                self.status[msg.device] = msg.as_dict()
+                doc = msg.as_dict()
+                prev = self.status.get(msg.device)
+                if prev is not None and not msg.online and not msg.apps:
+                    # a last will ({"online": false}, nothing else): the device is
+                    # offline, and what it last reported about its apps still stands
+                    doc = {**prev, "online": False}
+                self.status[msg.device] = doc
                 # the device's own clock at publish time: a reconnecting device
                 # publishes status at once, while we may only see it later
                 self.status_times.setdefault(msg.device, []).append(msg.ts or time.time())
