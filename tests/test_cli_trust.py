@@ -92,7 +92,14 @@ def test_release_signed_by_two_of_three_verifies_and_one_does_not(keydir: Path) 
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["reason"] == "below_threshold"
     # a second key holder adds their signature later
-    co = run_cli("cosign", str(keydir / "one.bundle"), "--key", str(keydir / "rel3.key"))
+    co = run_cli(
+        "cosign",
+        str(keydir / "one.bundle"),
+        "--root",
+        str(keydir / "root.json"),
+        "--key",
+        str(keydir / "rel3.key"),
+    )
     assert co.returncode == 0
     assert run_cli("verify", str(keydir / "one.bundle"), "--root", str(keydir / "root.json")).returncode == 0
 

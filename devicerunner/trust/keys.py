@@ -12,12 +12,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from devicerunner.errors import DeviceRunnerError
+from devicerunner.errors import ConfigError, DeviceRunnerError
 from devicerunner.trust.manifest import key_id
 
 
-class KeyFileError(DeviceRunnerError):
-    pass
+class KeyFileError(ConfigError):
+    """A key file named on the command line is missing, unreadable or not a key (exit 2)."""
+
+
+class KeyExistsError(DeviceRunnerError):
+    """keygen would overwrite a key (exit 1: the operation is refused)."""
 
 
 def generate(name: str, directory: Path) -> tuple[Path, Path, str]:
@@ -25,7 +29,7 @@ def generate(name: str, directory: Path) -> tuple[Path, Path, str]:
     priv_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     for p in (priv_path, pub_path):
         if p.exists():
-            raise KeyFileError(f"{p} exists; refusing to overwrite a key")
+            raise KeyExistsError(f"{p} exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

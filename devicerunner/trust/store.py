@@ -20,6 +20,42 @@ from devicerunner.trust.manifest import Root
 log = logging.getLogger(__name__)
 
 
+def read_root(state_dir: Path, provisioned: Path | None) -> tuple[Root | None, Path | None]:
+    """The root a device trusts and the file it came from, without writing:
+    ``<state_dir>/trust/root.json`` when it is valid, else the provisioned
+    file (device.trust_root). A provisioned path that does not exist, or a
+    provisioned root that does not verify, is a ConfigError naming the path,
+    unless the device already holds a valid root (it rotated since)."""
+    current = Path(state_dir) / "trust" / "root.json"
+    if current.exists():
+        try:
+            return trust.load_trusted_root(current.read_bytes()), current
+        except (OSError, VerificationError) as e:
+            log.error("trust root %s unreadable (%s); using the provisioned one", current, e)
+    if provisioned is None:
+        return None, None
+    try:
+        data = provisioned.read_bytes()
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"device.trust_root: {provisioned} does not exist (paths are relative to device.toml)"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"device.trust_root: {provisioned}: {e.strerror or e}") from e
+    try:
+        return trust.load_trusted_root(data), provisioned
+    except VerificationError as e:
+        raise ConfigError(f"device.trust_root: {provisioned}: {e}") from e
+
+
+def read_time_floor(state_dir: Path) -> int:
+    try:
+        obj = json.loads((Path(state_dir) / "trust" / "state.json").read_bytes())
+        return int(obj["time_floor"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 class TrustStore:
     def __init__(self, state_dir: Path, provisioned: Path | None) -> None:
         self.dir = Path(state_dir) / "trust"
@@ -28,29 +64,14 @@ class TrustStore:
         self.time_floor = self._load_floor()
 
     def _load_root(self, provisioned: Path | None) -> Root | None:
-        current = self.dir / "root.json"
-        for path in (current, provisioned):
-            if path is None or not path.exists():
-                continue
-            try:
-                root = trust.load_trusted_root(path.read_bytes())
-            except (OSError, VerificationError) as e:
-                if path == current:
-                    log.error("trust root %s unreadable (%s); using the provisioned one", path, e)
-                    continue
-                raise ConfigError(f"device.trust_root: {path}: {e}") from e
-            if path != current:
-                makedirs(self.dir)
-                atomic_write(current, root.raw)
-            return root
-        return None
+        root, source = read_root(self.dir.parent, provisioned)
+        if root is not None and source != self.dir / "root.json":
+            makedirs(self.dir)
+            atomic_write(self.dir / "root.json", root.raw)
+        return root
 
     def _load_floor(self) -> int:
-        try:
-            obj = json.loads((self.dir / "state.json").read_bytes())
-            return int(obj["time_floor"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
+        return read_time_floor(self.dir.parent)
 
     def raise_floor(self, issued: int) -> None:
         with self._lock:
