@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devicerunner.cli import build_parser
+from devicerunner.cli.main import build_parser
 from tests.conftest import EXAMPLES, ROOT, run_cli
 from tests.devicekit import Kit, counter_module
 
@@ -166,7 +166,7 @@ def test_closed_stdout_ends_the_command_quietly_with_141() -> None:
         [
             sys.executable,
             "-m",
-            "devicerunner.cli",
+            "devicerunner.cli.main",
             "app",
             "run",
             str(EXAMPLES / "blink.wat"),

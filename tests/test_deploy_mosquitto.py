@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devicerunner.daemon import Daemon
+from devicerunner.device.daemon import Daemon
 from devicerunner.errors import TransportError
 from devicerunner.transport import operator
 from devicerunner.transport.settings import parse_url
