@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _register_plugins(sub: Any) -> None:
     """Subcommands of other installed packages (entry-point group
     ``devicerunner.commands``). The fleet simulator plugs in this way: it
     drives the product's public API like a user, and the product never
