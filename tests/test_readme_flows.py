@@ -13,7 +13,9 @@ is checked:
   documents) runs in bash from the copy's top directory; it must exit 0.
 - A command ending in ``&`` runs in the background (the broker, the
   daemon) until the test ends; the next command starts once it has printed
-  its first line.
+  its first line, and a command naming ``--broker URL`` once that port
+  accepts connections (a person typing the next command is never faster
+  than a broker starting; the test is).
 - The only substitution: port 1883 becomes a free loopback port, so the
   test never meets another broker.
 - A comment after a command (or on the line after it) promises an outcome.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import free_port
+from tests.brokers import free_port, wait_port
 from tests.conftest import ROOT
 
 DOCS = ("README.md", "docs/operations.md")
@@ -59,6 +61,8 @@ RERUN = re.compile(r"\bdevicerunner (fleet )?status ")
 RERUN_S = 90.0
 COMMAND_S = 240.0
 READY_S = 30.0
+
+BROKER_URL = re.compile(r"--broker mqtts?://(?:[^@\s]*@)?[^:/\s]+:(\d+)")
 
 SKIP = re.compile(r"<!--\s*flows:\s*skip:\s*(\S.*?)\s*-->")
 HEREDOC = re.compile(r"<<-?\s*'?(\w+)'?")
@@ -227,6 +231,8 @@ def test_readme_and_operations_flows_run_as_written(tmp_path: Path) -> None:
                 assert p.poll() is None, f"{c.where}: {c.text!r} exited ({p.returncode}){context()}"
                 assert log.stat().st_size, f"{c.where}: {c.text!r} printed nothing in {READY_S} s"
                 continue
+            for port_text in BROKER_URL.findall(re.sub(r"\b1883\b", str(port), c.text)):
+                wait_port(int(port_text), READY_S)
             want = OUTCOMES.get(c.promise or "")
             end = time.monotonic() + (RERUN_S if RERUN.search(c.text) else 0)
             while True:
