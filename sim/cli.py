@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,17 +135,32 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 broker.stop()
     ok = all(r["ok"] for r in results)
     print(f"\n{sum(r['ok'] for r in results)}/{len(results)} scenarios ok in {time.time() - t_start:.0f} s")
+    paths: dict[str, str] = {}
     if args.report:
         sp, hp = report.write(Path(args.report), data)
-        print(f"report: {hp.resolve()}\nsummary: {sp.resolve()}")
+        paths = {"report": str(hp.resolve()), "summary": str(sp.resolve())}
+        print(f"report: {paths['report']}\nsummary: {paths['summary']}")
+    json_out = getattr(args, "json_out", None)
+    if json_out is not None:
+        scen = [{k: r.get(k) for k in ("name", "ok", "seconds", "checks")} for r in results]
+        print(json.dumps({"ok": ok, "devices": args.devices, "scenarios": scen, **paths}), file=json_out)
     return 0 if ok else 1
+
+
+def cmd_sim_entry(args: argparse.Namespace) -> int:
+    """With --json, progress goes to stderr and one JSON summary to stdout."""
+    if not args.json:
+        return cmd_sim(args)
+    args.json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return cmd_sim(args)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "sim", help="simulate a fleet: rollouts, bad and tampered releases, outages, power cuts"
     )
-    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--devices", type=int, default=20, help="simulated devices")
     p.add_argument(
         "--scenario",
         default="demo",
@@ -152,7 +170,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")
     p.add_argument("--report", metavar="DIR", help="write summary.json and report.html here")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of every random choice (same seed, same fleet)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (devices are spread over them)")
     p.add_argument(
         "--agents",
@@ -161,4 +179,5 @@ def register(sub: Any) -> None:
         metavar="N",
         help="run no devices here: wait for N `devicerunner sim-agent`s on the broker (needs --broker)",
     )
-    p.set_defaults(func=cmd_sim)
+    p.add_argument("--json", action="store_true", help="progress on stderr, one JSON summary on stdout")
+    p.set_defaults(func=cmd_sim_entry)
