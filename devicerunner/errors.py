@@ -24,6 +24,16 @@ class ConfigError(DeviceRunnerError):
     """
 
 
+class StateDirLockedError(DeviceRunnerError):
+    """Another daemon holds the state directory (one daemon per state dir)."""
+
+    def __init__(self, state_dir: object, pid: int | None) -> None:
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"state dir {state_dir} is in use by {holder} (one daemon per state dir)")
+        self.state_dir = state_dir
+        self.pid = pid
+
+
 # -- sandbox / apps --------------------------------------------------------
 
 

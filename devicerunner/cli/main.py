@@ -30,7 +30,7 @@ from typing import Any
 from devicerunner import __version__
 from devicerunner.cli.config import setting_value
 from devicerunner.device import logfmt, sdnotify
-from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
+from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError, StateDirLockedError
 from hostfuncs.config import AppSettings
 from hostfuncs.registry import CAPABILITIES
 
@@ -523,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("devicerunner: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, ConfigError, SandboxError) as e:
+    except (UsageError, ConfigError, SandboxError, StateDirLockedError) as e:
         if args.debug:
             raise
         _error(e)

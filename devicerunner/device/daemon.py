@@ -1,8 +1,10 @@
 """The device daemon: builds the device from its config and runs its apps.
 
-Owns start-up order and shutdown: every sensor, actuator and app setting is
-validated before anything runs; a clean stop (SIGTERM/SIGINT or ``stop()``)
-stops the scheduler between ticks, flushes kv stores and closes drivers.
+Owns start-up order and shutdown: one daemon per state dir (an exclusive
+lock from construction to ``stop()``; a second gets StateDirLockedError);
+every sensor, actuator and app setting is validated before anything runs;
+a clean stop (SIGTERM/SIGINT or ``stop()``) stops the scheduler between
+ticks, flushes kv stores and closes drivers.
 An app that fails to start is reported and the others run.
 """
 
@@ -25,7 +27,7 @@ from devicerunner.device.kvfile import KvFlusher, open_store
 from devicerunner.device.paths import STATUS_FILE
 from devicerunner.device.trials import TrialHost
 from devicerunner.errors import DeviceRunnerError
-from devicerunner.runtime.fsutil import atomic_write, clean_temp_files, makedirs
+from devicerunner.runtime.fsutil import DirLock, atomic_write, clean_temp_files, makedirs
 from devicerunner.runtime.process import Runtime
 from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox, load_module_bytes
 from devicerunner.transport.channel import DeviceChannel, Subscription
@@ -108,6 +110,11 @@ class Daemon:
         self.resources = DeviceResources(
             clock=self.clock, sensors=sensors, actuators=actuators, outbox=Outbox(), log_sink=log_sink
         )
+        # One daemon per state dir, for this object's lifetime: taken before
+        # anything below reads or writes the state dir (StateDirLockedError).
+        makedirs(cfg.state_dir)
+        self._dir_lock = DirLock(cfg.state_dir)
+        self._dir_lock.acquire()
         self.trust = TrustStore(cfg.state_dir, cfg.trust_root)
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(cache_dir=cfg.state_dir / "cache")
@@ -306,6 +313,7 @@ class Daemon:
             self.sandbox.close()
         if self._own_runtime:
             self.runtime.close()
+        self._dir_lock.release()
 
     # -- status ------------------------------------------------------------------
 
