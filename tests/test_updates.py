@@ -18,7 +18,7 @@ import pytest
 from devicerunner.device.daemon import Daemon
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.updater import install_bundle
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES, ROOT, until
 from tests.devicekit import Events, Kit, counter_module
 
 BROKEN_INIT = (EXAMPLES / "broken-init.wat").read_text()
@@ -259,4 +259,23 @@ def test_disk_full_while_staging_keeps_the_old_app_and_retries_later(tmp_path: P
         ev.wait("COMMITTED", 1, timeout_s=30)
     finally:
         d.stop()
+    assert _state(kit).active_sequence == 1
+
+
+def test_device_offline_before_a_local_install_does_not_roll_it_back(tmp_path: Path) -> None:
+    """The trial's broker rule counts only the outage *during* the trial: a device
+    offline for longer than ``max_broker_loss_s`` before an install keeps it."""
+    from tests.brokers import free_port
+
+    kit = Kit(tmp_path / "dev", extra_config=f'\n[broker]\nurl = "mqtt://127.0.0.1:{free_port()}"\n')
+    d = Daemon(kit.cfg)  # nothing listens on that port: offline from the start
+    ev = Events(d)
+    d.start()
+    try:
+        assert until(lambda: d.broker_lost_s() > 2.5, timeout_s=10)
+        install_bundle(kit.state_dir, kit.bundle(counter_module(2), 1, trial_seconds=1, max_broker_loss_s=2))
+        ev.wait("COMMITTED", 1, timeout_s=20)
+    finally:
+        d.stop()
+    assert not [e for e in ev.items if e["phase"] == "ROLLED_BACK"]
     assert _state(kit).active_sequence == 1
