@@ -45,6 +45,10 @@ class ModuleInvalidError(SandboxError):
     """The bytes are not a valid WebAssembly module (or WAT text)."""
 
 
+class CompileLimitError(SandboxError):
+    """Compiling the module needs more memory or time than the device allows."""
+
+
 class LinkError(SandboxError):
     """The module imports something its grant does not allow, or that does not exist."""
 

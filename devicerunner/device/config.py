@@ -76,7 +76,13 @@ class DeviceConfig:
     actuators: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     broker: BrokerConfig | None = None
     log_format: str = "text"
-    trial_attempts: int = 1
+    trial_attempts: int = 2
+    """Trials a pending update may start; a crash or power cut during one counts.
+    2 survives one power cut in a trial, and a release that crashes the daemon
+    runs at most twice."""
+    compile_memory_bytes: int = 1024**3
+    """Address-space cap of the child process that compiles a candidate."""
+    compile_timeout_s: float = 120.0
     trust_root: Path | None = None
     sysfs_root: Path = Path("/sys")
     source: Path | None = None
@@ -208,7 +214,9 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
     log_format = dev.text("log_format", "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"device.log_format: must be 'text' or 'json', got {log_format!r}")
-    trial_attempts = dev.integer("trial_attempts", 1, 1, 100)
+    trial_attempts = dev.integer("trial_attempts", 2, 1, 100)
+    compile_memory_bytes = dev.integer("compile_memory_bytes", 1024**3, 64 * 1024**2, 64 * 1024**3)
+    compile_timeout_s = dev.number("compile_timeout_s", 120.0, 1.0)
     trust_root = dev.path_("trust_root", base)
     sysfs_root = dev.path_("sysfs_root", base) or Path("/sys")
     kv_flush_interval_s = dev.number("kv_flush_interval_s", 5.0, lo=0.1)
@@ -241,6 +249,8 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         broker=broker,
         log_format=log_format,
         trial_attempts=trial_attempts,
+        compile_memory_bytes=compile_memory_bytes,
+        compile_timeout_s=compile_timeout_s,
         trust_root=trust_root,
         sysfs_root=sysfs_root,
         source=source,

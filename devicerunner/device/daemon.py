@@ -29,7 +29,7 @@ from devicerunner.device.trials import TrialHost
 from devicerunner.errors import DeviceRunnerError
 from devicerunner.runtime.fsutil import DirLock, atomic_write, clean_temp_files, makedirs
 from devicerunner.runtime.process import Runtime
-from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox, load_module_bytes
+from devicerunner.sandbox.engine import AppInstance, CompileLimits, Limits, Sandbox, load_module_bytes
 from devicerunner.transport.channel import DeviceChannel, Subscription
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust.manifest import Manifest
@@ -144,6 +144,7 @@ class Daemon:
             kv_for=lambda app: self.kv_for(cfg.apps[app]),
             add_app=self.add_app,
             broker_lost_s=self.broker_lost_s,
+            compile_limits=CompileLimits(cfg.compile_memory_bytes, cfg.compile_timeout_s),
         )
         self.updater = Updater(
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
