@@ -141,6 +141,13 @@ class CapabilityEscalationError(VerificationError):
     reason = "capability_escalation"
 
 
+class LimitAbovePolicyError(VerificationError):
+    """The manifest asks for more resources (memory, CPU, kv, telemetry, module
+    size) than the device policy allows that app."""
+
+    reason = "limit_above_policy"
+
+
 class UnsupportedError(VerificationError):
     """A schema or ABI version this device does not implement."""
 

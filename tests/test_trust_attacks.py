@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -12,6 +13,7 @@ from devicerunner.errors import (
     BadSignatureError,
     CapabilityEscalationError,
     ExpiredError,
+    LimitAbovePolicyError,
     MalformedError,
     RollbackError,
     RootRotationError,
@@ -204,6 +206,58 @@ def test_release_for_an_app_not_on_this_device_is_rejected(repo: Repo) -> None:
 def test_capability_escalation_is_rejected_not_trimmed(repo: Repo) -> None:
     with pytest.raises(CapabilityEscalationError, match="actuators, kv"):
         verify(repo, repo.release(capabilities=["log", "sensors", "actuators", "kv"]))
+
+
+def _policy_device(app_table: str = "") -> trust.DeviceIdentity:
+    """A device whose ceilings come from a real device.toml [apps.thermo] table."""
+    from pathlib import Path
+
+    from devicerunner.device import config
+
+    doc = {"device": {"id": "dev-7", "hardware": "rpi4"}, "apps": {"thermo": {"policy": ["log", "sensors"]}}}
+    for line in filter(None, app_table.splitlines()):
+        k, v = (x.strip() for x in line.split("=", 1))
+        doc["apps"]["thermo"][k] = int(v)  # type: ignore[index]
+    app = config.parse(doc, Path("/")).apps["thermo"]
+    return trust.DeviceIdentity("dev-7", "rpi4", {"thermo": app.policy}, {"thermo": app.ceilings()})
+
+
+@pytest.mark.parametrize(
+    ("ask", "field"),
+    [
+        ({"memory_bytes": 3 * 1024**3}, "manifest.limits.memory_bytes = 3221225472 is above 16777216"),
+        ({"tick_budget_ms": 60_000}, "manifest.limits.tick_budget_ms = 60000 is above 10"),
+        ({"tick_interval_ms": 1}, "manifest.limits.tick_interval_ms = 1 is below 10"),
+        ({"kv_quota_bytes": 1024**2}, "manifest.limits.kv_quota_bytes = 1048576 is above 65536"),
+        ({"telemetry_rate_per_s": 1000}, "manifest.limits.telemetry_rate_per_s = 1000 is above 5"),
+        ({"module": b"\0asm" + bytes(5 * 1024**2)}, "manifest.artifact.size = 5242884 is above 4194304"),
+    ],
+)
+def test_resource_limit_above_the_device_policy_is_rejected_not_trimmed(
+    repo: Repo,
+    ask: dict,
+    field: str,  # type: ignore[type-arg]
+) -> None:
+    """The manifest does not set the device's limits: above the app's device.toml
+    policy (here its defaults: 16 MiB, 10 ms budget, 10 ms interval, 64 KiB kv,
+    5 msg/s, 4 MiB module) the release is refused whole, naming the field."""
+    data = repo.release(chunk_size=manifest.MAX_CHUNK, **ask)
+    with pytest.raises(LimitAbovePolicyError, match=re.escape(field)):
+        verify(repo, data, device=_policy_device())
+
+
+def test_release_within_raised_policy_limits_is_accepted(repo: Repo) -> None:
+    device = _policy_device("memory_limit_bytes = 67108864\ntick_budget_ms = 50\nkv_quota_bytes = 1048576")
+    m = verify(
+        repo,
+        repo.release(memory_bytes=64 * 1024**2, tick_budget_ms=50, kv_quota_bytes=1024**2),
+        device=device,
+    )
+    assert (m.limits.memory_bytes, m.limits.tick_budget_ms, m.limits.kv_quota_bytes) == (
+        64 * 1024**2,
+        50,
+        1024**2,
+    )
 
 
 def test_unsupported_abi_or_schema_is_rejected(repo: Repo) -> None:

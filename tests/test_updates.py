@@ -361,3 +361,29 @@ def test_device_offline_before_a_local_install_does_not_roll_it_back(tmp_path: P
         d.stop()
     assert not [e for e in ev.items if e["phase"] == "ROLLED_BACK"]
     assert _state(kit).active_sequence == 1
+
+
+@pytest.mark.parametrize(
+    ("ask", "field"),
+    [
+        ({"memory_bytes": 3 * 1024**3}, "manifest.limits.memory_bytes"),
+        ({"tick_budget_ms": 60_000}, "tick_budget_ms"),
+    ],
+)
+def test_release_asking_for_more_than_the_device_policy_is_refused_whole(
+    kit: Kit,
+    daemon: Daemon,
+    ask: dict,  # type: ignore[type-arg]
+    field: str,
+) -> None:
+    """A 3 GiB memory limit on an app whose device.toml allows 16 MiB (2.1 GB RSS
+    once committed), or a 60 s tick budget that stalls the other apps: the
+    manifest asks, the device policy decides."""
+    ev = Events(daemon)
+    install_bundle(kit.state_dir, kit.bundle(counter_module(2), 1, **ask))
+    rejected = ev.wait("REJECTED", 1)
+    assert rejected["reason"] == "limit_above_policy" and field in rejected["reason_text"]
+    app = daemon.scheduler.apps["app"]
+    assert app.running and app.spec.version == "local"
+    assert app.spec.limits.memory_bytes == 16 * 1024**2
+    assert not [e for e in ev.items if e["phase"] in ("STAGED", "TRIAL", "COMMITTED")]

@@ -301,7 +301,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         m = manifest.parse_manifest(env)
         caps = parse_capabilities("--policy", _csv(args.policy)) if args.policy else m.capabilities
         device = trust.DeviceIdentity(
-            device_id=args.device_id, hardware=args.hardware or m.targets.hardware[0], policy={m.app: caps}
+            device_id=args.device_id,
+            hardware=args.hardware or m.targets.hardware[0],
+            policy={m.app: caps},
+            limits={m.app: trust.NO_LIMITS},  # no device config here: resource ceilings are not checked
         )
         history = {m.app: trust.AppHistory(highest_sequence=args.highest_sequence)}
         m = trust.verify_release(

@@ -22,6 +22,8 @@ from typing import Any
 
 from devicerunner.errors import ConfigError
 from devicerunner.runtime.strict import REQUIRED, Strict
+from devicerunner.trust.manifest import MAX_ARTIFACT_BYTES
+from devicerunner.trust.verify import LimitsPolicy
 from hostfuncs.registry import CAPABILITIES
 
 KNOWN_CAPABILITIES = tuple(CAPABILITIES)  # the ABI registry's one list
@@ -49,6 +51,21 @@ class AppConfig:
     """Messages from operators kept for the app at most (the oldest dropped beyond)."""
     messages_rate_per_s: float = 20.0
     messages_burst: int = 40
+    min_tick_interval_ms: int = 10
+    max_module_bytes: int = 4 * 1024 * 1024
+
+    def ceilings(self) -> LimitsPolicy:
+        """The most a release may ask for this app: its memory, tick budget, kv
+        quota and telemetry rate here are ceilings, ``min_tick_interval_ms`` a
+        floor, ``max_module_bytes`` the largest module it may ship."""
+        return LimitsPolicy(
+            memory_bytes=self.memory_limit_bytes,
+            tick_budget_ms=self.tick_budget_ms,
+            min_tick_interval_ms=self.min_tick_interval_ms,
+            kv_quota_bytes=self.kv_quota_bytes,
+            telemetry_rate_per_s=self.telemetry_rate_per_s,
+            module_bytes=self.max_module_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,8 @@ def _app(name: str, t: _Table, base: Path) -> AppConfig:
         messages_queue=t.integer("messages_queue", 32, 1, 1024),
         messages_rate_per_s=t.number("messages_rate_per_s", 20.0),
         messages_burst=t.integer("messages_burst", 40, 1, 10_000),
+        min_tick_interval_ms=t.integer("min_tick_interval_ms", min(10, interval), 1, 3_600_000),
+        max_module_bytes=t.integer("max_module_bytes", 4 * 1024 * 1024, 1024, MAX_ARTIFACT_BYTES),
     )
     t.done()
     return cfg

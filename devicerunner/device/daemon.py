@@ -60,10 +60,12 @@ def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> 
     and the manifest's grant and limits when a signed release runs (the
     bootstrap module runs under the device policy itself)."""
     grant, limits, interval = app.policy, app.memory_limit_bytes, app.tick_interval_ms
-    budget = app.tick_budget_ms
-    if m is not None:
+    budget, rate = app.tick_budget_ms, app.telemetry_rate_per_s
+    if m is not None:  # within the device policy: update.verification refuses more
         grant, limits, interval = m.capabilities, m.limits.memory_bytes, m.limits.tick_interval_ms
         budget = m.limits.tick_budget_ms
+        if m.limits.telemetry_rate_per_s is not None:
+            rate = m.limits.telemetry_rate_per_s
     return AppSpec(
         name=app.name,
         wasm=wasm,
@@ -73,7 +75,7 @@ def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> 
         health_interval_ms=app.health_interval_ms,
         sensors=app.sensors,
         actuators=app.actuators,
-        telemetry_rate_per_s=app.telemetry_rate_per_s,
+        telemetry_rate_per_s=rate,
         telemetry_burst=app.telemetry_burst,
         version=m.version if m is not None else "local",
         sequence=m.sequence if m is not None else 0,
@@ -130,7 +132,12 @@ class Daemon:
         self.channel: DeviceChannel | None = None
         settings = UpdateSettings(
             state_dir=cfg.state_dir,
-            identity=DeviceIdentity(cfg.id, cfg.hardware, {n: a.policy for n, a in cfg.apps.items()}),
+            identity=DeviceIdentity(
+                cfg.id,
+                cfg.hardware,
+                {n: a.policy for n, a in cfg.apps.items()},
+                {n: a.ceilings() for n, a in cfg.apps.items()},
+            ),
             channels={n: a.channel for n, a in cfg.apps.items()},
             trial_attempts=cfg.trial_attempts,
             inbox_scan_s=inbox_scan_s,

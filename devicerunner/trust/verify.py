@@ -9,7 +9,9 @@ Order of checks for a release (each step only runs on what passed the one
 before): size bound -> envelope -> signatures by a threshold of distinct
 release keys of the current root -> fields -> root not expired -> release
 not expired (freeze) -> app, channel and hardware/device targeting ->
-capabilities within policy (escalation) -> sequence above the highest
+capabilities within policy (escalation) -> every resource limit within
+the device policy's ceilings (memory, tick budget and interval, kv,
+telemetry, module size) -> sequence above the highest
 accepted and not marked bad (rollback).
 
 Time: the device keeps a trusted-time floor, the newest ``issued`` it has
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devicerunner.errors import (
     ArtifactMismatchError,
     BadSignatureError,
     CapabilityEscalationError,
     ExpiredError,
+    LimitAbovePolicyError,
     MalformedError,
     RollbackError,
     RootRotationError,
@@ -109,11 +112,65 @@ def load_trusted_root(data: bytes) -> Root:
 
 
 @dataclass(frozen=True)
+class LimitsPolicy:
+    """The most a release may ask of this device for one app: the ceilings of
+    the app's device.toml table (defaults: those of devicerunner.config)."""
+
+    memory_bytes: int = 16 * 1024 * 1024
+    tick_budget_ms: int = 10
+    min_tick_interval_ms: int = 10
+    kv_quota_bytes: int = 64 * 1024
+    telemetry_rate_per_s: float = 5.0
+    module_bytes: int = 4 * 1024 * 1024
+
+
+NO_LIMITS = LimitsPolicy(2**62, 2**62, 0, 2**62, float("inf"), 2**62)
+"""No ceiling at all (an operator's offline check that is not about one device)."""
+
+
+@dataclass(frozen=True)
 class DeviceIdentity:
     device_id: str
     hardware: str
     policy: Mapping[str, frozenset[str]]
     """app name -> capabilities the device allows that app (absent: app not installed here)."""
+    limits: Mapping[str, LimitsPolicy] = field(default_factory=dict)
+    """app name -> resource ceilings; an app absent here gets the default ceilings."""
+
+
+def check_limits(m: Manifest, ceiling: LimitsPolicy) -> None:
+    """Every limit the manifest asks for within the device policy, or the whole
+    release is refused naming each field over it (never trimmed to fit)."""
+    lim = m.limits
+    over: list[str] = []
+
+    def above(field_: str, asked: float | None, most: float, key: str) -> None:
+        if asked is not None and asked > most:
+            over.append(f"manifest.{field_} = {_num(asked)} is above {_num(most)} (device policy {key})")
+
+    above("limits.memory_bytes", lim.memory_bytes, ceiling.memory_bytes, "memory_limit_bytes")
+    above("limits.tick_budget_ms", lim.tick_budget_ms, ceiling.tick_budget_ms, "tick_budget_ms")
+    above("limits.kv_quota_bytes", lim.kv_quota_bytes, ceiling.kv_quota_bytes, "kv_quota_bytes")
+    above(
+        "limits.telemetry_rate_per_s",
+        lim.telemetry_rate_per_s,
+        ceiling.telemetry_rate_per_s,
+        "telemetry_rate_per_s",
+    )
+    above("artifact.size", m.artifact.size, ceiling.module_bytes, "max_module_bytes")
+    if lim.tick_interval_ms < ceiling.min_tick_interval_ms:
+        over.append(
+            f"manifest.limits.tick_interval_ms = {lim.tick_interval_ms} is below "
+            f"{ceiling.min_tick_interval_ms} (device policy min_tick_interval_ms)"
+        )
+    if over:
+        raise LimitAbovePolicyError(
+            f"{m.app} {m.version} asks for more than this device allows: " + "; ".join(over)
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -183,6 +240,7 @@ def check_release(
             f"manifest asks for {', '.join(sorted(extra))}, which the device policy for "
             f"{m.app!r} does not grant (policy: {', '.join(sorted(policy)) or 'nothing'})"
         )
+    check_limits(m, device.limits.get(m.app, LimitsPolicy()))
     h = history.get(m.app, AppHistory())
     if m.sequence in h.bad_sequences:
         raise RollbackError(f"sequence {m.sequence} of {m.app} was rejected or rolled back before")
@@ -225,9 +283,12 @@ def in_rollout(device_id: str, salt: str, percent: int) -> bool:
 
 __all__ = [
     "MAX_ROOT_BYTES",
+    "NO_LIMITS",
     "AppHistory",
     "DeviceIdentity",
+    "LimitsPolicy",
     "MalformedError",
+    "check_limits",
     "effective_time",
     "in_rollout",
     "load_trusted_root",
