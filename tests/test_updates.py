@@ -4,7 +4,6 @@ Each test is named after the failure it covers."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import signal
@@ -301,19 +300,6 @@ def test_compile_bomb_is_refused_in_a_bounded_child_and_the_daemon_keeps_running
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grew_mb < 100, f"the daemon's peak RSS grew by {grew_mb:.0f} MB"
     assert not [e for e in ev.items if e["phase"] == "COMMITTED"]
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_while_staging_keeps_the_old_app_and_retries_later(tmp_path: Path, small_fs: Path) -> None:

@@ -35,6 +35,8 @@ from devicerunner.update.verification import peek_app
 
 log = logging.getLogger(__name__)
 
+STAGE_RETRY_MIN_S = 1.0
+STAGE_RETRY_MAX_S = 60.0
 STALL_RETRIES = 3
 
 
@@ -85,6 +87,8 @@ class Delivery:
         self._seen_rejects: set[str] = set()
         self._offered: dict[str, int] = {}
         """app -> the highest sequence handed to the updater (not fetched again)."""
+        self._stage_retry_s: dict[str, float] = {}
+        """app -> the last delay before offering a release whose staging failed again."""
         self._stall_timer: Timer | None = None
         """Armed while a download is active (idle devices do not wake up for it)."""
         self.stats = {"chunks_fetched": 0, "chunks_resumed": 0, "releases_seen": 0, "chunk_messages": 0}
@@ -268,8 +272,34 @@ class Delivery:
         """Forget downloads the updater no longer needs (on this lane)."""
         seq = ev.get("sequence")
         if ev.kind is Kind.FAILED and seq == self._offered.get(ev.app):
-            del self._offered[ev.app]  # not staged (e.g. disk full): take it again when redelivered
+            del self._offered[ev.app]  # not staged (e.g. disk full): its chunks are kept; offer it again
+            if ev.get("reason") == Reason.IO_ERROR and isinstance(seq, int):
+                self._retry_staging_later(ev.app, seq)
+        if ev.kind in (Kind.STAGED, Kind.REJECTED):
+            self._stage_retry_s.pop(ev.app, None)
         if ev.kind in SETTLED_KINDS and isinstance(seq, int) and seq:
             for m in self.store.pending():
                 if m.app == ev.app and m.sequence <= seq:
                     self.store.remove(m.artifact.sha256)
+
+    def _retry_staging_later(self, app: str, sequence: int) -> None:
+        """Offer a downloaded release again after a capped, doubling delay (its
+        staging write failed, e.g. disk full); without this it waited for the
+        broker to redeliver the release, i.e. for a reconnect."""
+        held = [m for m in self.store.pending() if m.app == app and m.sequence == sequence]
+        if not held:
+            return
+        delay = min(STAGE_RETRY_MAX_S, self._stage_retry_s.get(app, STAGE_RETRY_MIN_S / 2) * 2)
+        self._stage_retry_s[app] = delay
+        log.warning("staging %s sequence %d failed; offering it again in %.0f s", app, sequence, delay)
+        self._lane.call_later(delay, lambda: self._retry_staging(held[0]))
+
+    def _retry_staging(self, m: Manifest) -> None:
+        if m.sequence <= self._offered.get(m.app, 0):
+            return  # offered again meanwhile (redelivered)
+        try:
+            self._verifier.release(m.raw)  # still valid, still the newest for this app?
+        except VerificationError as e:
+            log.info("not offering %s sequence %d again: %s", m.app, m.sequence, e)
+            return
+        self.start_download(m)  # every chunk is held: completes and offers at once

@@ -435,11 +435,13 @@ class Updater:
             st = clear_pending(st, Phase.IDLE)
             s.save(st)
         slot = st.other_slot()
-        self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
         s.write_slot(slot, rel.module, rel.manifest)
         self.trust.raise_floor(m.issued)
         st = plan_stage(st, slot, m)
         s.save(st)
+        # Announced only once written: whoever holds the release's bytes (the
+        # downloaded chunks, update.delivery) lets go of them on this event.
+        self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
         self._start_trial(m, rel.module, st)
 
     def _retrial(self, app: str) -> None:
