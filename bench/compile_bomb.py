@@ -8,9 +8,9 @@ way systemd's ``MemoryMax=`` would. The run is repeated ``--boots`` times,
 as ``Restart=always`` would. Reported per boot: exit status, wall time, the
 daemon's peak RSS, the cgroup's peak, and the app's phase on disk after it.
 
-    python -m bench.compile_bomb                     # this checkout
-    python -m bench.compile_bomb --old-config        # a checkout without the
-                                                     # compile/policy keys (before)
+    python -m bench.compile_bomb                     # the module reaches the compiler
+    python -m bench.compile_bomb --default-policy    # max_module_bytes left at its
+                                                     # default (also: older checkouts)
 
 Needs root and a cgroup v1 memory controller (as on the CI machines); it
 says so and exits otherwise. Takes ~1 minute and up to --device-memory of RAM.
@@ -88,7 +88,9 @@ def main() -> int:
     ap.add_argument("--device-memory", type=int, default=2 * 1024**3, help="cgroup memory cap, bytes")
     ap.add_argument("--boots", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--old-config", action="store_true", help="omit keys an older checkout does not know")
+    ap.add_argument(
+        "--default-policy", action="store_true", help="leave max_module_bytes at its default (4 MiB)"
+    )
     a = ap.parse_args()
     base = _cgroup_base()
     if os.geteuid() != 0 or base is None:
@@ -101,7 +103,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="dr-bomb-") as tmp:
             kit = Kit(Path(tmp) / "dev")
             toml = kit.config_path.read_text()
-            if not a.old_config:  # let the bomb through the module-size ceiling to reach the compiler
+            if not a.default_policy:  # let the bomb through the module-size ceiling to reach the compiler
                 toml = toml.replace("[apps.app]\n", "[apps.app]\nmax_module_bytes = 67108864\n", 1)
             kit.config_path.write_text(toml)
             module = many_functions(a.functions)
