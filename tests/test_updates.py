@@ -258,7 +258,8 @@ def test_release_that_crashes_the_daemon_while_compiling_and_on_trial_runs_at_mo
     install_bundle(kit.state_dir, kit.bundle(many_functions(20_000), 1, trial_seconds=60))
     p = _run_daemon(kit)
     try:  # crash 1: while the candidate compiles
-        assert until(lambda: bool(_compilers_of(p.pid)), timeout_s=30)
+        # TRIAL on disk and a compiler running: the candidate's (the bootstrap's came before)
+        assert until(lambda: _state(kit).phase == "TRIAL" and bool(_compilers_of(p.pid)), timeout_s=30)
         compilers = _compilers_of(p.pid)
     finally:
         _kill(p)

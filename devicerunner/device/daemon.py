@@ -121,6 +121,7 @@ class Daemon:
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(cache_dir=cfg.state_dir / "cache")
         self._status_file = status_file
+        self._compile_limits = CompileLimits(cfg.compile_memory_bytes, cfg.compile_timeout_s)
         self._own_runtime = runtime is None
         self.runtime = runtime or Runtime(name=cfg.id)
         self.scheduler = Scheduler(self.clock, self.runtime.ticks.lane(f"{cfg.id}/scheduler"))
@@ -151,7 +152,7 @@ class Daemon:
             kv_for=lambda app: self.kv_for(cfg.apps[app]),
             add_app=self.add_app,
             broker_lost_s=self.broker_lost_s,
-            compile_limits=CompileLimits(cfg.compile_memory_bytes, cfg.compile_timeout_s),
+            compile_limits=self._compile_limits,
         )
         self.updater = Updater(
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
@@ -284,7 +285,10 @@ class Daemon:
                     self.failed[name] = "nothing installed and no bootstrap module configured"
                     log.warning("app %s: %s", name, self.failed[name])
                     continue
-                inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app))
+                # bounded like a candidate's: after a wasmtime upgrade (or a lost
+                # cache) a large module must not take the device down at every boot
+                compiled = self.sandbox.compile_bounded(spec.wasm, self._compile_limits)
+                inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app), compiled)
                 self.add_app(spec, inst)
                 log.info("app %s %s (sequence %d) started", name, spec.version, spec.sequence)
             except DeviceRunnerError as e:

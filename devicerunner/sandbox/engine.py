@@ -11,7 +11,7 @@ What this module owns:
 - bounded compiles (``compile_bounded``): a module not compiled before is
   compiled in a child process under memory and time limits
   (devicerunner.sandbox.compiler), never in this process, so a compile bomb costs
-  the child, not the daemon; the updater compiles every candidate this way;
+  the child, not the daemon; the daemon compiles every module this way;
 - the AOT compile cache, keyed by wasmtime version, engine config and the
   module's sha256, holding only artifacts this process compiled itself:
   each file carries an HMAC under a device-local key, and a file whose HMAC
