@@ -2,8 +2,8 @@
 
 Exit statuses, the same for every command (README.md, "Exit statuses"):
 0 success; 1 a verification or operation failed; 2 bad usage, a bad
-config, a file that is missing or unreadable, or a module that cannot
-link/init; 3 an app ran but misbehaved; 130 interrupted; 141 stdout was
+config, a file that is missing or unreadable, a module that cannot
+link/init, or a state dir another daemon holds; 3 an app ran but misbehaved; 130 interrupted; 141 stdout was
 closed (``| head``). Errors are one line on stderr, ``devicerunner: error:
 <cause>``, never a traceback or a class name (``--debug`` shows one).
 """
