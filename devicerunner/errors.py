@@ -123,6 +123,15 @@ class ExpiredError(VerificationError):
     reason = "expired"
 
 
+class IssuedInFutureError(VerificationError):
+    """Dated (``issued``) further ahead than this device's clock can vouch for.
+
+    Refused so that one document from a signing box with a bad clock cannot
+    push the trusted-time floor years ahead (and expire everything after it)."""
+
+    reason = "issued_in_future"
+
+
 class ArtifactMismatchError(VerificationError):
     """Bytes do not match the manifest's size, sha256 or a chunk hash (tamper, mix-and-match)."""
 

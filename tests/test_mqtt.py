@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devicerunner.device.daemon import Daemon
 from devicerunner.transport import operator, topics
+from devicerunner.transport.guard import raw_socket
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust import bundle, manifest
 from devicerunner.update.slots import AppSlots
@@ -481,8 +482,8 @@ def test_release_redelivered_by_a_reconnect_while_it_is_being_staged_is_not_take
         d.updater.submit(lambda: gate.wait(20))  # the updater is busy: the release waits for it
         _publish(broker.url, kit.bundle(counter_module(3), 1))
         ev.wait("DOWNLOADED", 1)
-        sock = d.channel.conn.client.socket()
-        assert isinstance(sock, socket.socket)
+        sock = raw_socket(d.channel.conn.client.socket())  # under the packet guard
+        assert sock is not None
         sock.shutdown(socket.SHUT_RDWR)  # the link drops; the device reconnects by itself
         assert until(lambda: len(d.channel.connections()) >= 2 and d.delivery.stats["releases_seen"] >= 2)
         # A marker behind the redelivery, on the same topic (so the same transport lane,

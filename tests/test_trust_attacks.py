@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -13,6 +14,7 @@ from devicerunner.errors import (
     BadSignatureError,
     CapabilityEscalationError,
     ExpiredError,
+    IssuedInFutureError,
     LimitAbovePolicyError,
     MalformedError,
     RollbackError,
@@ -132,8 +134,8 @@ def test_re_release_of_old_code_with_a_higher_sequence_is_accepted(repo: Repo) -
     assert verify(repo, repo.release(sequence=6, version="0.9.0"), highest=5).sequence == 6
 
 
-def test_rejected_or_rolled_back_sequence_is_never_retried(repo: Repo) -> None:
-    with pytest.raises(RollbackError, match="before"):
+def test_rolled_back_sequence_is_never_retried(repo: Repo) -> None:
+    with pytest.raises(RollbackError, match="rolled back"):
         verify(repo, repo.release(sequence=6), highest=5, bad=frozenset({6}))
 
 
@@ -339,3 +341,68 @@ def test_root_listing_one_key_under_two_ids_is_malformed(repo: Repo) -> None:
     data = manifest.sign_envelope(env["signed"], repo.root_keys)
     with pytest.raises(MalformedError, match="not sha256"):
         trust.load_trusted_root(data)
+
+
+# -- time cannot be poisoned (docs/manifest.md "Time") ------------------------------------
+
+YEAR = 365 * DAY
+
+
+def test_release_issued_years_ahead_is_refused_on_a_plausible_clock(repo: Repo) -> None:
+    ahead = repo.release(issued=NOW + 10 * YEAR, expires=NOW + 10 * YEAR + DAY)
+    with pytest.raises(IssuedInFutureError) as e:
+        verify(repo, ahead, now=NOW)
+    assert e.value.reason == "issued_in_future"
+
+
+def test_release_issued_within_the_clock_skew_is_accepted(repo: Repo) -> None:
+    assert verify(repo, repo.release(issued=NOW + trust.ISSUED_SKEW_S - 1), now=NOW).sequence == 5
+
+
+def test_floor_never_passes_a_plausible_clock_plus_the_skew(repo: Repo) -> None:
+    root = repo.root()
+    assert trust.next_floor(0, NOW + 10 * YEAR, now=NOW, root=root) == NOW + trust.ISSUED_SKEW_S
+    assert trust.next_floor(NOW, NOW - DAY, now=NOW, root=root) == NOW  # never lowered
+
+
+def test_device_without_rtc_cannot_have_its_floor_pushed_years_ahead_by_one_document(repo: Repo) -> None:
+    root = repo.root()  # issued NOW - DAY: a clock at 0 is not plausible
+    ahead = repo.release(issued=NOW + 10 * YEAR, expires=NOW + 10 * YEAR + DAY)
+    assert verify(repo, ahead, now=0).sequence == 5  # it cannot tell: accepted
+    floor = trust.next_floor(0, NOW + 10 * YEAR, now=0, root=root)
+    assert floor == root.issued + trust.FLOOR_STEP_S
+
+
+def test_rollout_document_issued_years_ahead_is_refused(repo: Repo) -> None:
+    signed = manifest.rollout_signed(
+        app="thermo",
+        channel="stable",
+        sequence=5,
+        version=1,
+        percent=100,
+        paused=False,
+        salt="s",
+        issued=NOW + 10 * YEAR,
+        expires=NOW + 10 * YEAR + DAY,
+    )
+    data = manifest.sign_envelope(signed, repo.rollout_keys)
+    with pytest.raises(IssuedInFutureError):
+        trust.verify_rollout(data, root=repo.root(), time_floor=0, now=NOW, last_version=0)
+
+
+def test_root_rotation_resets_a_poisoned_time_floor(repo: Repo, tmp_path: Path) -> None:
+    from devicerunner.trust.store import TrustStore
+
+    (tmp_path / "root.json").write_bytes(repo.root_bytes())
+    store = TrustStore(tmp_path / "state", tmp_path / "root.json")
+    # A clock ten years ahead when a genuine future-dated document arrived (both attacked).
+    store.raise_floor(NOW + 10 * YEAR, now=NOW + 10 * YEAR)
+    assert store.time_floor > NOW + 9 * YEAR
+    with pytest.raises(ExpiredError):
+        verify(repo, repo.release(), now=NOW, floor=store.time_floor)
+    # The operator's recovery: a root rotation (root keys only, no hand edit on the device).
+    nxt = _rotated(repo)
+    store.rotate(nxt.root_bytes(signers=repo.root_keys[:2]))
+    assert store.time_floor == NOW - DAY  # the new root's issued, kept across a restart:
+    assert TrustStore(tmp_path / "state", tmp_path / "root.json").time_floor == NOW - DAY
+    assert verify(nxt, nxt.release(), root=store.root, now=NOW, floor=store.time_floor).sequence == 5

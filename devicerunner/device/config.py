@@ -68,6 +68,12 @@ class AppConfig:
         )
 
 
+DEFAULT_MAX_PACKET_BYTES = 272 * 1024
+"""The largest document (a 256 KiB manifest) plus topic and headers."""
+MIN_PACKET_BYTES_CFG = 128 * 1024
+MAX_PACKET_BYTES_CFG = 256 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     url: str = "mqtt://127.0.0.1:1883"
@@ -81,6 +87,8 @@ class BrokerConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     download_stall_s: float = 30.0
+    protocol: str = "3.1.1"
+    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,10 @@ def _broker(t: _Table, base: Path) -> BrokerConfig:
         reconnect_min_s=t.number("reconnect_min_s", 0.5, lo=0.05),
         reconnect_max_s=t.number("reconnect_max_s", 30.0, lo=0.05),
         download_stall_s=t.number("download_stall_s", 30.0),
+        protocol=t.text("protocol", "3.1.1", re.compile(r"^(3\.1\.1|5)$")),
+        max_packet_bytes=t.integer(
+            "max_packet_bytes", DEFAULT_MAX_PACKET_BYTES, MIN_PACKET_BYTES_CFG, MAX_PACKET_BYTES_CFG
+        ),
     )
     t.done()
     if cfg.reconnect_max_s < cfg.reconnect_min_s:

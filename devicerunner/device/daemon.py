@@ -157,7 +157,9 @@ class Daemon:
         self.updater = Updater(
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
         )
-        self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
+        self.rollouts = RolloutGate(
+            cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.reject_document
+        )
         self.config_updates = ConfigUpdates(settings, host, self.trust, self.updater)
         for name, a in cfg.apps.items():  # the app's, kept across its instances
             if "messages" in a.policy:
@@ -182,6 +184,8 @@ class Daemon:
             username=b.username,
             password=b.password,
             keepalive_s=b.keepalive_s,
+            protocol=b.protocol,
+            max_packet_bytes=b.max_packet_bytes,
         )
         self.channel = DeviceChannel(
             settings,
@@ -299,7 +303,7 @@ class Daemon:
         self.updater.start()
         self.config_updates.start()
         if self.channel is not None and self.delivery is not None:
-            self.channel.post(self.delivery.resume_downloads)
+            self.channel.post(self.delivery.start)
             self.channel.start(self.delivery, self.config_updates)
         if self._status_file:
             self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
@@ -357,7 +361,17 @@ class Daemon:
             "root_version": self.trust.root.version if self.trust.root else None,
             "apps": apps,
             "events": list(self.recent_events),
+            "rejections": self.updater.rejections.recent(10),
+            "input": self.input_stats(),
         }
+
+    def input_stats(self) -> dict[str, Any]:
+        """Counters of what was refused, dropped or replaced (every bound has one)."""
+        out: dict[str, Any] = {"rejections": self.updater.rejections.stats()}
+        if self.channel is not None and self.delivery is not None:
+            out["transport"] = {**self.channel.stats, **self.delivery.stats}
+            out["mailbox"] = self.channel.mailbox.stats()
+        return out
 
     def broker_status(self, online: bool) -> dict[str, Any]:
         """The status document the device publishes (docs/mqtt.md)."""
@@ -388,6 +402,7 @@ class Daemon:
             "ts": round(time.time(), 3),
             "root_version": full["root_version"],
             "apps": apps,
+            "rejections": full["rejections"][:5],
         }
 
     def write_status(self) -> None:

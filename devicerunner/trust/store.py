@@ -107,13 +107,20 @@ class TrustStore:
             atomic_write(self.dir / "root.json", root.raw)
         return root
 
-    def raise_floor(self, issued: int) -> None:
+    def raise_floor(self, issued: int, now: int) -> None:
+        """After accepting a document issued at ``issued``, judged at the device
+        clock's ``now`` (trust.next_floor: one document cannot push it far)."""
         with self._lock:
-            if issued <= self.time_floor:
+            if self.root is None:
                 return
-            makedirs(self.dir)
-            atomic_write(self.dir / "state.json", seal({"time_floor": issued}))
-            self.time_floor = issued
+            floor = trust.next_floor(self.time_floor, issued, now=now, root=self.root)
+            if floor > self.time_floor:
+                self._write_floor(floor)
+
+    def _write_floor(self, floor: int) -> None:
+        makedirs(self.dir)
+        atomic_write(self.dir / "state.json", seal({"time_floor": floor}))
+        self.time_floor = floor
 
     def rotate(self, data: bytes) -> Root:
         """Accept a new root (or a chain ending in it); raises RootRotationError."""
@@ -123,4 +130,13 @@ class TrustStore:
             new = trust.update_root(self.root, data)
             atomic_write(self.dir / "root.json", new.raw)
             self.root = new
+            floor = trust.floor_after_rotation(new)
+            if floor != self.time_floor:
+                log.warning(
+                    "trust root v%d: trusted-time floor reset to %d (was %d)",
+                    new.version,
+                    floor,
+                    self.time_floor,
+                )
+                self._write_floor(floor)
             return new
