@@ -24,6 +24,16 @@ class ConfigError(DeviceRunnerError):
     """
 
 
+class StateDirLockedError(DeviceRunnerError):
+    """Another daemon holds the state directory (one daemon per state dir)."""
+
+    def __init__(self, state_dir: object, pid: int | None) -> None:
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"state dir {state_dir} is in use by {holder} (one daemon per state dir)")
+        self.state_dir = state_dir
+        self.pid = pid
+
+
 # -- sandbox / apps --------------------------------------------------------
 
 
@@ -33,6 +43,10 @@ class SandboxError(DeviceRunnerError):
 
 class ModuleInvalidError(SandboxError):
     """The bytes are not a valid WebAssembly module (or WAT text)."""
+
+
+class CompileLimitError(SandboxError):
+    """Compiling the module needs more memory or time than the device allows."""
 
 
 class LinkError(SandboxError):
@@ -109,6 +123,15 @@ class ExpiredError(VerificationError):
     reason = "expired"
 
 
+class IssuedInFutureError(VerificationError):
+    """Dated (``issued``) further ahead than this device's clock can vouch for.
+
+    Refused so that one document from a signing box with a bad clock cannot
+    push the trusted-time floor years ahead (and expire everything after it)."""
+
+    reason = "issued_in_future"
+
+
 class ArtifactMismatchError(VerificationError):
     """Bytes do not match the manifest's size, sha256 or a chunk hash (tamper, mix-and-match)."""
 
@@ -125,6 +148,13 @@ class CapabilityEscalationError(VerificationError):
     """The manifest asks for capabilities the device policy does not grant that app."""
 
     reason = "capability_escalation"
+
+
+class LimitAbovePolicyError(VerificationError):
+    """The manifest asks for more resources (memory, CPU, kv, telemetry, module
+    size) than the device policy allows that app."""
+
+    reason = "limit_above_policy"
 
 
 class UnsupportedError(VerificationError):

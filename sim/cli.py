@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -154,14 +156,29 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if interrupted:
         done = f"interrupted (Ctrl-C) after {done}"
     print(f"\n{done}", flush=True)
+    paths: dict[str, str] = {}
     if args.report and data:
         sp, hp = report.write(Path(args.report), data)
-        print(
-            f"{'partial ' if interrupted else ''}report: {hp.resolve()}\nsummary: {sp.resolve()}", flush=True
-        )
+        paths = {"report": str(hp.resolve()), "summary": str(sp.resolve())}
+        which = "partial report" if interrupted else "report"
+        print(f"{which}: {paths['report']}\nsummary: {paths['summary']}", flush=True)
+    json_out = getattr(args, "json_out", None)
+    if json_out is not None:
+        scen = [{k: r.get(k) for k in ("name", "ok", "seconds", "checks")} for r in results]
+        summary = {"ok": ok, "devices": args.devices, "interrupted": interrupted, "scenarios": scen, **paths}
+        print(json.dumps(summary), file=json_out)
     if interrupted:
         return 130
     return 0 if ok else 1
+
+
+def cmd_sim_entry(args: argparse.Namespace) -> int:
+    """With --json, progress goes to stderr and one JSON summary to stdout."""
+    if not args.json:
+        return cmd_sim(args)
+    args.json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return cmd_sim(args)
 
 
 @contextlib.contextmanager
@@ -181,7 +198,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "sim", help="simulate a fleet: rollouts, bad and tampered releases, outages, power cuts"
     )
-    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--devices", type=int, default=20, help="simulated devices")
     p.add_argument(
         "--scenario",
         default="demo",
@@ -191,7 +208,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--broker", help="a real broker URL (default: start the embedded one)")
     p.add_argument("--report", metavar="DIR", help="write summary.json and report.html here")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of every random choice (same seed, same fleet)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (devices are spread over them)")
     p.add_argument(
         "--agents",
@@ -200,4 +217,5 @@ def register(sub: Any) -> None:
         metavar="N",
         help="run no devices here: wait for N `devicerunner sim-agent`s on the broker (needs --broker)",
     )
-    p.set_defaults(func=cmd_sim)
+    p.add_argument("--json", action="store_true", help="progress on stderr, one JSON summary on stdout")
+    p.set_defaults(func=cmd_sim_entry)

@@ -34,6 +34,7 @@ def device_config(spec: dict[str, Any], broker_url: str) -> dict[str, Any]:
                 "module": str(spec["bootstrap"]),
                 "policy": ["log", "clock", "sensors", "config", "messages"],
                 "tick_interval_ms": spec.get("tick_interval_ms", 100),
+                "tick_budget_ms": 50,  # the ceiling for the fleet's releases (sim/fleet.py)
                 "health_interval_ms": 5 * spec.get("tick_interval_ms", 100),
             }
         },

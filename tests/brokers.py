@@ -71,3 +71,98 @@ class Mosquitto:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+
+SITE_DIR = "/etc/mosquitto/devicerunner/"
+DATA_DIR = "/var/lib/mosquitto/"
+DEVICE_LISTENER = "listener 8883"
+OPERATOR_LISTENER = "listener 8884"
+
+
+def deployed_config(text: str, workdir: Path, device_port: int, operator_port: int) -> str:
+    """deploy/mosquitto/mosquitto.conf as a test runs it: only its site values
+    change (deploy/mosquitto/README.md lists them): the directory of its files,
+    the persistence directory, the two listener ports (bound to loopback), and
+    ``user mosquitto`` -> ``user root`` when the tests run as root (Mosquitto
+    would drop to the mosquitto user, who cannot read the test's files)."""
+    subs = [
+        (SITE_DIR, f"{workdir}/"),
+        (DATA_DIR, f"{workdir}/data/"),
+        (f"\n{DEVICE_LISTENER}\n", f"\nlistener {device_port} 127.0.0.1\n"),
+        (f"\n{OPERATOR_LISTENER}\n", f"\nlistener {operator_port} 127.0.0.1\n"),
+    ]
+    if os.geteuid() == 0:
+        subs.append(("\nuser mosquitto\n", "\nuser root\n"))
+    for old, new in subs:
+        if old not in text:
+            raise RuntimeError(f"deploy/mosquitto/mosquitto.conf: no {old.strip()!r} to substitute")
+        text = text.replace(old, new)
+    return text
+
+
+class DeployedMosquitto:
+    """Mosquitto with the shipped deploy/mosquitto files, unchanged but for
+    the site values :func:`deployed_config` substitutes; certificates from
+    make-certs.sh, operator passwords from mosquitto_passwd."""
+
+    PASSWORDS = {"operator": "operator-pw", "rollout-controller": "rollout-pw"}
+
+    def __init__(self, workdir: Path, devices: tuple[str, ...] = ()) -> None:
+        self.dir = workdir
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        self.device_port = free_port()
+        self.operator_port = free_port()
+        for name in ("acl-devices", "acl-operators"):
+            shutil.copyfile(DEPLOY / name, self.dir / name)
+        conf = (DEPLOY / "mosquitto.conf").read_text()
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(deployed_config(conf, self.dir, self.device_port, self.operator_port))
+        self.certs("ca")
+        self.certs("broker", "localhost", "127.0.0.1")
+        for dev in devices:
+            self.certs("device", dev)
+        for i, (user, pw) in enumerate(self.PASSWORDS.items()):
+            flags = ["-c"] if i == 0 else []
+            subprocess.run(
+                ["mosquitto_passwd", *flags, "-b", str(self.dir / "passwd"), user, pw],
+                check=True,
+                capture_output=True,
+            )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def certs(self, *args: str) -> None:
+        subprocess.run(["sh", str(DEPLOY / "make-certs.sh"), args[0], str(self.dir), *args[1:]], check=True)
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def device_cert(self, device_id: str) -> tuple[Path, Path]:
+        return self.dir / "devices" / f"{device_id}.crt", self.dir / "devices" / f"{device_id}.key"
+
+    def operator_url(self, user: str = "operator") -> str:
+        return f"mqtts://{user}:{self.PASSWORDS[user]}@127.0.0.1:{self.operator_port}"
+
+    @property
+    def device_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.device_port}"
+
+    def start(self) -> DeployedMosquitto:
+        self.log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=self.log, stderr=self.log)
+        wait_port(self.device_port)
+        wait_port(self.operator_port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        self.log.close()

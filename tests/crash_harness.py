@@ -22,7 +22,10 @@ show: state.json parses; the app runs a verified version, 1 or 2, never a
 mix and never none (the running sequence equals the active slot's, whose
 module matches its manifest and whose commit marker agrees); the update
 ended committed, or cleanly rolled back (a trial interrupted by the kill
-counts as a failed attempt); no temp files are left. The harness prints how
+counts as a failed attempt); no temp files are left. Half the random kills
+run on devices with ``trial_attempts = 1``, where a kill during the trial
+rolls back; on the others (the default, 2) one kill must never burn the
+good version 2. The harness prints how
 many kills it did and how many invariant violations it found.
 """
 
@@ -115,11 +118,16 @@ class Harness:
             self._cmd(dev, extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT
         )
 
-    def fresh_device(self, name: str) -> Path:
+    def fresh_device(self, name: str, attempts: int | None = None) -> Path:
         dev = self.workdir / name
         if dev.exists():
             shutil.rmtree(dev)
         shutil.copytree(self.kit.dir, dev)
+        if attempts is not None:
+            toml = dev / "device.toml"
+            toml.write_text(
+                toml.read_text().replace("[device]\n", f"[device]\ntrial_attempts = {attempts}\n", 1)
+            )
         # device.toml uses relative paths (state, root.json), so the copy is self-contained
         (dev / "state" / "inbox" / "v2.bundle").write_bytes(self.v2_bundle)
         return dev
@@ -182,8 +190,8 @@ class Harness:
         )
         return p.returncode in (-9, 137), time.monotonic() - t0
 
-    def kill_at_random(self, name: str, delay_s: float) -> bool:
-        dev = self.fresh_device(name)
+    def kill_at_random(self, name: str, delay_s: float, attempts: int | None = None) -> bool:
+        dev = self.fresh_device(name, attempts)
         p = subprocess.Popen(
             self._cmd(dev, ["--once"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
         )
@@ -197,7 +205,7 @@ class Harness:
 
     # -- invariants ----------------------------------------------------------------
 
-    def check(self, name: str) -> tuple[list[str], str]:
+    def check(self, name: str, one_attempt: bool = False) -> tuple[list[str], str]:
         dev = self.workdir / name
         state_dir = dev / "state"
         problems: list[str] = []
@@ -234,6 +242,8 @@ class Harness:
             problems.append(
                 f"update neither committed nor rolled back: phase={st.phase} seq={st.active_sequence}"
             )
+        if outcome == "rolled_back" and not one_attempt:
+            problems.append(f"one kill burnt the good version 2: {st.last_error}")
         if st.pending is not None:
             problems.append(f"a pending slot remains after settling: {st.pending}")
         leftovers = [str(p) for p in state_dir.rglob(f"*{TMP_MARK}*")]
@@ -266,12 +276,14 @@ def run(fs_rounds: int, random_kills: int, workers: int, seed: int, out=None) ->
 
         def one(i: int) -> tuple[str, bool, list[str], str]:
             kind, syscall, arg = jobs[i]
+            one_attempt = False
             name = f"it{i}"
             if kind == "fs":
                 killed, _ = h.kill_at_syscall(name, syscall, int(arg))
             else:
-                killed = h.kill_at_random(name, float(arg))
-            problems, outcome = h.check(name)
+                one_attempt = i % 2 == 0
+                killed = h.kill_at_random(name, float(arg), 1 if one_attempt else None)
+            problems, outcome = h.check(name, kind == "random" and one_attempt)
             shutil.rmtree(h.workdir / name, ignore_errors=True)
             tag = f"{kind}:{syscall}#{arg}" if kind == "fs" else f"random@{float(arg):.3f}s"
             return kind, killed, [f"{tag}: {p}" for p in problems], outcome

@@ -57,6 +57,8 @@ class Kit:
     bootstrap: str | None = None
     tick_interval_ms: int = 10
     extra_config: str = ""
+    device_extra: str = ""
+    """Lines added to the [device] table."""
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ id = "{self.device_id}"
 hardware = "{self.hardware}"
 state_dir = "state"
 trust_root = "root.json"
+{self.device_extra}
 
 [apps.app]
 module = "{boot}"

@@ -283,13 +283,14 @@ def test_a_crash_during_a_config_trial_rolls_it_back_at_boot(kit: Kit) -> None:
     finally:
         d.stop()
     files = Path(kit.state_dir) / "apps" / "app" / "config"
-    # what a power cut right after step 2 leaves: v2 on disk, state TRIAL
+    # what a second power cut right after step 2 leaves: v2 on disk, state TRIAL,
+    # both attempts (device.trial_attempts, default 2) used
     doc = appconfig.parse_config(kit.config(2, {"limit": "6"}, health=QUICK))
     (files / "v2.json").write_bytes(doc.raw)
     st = ConfigState.from_json((files / "state.json").read_bytes())
     st = plan_stage(st, doc)
     (files / "state.json").write_bytes(
-        ConfigState(**{**json.loads(st.to_json()), "phase": "TRIAL", "trial_attempts": 1}).to_json()
+        ConfigState(**{**json.loads(st.to_json()), "phase": "TRIAL", "trial_attempts": 2}).to_json()
     )
     d, ev = start(kit)
     try:

@@ -86,6 +86,7 @@ def test_sigkill_during_a_config_trial_rolls_it_back_at_restart_and_never_retrie
         tmp_path / "dev",
         bootstrap=str(boot),
         extra_config=f'\n[broker]\nurl = "{broker.url}"\nreconnect_min_s = 0.1\nreconnect_max_s = 1.0\n',
+        device_extra="trial_attempts = 1",  # one crash uses the only attempt (the default 2 retries once)
     )
     cmd = [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path)]
     events = Events(broker.url, "dev-1")

@@ -92,7 +92,14 @@ def test_release_signed_by_two_of_three_verifies_and_one_does_not(keydir: Path) 
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["reason"] == "below_threshold"
     # a second key holder adds their signature later
-    co = run_cli("cosign", str(keydir / "one.bundle"), "--key", str(keydir / "rel3.key"))
+    co = run_cli(
+        "cosign",
+        str(keydir / "one.bundle"),
+        "--root",
+        str(keydir / "root.json"),
+        "--key",
+        str(keydir / "rel3.key"),
+    )
     assert co.returncode == 0
     assert run_cli("verify", str(keydir / "one.bundle"), "--root", str(keydir / "root.json")).returncode == 0
 
@@ -233,14 +240,25 @@ def test_keygen_with_a_passphrase_file_encrypts_the_key_and_signing_needs_it(
     with pytest.raises(keys.KeyFileError, match="wrong passphrase"):
         keys.load_private(tmp_path / "enc.key", keys.passphrase(wrong))
     assert keys.load_private(tmp_path / "enc.key", keys.passphrase(pw))
-    # the CLI: cosign with the encrypted key, with and without its passphrase
-    _sign(keydir, str(tmp_path / "b.bundle"), "rel1", "rel2")
-    no = run_cli("cosign", str(tmp_path / "b.bundle"), "--key", str(tmp_path / "enc.key"))
+    # the CLI: cosign with the encrypted key (a release key of this root), with and without its passphrase
+    root = tmp_path / "root-enc.json"
+    init = run_cli(
+        "trust", "init", "--root-key", str(keydir / "root1.pub"), "--release-key", str(keydir / "rel1.pub"),
+        "--release-key", str(tmp_path / "enc.pub"), "--release-threshold", "2",
+        "--sign", str(keydir / "root1.key"), "-o", str(root),
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    _sign(keydir, str(tmp_path / "b.bundle"), "rel1")
+    no = run_cli(
+        "cosign", str(tmp_path / "b.bundle"), "--root", str(root), "--key", str(tmp_path / "enc.key")
+    )
     assert no.returncode != 0 and "encrypted" in no.stderr and "Traceback" not in no.stderr
     yes = run_cli(
-        "cosign", str(tmp_path / "b.bundle"), "--key", str(tmp_path / "enc.key"), "--passphrase-file", str(pw)
-    )
+        "cosign", str(tmp_path / "b.bundle"), "--root", str(root),
+        "--key", str(tmp_path / "enc.key"), "--passphrase-file", str(pw),
+    )  # fmt: skip
     assert yes.returncode == 0, yes.stderr
+    assert "2 of 2 release signature(s), threshold met" in yes.stdout, yes.stdout
 
 
 def test_an_explicit_threshold_of_zero_is_refused_not_turned_into_one(keydir: Path, tmp_path: Path) -> None:

@@ -58,7 +58,8 @@ class ConfigCrash:
         self.workdir = workdir
         boot = workdir / "configured.wasm"
         boot.write_bytes(bytes(wasmtime.wat2wasm(CONFIGURED_WAT)))
-        self.kit = Kit(workdir / "template", bootstrap=str(boot))
+        # one attempt, so that kills during a trial exercise the rollback (the default 2 retries once)
+        self.kit = Kit(workdir / "template", bootstrap=str(boot), device_extra="trial_attempts = 1")
         inbox = self.kit.state_dir / "inbox"
         inbox.mkdir(parents=True)
         (inbox / "v1.config").write_bytes(self.kit.config(1, {"limit": "3"}, health=QUICK))

@@ -270,6 +270,43 @@ def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "apps" / "counter" / "kv" / "data.json").exists()
 
 
+def test_second_daemon_on_the_same_state_dir_exits_2_naming_the_dir_and_the_holder(tmp_path: Path) -> None:
+    """Two daemons on one state dir would both run every app and both trial every
+    update; the second one must refuse to start, while install and status work."""
+    from tests.devicekit import Kit, counter_module
+
+    kit = Kit(tmp_path / "dev")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    lock = kit.state_dir / "lock"
+    try:
+        assert until(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), timeout_s=30)
+        second = run_cli("run", "--config", str(kit.config_path), "--for", "5", timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert str(kit.state_dir) in second.stderr and f"process {first.pid}" in second.stderr
+        bundle = tmp_path / "v1.bundle"
+        bundle.write_bytes(kit.bundle(counter_module(3), 1))
+        assert run_cli("install", str(bundle), "--config", str(kit.config_path)).returncode == 0
+        inbox = kit.state_dir / "inbox"
+        assert until(lambda: not list(inbox.glob("*.bundle")), timeout_s=30)  # the running daemon took it
+
+        def status() -> str:
+            r = run_cli("status", "--config", str(kit.config_path), "--json")
+            assert r.returncode == 0, r.stderr
+            return str(json.loads(r.stdout)["daemon"])
+
+        assert until(lambda: status() == "running", timeout_s=30)
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=20)
+    assert first.returncode == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "key"),
     [

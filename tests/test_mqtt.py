@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devicerunner.device.daemon import Daemon
 from devicerunner.transport import operator, reports, topics
+from devicerunner.transport.guard import raw_socket
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust import bundle, manifest
 from devicerunner.update.slots import AppSlots
@@ -487,8 +488,8 @@ def test_release_redelivered_by_a_reconnect_while_it_is_being_staged_is_not_take
         d.updater.submit(lambda: gate.wait(20))  # the updater is busy: the release waits for it
         _publish(broker.url, kit.bundle(counter_module(3), 1))
         ev.wait("DOWNLOADED", 1)
-        sock = d.channel.conn.client.socket()
-        assert isinstance(sock, socket.socket)
+        sock = raw_socket(d.channel.conn.client.socket())  # under the packet guard
+        assert sock is not None
         sock.shutdown(socket.SHUT_RDWR)  # the link drops; the device reconnects by itself
         assert until(lambda: len(d.channel.connections()) >= 2 and d.delivery.stats["releases_seen"] >= 2)
         # A marker behind the redelivery, on the same topic (so the same transport lane,
@@ -558,3 +559,41 @@ def test_reconnect_back_off_must_be_positive_and_ordered() -> None:
     for lo, hi in ((0.0, 1.0), (-1.0, 1.0), (2.0, 1.0)):
         with pytest.raises(ValueError, match="backoff_min_s"):
             Connection(settings, "x", on_message=lambda t, p, r: None, backoff_min_s=lo, backoff_max_s=hi)
+
+
+def test_failed_staging_write_keeps_the_downloaded_chunks_and_is_retried_with_backoff(
+    tmp_path: Path, broker: Mosquitto, small_fs: Path
+) -> None:
+    """Disk full while staging a release that came over MQTT: STAGED used to be
+    announced before the write, which deleted the downloaded chunks, and the
+    "will retry" only happened at the next reconnect (stuck at DOWNLOADING)."""
+    import shutil
+
+    from devicerunner.runtime.process import Runtime
+
+    kit = mqtt_kit(small_fs, broker.url)
+    rt = Runtime(work_threads=2)  # one thread is held by the blocked updater below
+    d = Daemon(kit.cfg, runtime=rt)
+    ev = Events(d)
+    d.start()
+    gate = threading.Event()
+    ballast = small_fs / "ballast"
+    try:
+        assert d.channel.wait_connected(10)
+        d.updater.submit(lambda: gate.wait(20))  # downloaded, not yet staged
+        m = _publish(broker.url, kit.bundle(counter_module(4, pad_bytes=300_000), 1))
+        ev.wait("DOWNLOADED", 1)
+        ballast.write_bytes(b"\0" * max(0, shutil.disk_usage(small_fs).free - 64 * 1024))
+        gate.set()
+        failed = ev.wait("FAILED", 1)
+        assert failed["reason"] == "io_error" and "No space left" in failed["reason_text"]
+        chunks = kit.state_dir / "downloads" / m.artifact.sha256
+        assert len(list(chunks.glob("*.chunk"))) == len(m.artifact.chunks)  # kept for the retry
+        ballast.unlink()  # space comes back: the retry goes through, no reconnect needed
+        ev.wait("COMMITTED", 1, timeout_s=30)
+        assert len(d.channel.connections()) == 1  # no reconnect needed
+    finally:
+        gate.set()
+        d.stop()
+        rt.close()
+    assert AppSlots(kit.state_dir, "app").load()[0].active_sequence == 1

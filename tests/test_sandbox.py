@@ -7,8 +7,8 @@ import time
 import pytest
 
 from devicerunner.device.apps import DeviceResources, Scheduler
-from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError
-from devicerunner.sandbox.engine import Limits, Outcome, Sandbox
+from devicerunner.errors import AbiError, AppInitError, CompileLimitError, LinkError, ModuleInvalidError
+from devicerunner.sandbox.engine import CompileLimits, Limits, Outcome, Sandbox
 from firmware_shims.base import RealClock, SensorReading
 from hostfuncs import codes
 from tests.conftest import EXAMPLES, LogCapture, make_app, wat
@@ -216,6 +216,41 @@ def test_wasi_printf_from_c_reaches_the_log(sandbox: Sandbox, logs: LogCapture) 
         sandbox, (EXAMPLES / "thermostat.wasm").read_bytes(), name="thermostat", res=res, kv=KvStore(1024)
     )
     assert any(m.startswith("thermostat: setpoint 22.0 C") for m in logs.messages())
+
+
+def test_compile_bomb_over_the_time_limit_is_cut_and_names_the_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A module that takes too long to compile is cut at compile_timeout_s (the
+    child is killed), not waited for: the updater lane is never held for long."""
+    from tests.wasmgen import many_functions
+
+    sb = Sandbox(cache_dir=tmp_path / "cache")
+    try:  # ~4 s of compiling, cut at 0.3 s
+        with pytest.raises(CompileLimitError, match=r"longer than 0\.3 s \(compile_timeout_s\)"):
+            sb.compile_bounded(many_functions(200_000), CompileLimits(1024**3, 0.3))
+        assert not list((tmp_path / "cache").glob("*.cwasm"))  # nothing half-made is kept
+    finally:
+        sb.close()
+
+
+def test_bounded_compile_output_is_kept_under_the_cache_hmac_and_reused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The child's serialized output is what the daemon deserializes and caches;
+    a later boot reuses it without another child, and a forged entry is not
+    loaded (the HMAC covers the child's output like any other entry)."""
+    cache = tmp_path / "cache"
+    sb = Sandbox(cache_dir=cache)
+    first = sb.compile_bounded(COUNTER, CompileLimits(512 * 1024**2, 30))
+    assert not first.from_cache and first.exports["dr_tick"] == ("func", (), ("i32",))
+    sb.close()
+    sb2 = Sandbox(cache_dir=cache)
+    assert sb2.compile_bounded(COUNTER, CompileLimits(512 * 1024**2, 30)).from_cache
+    sb2.close()
+    for entry in cache.glob("*.cwasm"):
+        blob = bytearray(entry.read_bytes())
+        blob[-1] ^= 0xFF
+        entry.write_bytes(bytes(blob))
+    sb3 = Sandbox(cache_dir=cache)
+    assert not sb3.compile_bounded(COUNTER, CompileLimits(512 * 1024**2, 30)).from_cache
+    sb3.close()
 
 
 def test_compile_cache_never_loads_an_entry_it_did_not_write(tmp_path) -> None:  # type: ignore[no-untyped-def]

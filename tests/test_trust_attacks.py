@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -12,6 +14,8 @@ from devicerunner.errors import (
     BadSignatureError,
     CapabilityEscalationError,
     ExpiredError,
+    IssuedInFutureError,
+    LimitAbovePolicyError,
     MalformedError,
     RollbackError,
     RootRotationError,
@@ -130,8 +134,8 @@ def test_re_release_of_old_code_with_a_higher_sequence_is_accepted(repo: Repo) -
     assert verify(repo, repo.release(sequence=6, version="0.9.0"), highest=5).sequence == 6
 
 
-def test_rejected_or_rolled_back_sequence_is_never_retried(repo: Repo) -> None:
-    with pytest.raises(RollbackError, match="before"):
+def test_rolled_back_sequence_is_never_retried(repo: Repo) -> None:
+    with pytest.raises(RollbackError, match="rolled back"):
         verify(repo, repo.release(sequence=6), highest=5, bad=frozenset({6}))
 
 
@@ -204,6 +208,58 @@ def test_release_for_an_app_not_on_this_device_is_rejected(repo: Repo) -> None:
 def test_capability_escalation_is_rejected_not_trimmed(repo: Repo) -> None:
     with pytest.raises(CapabilityEscalationError, match="actuators, kv"):
         verify(repo, repo.release(capabilities=["log", "sensors", "actuators", "kv"]))
+
+
+def _policy_device(app_table: str = "") -> trust.DeviceIdentity:
+    """A device whose ceilings come from a real device.toml [apps.thermo] table."""
+    from pathlib import Path
+
+    from devicerunner.device import config
+
+    doc = {"device": {"id": "dev-7", "hardware": "rpi4"}, "apps": {"thermo": {"policy": ["log", "sensors"]}}}
+    for line in filter(None, app_table.splitlines()):
+        k, v = (x.strip() for x in line.split("=", 1))
+        doc["apps"]["thermo"][k] = int(v)  # type: ignore[index]
+    app = config.parse(doc, Path("/")).apps["thermo"]
+    return trust.DeviceIdentity("dev-7", "rpi4", {"thermo": app.policy}, {"thermo": app.ceilings()})
+
+
+@pytest.mark.parametrize(
+    ("ask", "field"),
+    [
+        ({"memory_bytes": 3 * 1024**3}, "manifest.limits.memory_bytes = 3221225472 is above 16777216"),
+        ({"tick_budget_ms": 60_000}, "manifest.limits.tick_budget_ms = 60000 is above 10"),
+        ({"tick_interval_ms": 1}, "manifest.limits.tick_interval_ms = 1 is below 10"),
+        ({"kv_quota_bytes": 1024**2}, "manifest.limits.kv_quota_bytes = 1048576 is above 65536"),
+        ({"telemetry_rate_per_s": 1000}, "manifest.limits.telemetry_rate_per_s = 1000 is above 5"),
+        ({"module": b"\0asm" + bytes(5 * 1024**2)}, "manifest.artifact.size = 5242884 is above 4194304"),
+    ],
+)
+def test_resource_limit_above_the_device_policy_is_rejected_not_trimmed(
+    repo: Repo,
+    ask: dict,
+    field: str,  # type: ignore[type-arg]
+) -> None:
+    """The manifest does not set the device's limits: above the app's device.toml
+    policy (here its defaults: 16 MiB, 10 ms budget, 10 ms interval, 64 KiB kv,
+    5 msg/s, 4 MiB module) the release is refused whole, naming the field."""
+    data = repo.release(chunk_size=manifest.MAX_CHUNK, **ask)
+    with pytest.raises(LimitAbovePolicyError, match=re.escape(field)):
+        verify(repo, data, device=_policy_device())
+
+
+def test_release_within_raised_policy_limits_is_accepted(repo: Repo) -> None:
+    device = _policy_device("memory_limit_bytes = 67108864\ntick_budget_ms = 50\nkv_quota_bytes = 1048576")
+    m = verify(
+        repo,
+        repo.release(memory_bytes=64 * 1024**2, tick_budget_ms=50, kv_quota_bytes=1024**2),
+        device=device,
+    )
+    assert (m.limits.memory_bytes, m.limits.tick_budget_ms, m.limits.kv_quota_bytes) == (
+        64 * 1024**2,
+        50,
+        1024**2,
+    )
 
 
 def test_unsupported_abi_or_schema_is_rejected(repo: Repo) -> None:
@@ -285,3 +341,68 @@ def test_root_listing_one_key_under_two_ids_is_malformed(repo: Repo) -> None:
     data = manifest.sign_envelope(env["signed"], repo.root_keys)
     with pytest.raises(MalformedError, match="not sha256"):
         trust.load_trusted_root(data)
+
+
+# -- time cannot be poisoned (docs/manifest.md "Time") ------------------------------------
+
+YEAR = 365 * DAY
+
+
+def test_release_issued_years_ahead_is_refused_on_a_plausible_clock(repo: Repo) -> None:
+    ahead = repo.release(issued=NOW + 10 * YEAR, expires=NOW + 10 * YEAR + DAY)
+    with pytest.raises(IssuedInFutureError) as e:
+        verify(repo, ahead, now=NOW)
+    assert e.value.reason == "issued_in_future"
+
+
+def test_release_issued_within_the_clock_skew_is_accepted(repo: Repo) -> None:
+    assert verify(repo, repo.release(issued=NOW + trust.ISSUED_SKEW_S - 1), now=NOW).sequence == 5
+
+
+def test_floor_never_passes_a_plausible_clock_plus_the_skew(repo: Repo) -> None:
+    root = repo.root()
+    assert trust.next_floor(0, NOW + 10 * YEAR, now=NOW, root=root) == NOW + trust.ISSUED_SKEW_S
+    assert trust.next_floor(NOW, NOW - DAY, now=NOW, root=root) == NOW  # never lowered
+
+
+def test_device_without_rtc_cannot_have_its_floor_pushed_years_ahead_by_one_document(repo: Repo) -> None:
+    root = repo.root()  # issued NOW - DAY: a clock at 0 is not plausible
+    ahead = repo.release(issued=NOW + 10 * YEAR, expires=NOW + 10 * YEAR + DAY)
+    assert verify(repo, ahead, now=0).sequence == 5  # it cannot tell: accepted
+    floor = trust.next_floor(0, NOW + 10 * YEAR, now=0, root=root)
+    assert floor == root.issued + trust.FLOOR_STEP_S
+
+
+def test_rollout_document_issued_years_ahead_is_refused(repo: Repo) -> None:
+    signed = manifest.rollout_signed(
+        app="thermo",
+        channel="stable",
+        sequence=5,
+        version=1,
+        percent=100,
+        paused=False,
+        salt="s",
+        issued=NOW + 10 * YEAR,
+        expires=NOW + 10 * YEAR + DAY,
+    )
+    data = manifest.sign_envelope(signed, repo.rollout_keys)
+    with pytest.raises(IssuedInFutureError):
+        trust.verify_rollout(data, root=repo.root(), time_floor=0, now=NOW, last_version=0)
+
+
+def test_root_rotation_resets_a_poisoned_time_floor(repo: Repo, tmp_path: Path) -> None:
+    from devicerunner.trust.store import TrustStore
+
+    (tmp_path / "root.json").write_bytes(repo.root_bytes())
+    store = TrustStore(tmp_path / "state", tmp_path / "root.json")
+    # A clock ten years ahead when a genuine future-dated document arrived (both attacked).
+    store.raise_floor(NOW + 10 * YEAR, now=NOW + 10 * YEAR)
+    assert store.time_floor > NOW + 9 * YEAR
+    with pytest.raises(ExpiredError):
+        verify(repo, repo.release(), now=NOW, floor=store.time_floor)
+    # The operator's recovery: a root rotation (root keys only, no hand edit on the device).
+    nxt = _rotated(repo)
+    store.rotate(nxt.root_bytes(signers=repo.root_keys[:2]))
+    assert store.time_floor == NOW - DAY  # the new root's issued, kept across a restart:
+    assert TrustStore(tmp_path / "state", tmp_path / "root.json").time_floor == NOW - DAY
+    assert verify(nxt, nxt.release(), root=store.root, now=NOW, floor=store.time_floor).sequence == 5

@@ -4,7 +4,7 @@ Each test is named after the failure it covers."""
 from __future__ import annotations
 
 import json
-import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -18,8 +18,9 @@ import pytest
 from devicerunner.device.daemon import Daemon
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.updater import install_bundle
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES, ROOT, until
 from tests.devicekit import Events, Kit, counter_module
+from tests.wasmgen import many_functions
 
 BROKEN_INIT = (EXAMPLES / "broken-init.wat").read_text()
 UNHEALTHY = (EXAMPLES / "unhealthy-after-50.wat").read_text()
@@ -188,50 +189,118 @@ def _wait_phase_on_disk(kit: Kit, phase: str, timeout_s: float = 20) -> None:
     raise AssertionError(f"phase {phase} not reached; state: {_state(kit)}")
 
 
-def test_kill_during_trial_reverts_on_reboot(kit: Kit) -> None:
-    install_bundle(kit.state_dir, kit.bundle(counter_module(9), 1, trial_seconds=60))
-    p = _run_daemon(kit)
+def _live_status(kit: Kit, pid: int) -> dict:  # type: ignore[type-arg]
     try:
-        _wait_phase_on_disk(kit, "TRIAL")
-        time.sleep(0.2)  # the new version is ticking on trial
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=10)
+        status = json.loads((kit.state_dir / "status.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return status["apps"]["app"] if status.get("pid") == pid else {}
+
+
+def _on_trial(kit: Kit, p: subprocess.Popen[str]) -> bool:
+    return bool(_live_status(kit, p.pid).get("trial"))
+
+
+def _compilers_of(pid: int) -> list[int]:
+    """The compiler child processes (devicerunner.sandbox.compiler) of process ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"devicerunner.sandbox.compiler" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def _settle(kit: Kit) -> dict:  # type: ignore[type-arg]
+    cmd = [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path)]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "devicerunner.cli.main",
-            "run",
-            "--config",
-            str(kit.config_path),
-            "--for",
-            "0.5",
-            "--json",
-        ],
+        [*cmd, "--once", "--for", "30", "--json"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr
-    status = json.loads(r.stdout)["apps"]["app"]
+    return json.loads(r.stdout)["apps"]["app"]  # type: ignore[no-any-return]
+
+
+def _kill(p: subprocess.Popen[str]) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=10)
+
+
+def test_power_cut_during_a_trial_does_not_burn_a_good_release(kit: Kit) -> None:
+    """With one trial attempt, one power cut during a trial rolled back (and
+    burnt) a good release; the default tolerates one."""
+    install_bundle(kit.state_dir, kit.bundle(counter_module(9), 1, trial_seconds=3))
+    p = _run_daemon(kit)
+    try:
+        assert until(lambda: _on_trial(kit, p), timeout_s=30)
+    finally:
+        _kill(p)
+    st = _state(kit)
+    assert (st.phase, st.trial_attempts) == ("TRIAL", 1)
+    status = _settle(kit)
+    assert status["version"] == "1.0.1" and status["state"]["phase"] == "COMMITTED"
+    assert status["state"]["bad_sequences"] == {}
+
+
+def test_release_that_crashes_the_daemon_while_compiling_and_on_trial_runs_at_most_twice(kit: Kit) -> None:
+    """The trial attempt is persisted before the candidate is compiled: a crash
+    while compiling counts (it used to leave STAGED with 0 attempts, so a
+    module that kills the daemon at compile time did so at every restart)."""
+    install_bundle(kit.state_dir, kit.bundle(many_functions(20_000), 1, trial_seconds=60))
+    p = _run_daemon(kit)
+    try:  # crash 1: while the candidate compiles
+        # TRIAL on disk and a compiler running: the candidate's (the bootstrap's came before)
+        assert until(lambda: _state(kit).phase == "TRIAL" and bool(_compilers_of(p.pid)), timeout_s=30)
+        compilers = _compilers_of(p.pid)
+    finally:
+        _kill(p)
+    assert until(lambda: not any(Path(f"/proc/{c}").exists() for c in compilers))  # died with the daemon
+    st = _state(kit)
+    assert (st.phase, st.trial_attempts) == ("TRIAL", 1)
+    p = _run_daemon(kit)
+    try:  # crash 2: while it runs on trial
+        assert until(lambda: _on_trial(kit, p), timeout_s=30)
+    finally:
+        _kill(p)
+    assert _state(kit).trial_attempts == 2
+    status = _settle(kit)  # no attempts left: rolled back without running it again
     assert status["version"] == "local" and status["state"]["phase"] == "ROLLED_BACK"
     assert status["state"]["last_reason"] == "trial_interrupted"
     assert "1" in status["state"]["bad_sequences"]
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+def test_compile_bomb_is_refused_in_a_bounded_child_and_the_daemon_keeps_running(tmp_path: Path) -> None:
+    """A signed module of many trivial functions is cheap to ship and costly to
+    compile (~5 KB of compiler memory each). Compiled in the daemon it took
+    the daemon down; now its compiler hits compile_memory_bytes and the
+    release is rolled back while the running app keeps ticking."""
+    kit = Kit(tmp_path / "dev", device_extra="compile_memory_bytes = 209715200")  # 200 MiB
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        yield mnt
+        install_bundle(kit.state_dir, kit.bundle(many_functions(50_000), 1))  # 300 KB, ~300 MB to compile
+        rolled = ev.wait("ROLLED_BACK", 1, timeout_s=60)
+        assert "compile_memory_bytes" in rolled["reason_text"]
+        app = d.scheduler.apps["app"]
+        assert app.running and app.spec.version == "local"
+        ticks = app.counters.ticks
+        assert until(lambda: app.counters.ticks > ticks)
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        d.stop()
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grew_mb < 100, f"the daemon's peak RSS grew by {grew_mb:.0f} MB"
+    assert not [e for e in ev.items if e["phase"] == "COMMITTED"]
 
 
 def test_disk_full_while_staging_keeps_the_old_app_and_retries_later(tmp_path: Path, small_fs: Path) -> None:
@@ -260,3 +329,48 @@ def test_disk_full_while_staging_keeps_the_old_app_and_retries_later(tmp_path: P
     finally:
         d.stop()
     assert _state(kit).active_sequence == 1
+
+
+def test_device_offline_before_a_local_install_does_not_roll_it_back(tmp_path: Path) -> None:
+    """The trial's broker rule counts only the outage *during* the trial: a device
+    offline for longer than ``max_broker_loss_s`` before an install keeps it."""
+    from tests.brokers import free_port
+
+    kit = Kit(tmp_path / "dev", extra_config=f'\n[broker]\nurl = "mqtt://127.0.0.1:{free_port()}"\n')
+    d = Daemon(kit.cfg)  # nothing listens on that port: offline from the start
+    ev = Events(d)
+    d.start()
+    try:
+        assert until(lambda: d.broker_lost_s() > 2.5, timeout_s=10)
+        install_bundle(kit.state_dir, kit.bundle(counter_module(2), 1, trial_seconds=1, max_broker_loss_s=2))
+        ev.wait("COMMITTED", 1, timeout_s=20)
+    finally:
+        d.stop()
+    assert not [e for e in ev.items if e["phase"] == "ROLLED_BACK"]
+    assert _state(kit).active_sequence == 1
+
+
+@pytest.mark.parametrize(
+    ("ask", "field"),
+    [
+        ({"memory_bytes": 3 * 1024**3}, "manifest.limits.memory_bytes"),
+        ({"tick_budget_ms": 60_000}, "tick_budget_ms"),
+    ],
+)
+def test_release_asking_for_more_than_the_device_policy_is_refused_whole(
+    kit: Kit,
+    daemon: Daemon,
+    ask: dict,  # type: ignore[type-arg]
+    field: str,
+) -> None:
+    """A 3 GiB memory limit on an app whose device.toml allows 16 MiB (2.1 GB RSS
+    once committed), or a 60 s tick budget that stalls the other apps: the
+    manifest asks, the device policy decides."""
+    ev = Events(daemon)
+    install_bundle(kit.state_dir, kit.bundle(counter_module(2), 1, **ask))
+    rejected = ev.wait("REJECTED", 1)
+    assert rejected["reason"] == "limit_above_policy" and field in rejected["reason_text"]
+    app = daemon.scheduler.apps["app"]
+    assert app.running and app.spec.version == "local"
+    assert app.spec.limits.memory_bytes == 16 * 1024**2
+    assert not [e for e in ev.items if e["phase"] in ("STAGED", "TRIAL", "COMMITTED")]

@@ -65,7 +65,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_config_sign(args: argparse.Namespace) -> int:
-    now = args.now or int(time.time())
+    now = int(time.time())
     health = None
     if args.trial_ticks is not None or args.trial_seconds is not None:
         health = Health(
@@ -112,7 +112,7 @@ def cmd_config_verify(args: argparse.Namespace) -> int:
             channel=None,
             history=appconfig.ConfigHistory(args.highest_version),
             time_floor=0,
-            now=args.now or int(time.time()),
+            now=int(time.time()) if args.now is None else args.now,
         )
     except VerificationError as e:
         print(f"REJECTED ({e.reason}): {e}")
@@ -185,49 +185,52 @@ def register(sub: Any) -> None:
     c = sub.add_parser("config", help="signed app configuration: sign, verify, publish")
     csub = c.add_subparsers(dest="config_cmd", required=True)
     s = csub.add_parser("sign", help="make a config document signed by the config role")
-    s.add_argument("--app", required=True)
+    s.add_argument("--app", required=True, help="app name, as in [apps.NAME] of device.toml")
     s.add_argument("--version", required=True, type=int, help="monotonic per app and channel")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting (repeat)")
     s.add_argument("--file", help="a JSON object of settings (--set entries override it)")
     s.add_argument("--hardware", required=True, help="hardware ids, comma-separated")
     s.add_argument("--devices", help="restrict to these device ids, comma-separated")
-    s.add_argument("--channel", default="stable")
+    s.add_argument("--channel", default="stable", help="the channel devices follow")
     s.add_argument("--rollout-percent", type=int, default=100, help="0 for a staged `rollout`")
     s.add_argument("--trial-ticks", type=int, help="trial rules (default: those of the running release)")
-    s.add_argument("--trial-seconds", type=int)
-    s.add_argument("--max-traps", type=int, default=0)
-    s.add_argument("--max-overruns", type=int, default=0)
-    s.add_argument("--expires-days", type=int, default=30)
+    s.add_argument(
+        "--trial-seconds", type=int, help="seconds the trial lasts at least (default: the release's)"
+    )
+    s.add_argument("--max-traps", type=int, default=0, help="traps the trial tolerates")
+    s.add_argument("--max-overruns", type=int, default=0, help="overruns the trial tolerates")
+    s.add_argument(
+        "--expires-days", type=int, default=30, help="the document expires this many days from now"
+    )
     s.add_argument("--key", action="append", required=True, help="config private key (repeat)")
-    s.add_argument("--now", type=int, help=argparse.SUPPRESS)
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-o", "--output", required=True, help="where to write the signed document")
     s.set_defaults(func=cmd_config_sign)
 
     v = csub.add_parser("verify", help="verify a config document against a root, as a device would")
-    v.add_argument("document")
-    v.add_argument("--root", required=True)
+    v.add_argument("document", help="a signed config document (config sign -o)")
+    v.add_argument("--root", required=True, help="the trust root, e.g. root.json")
     v.add_argument("--hardware", help="the device's hardware id (default: the first targeted)")
-    v.add_argument("--device-id", default="verify-cli")
-    v.add_argument("--highest-version", type=int, default=0)
-    v.add_argument("--now", type=int)
+    v.add_argument("--device-id", default="verify-cli", help="the device's id")
+    v.add_argument("--highest-version", type=int, default=0, help="the newest config version the device took")
+    v.add_argument("--now", type=int, help="judge expiry at this Unix time (default: now)")
     v.set_defaults(func=cmd_config_verify)
 
     i = csub.add_parser("install", help="hand a config document to a device through its local inbox")
-    i.add_argument("document")
+    i.add_argument("document", help="a signed config document")
     i.add_argument("--config", required=True, help="the device's device.toml")
     i.set_defaults(func=cmd_config_install)
 
     p = csub.add_parser("publish", help="publish a config document (retained) for every device at once")
-    p.add_argument("document")
+    p.add_argument("document", help="a signed config document")
     _broker_opts(p)
     p.set_defaults(func=cmd_config_publish)
 
     m = sub.add_parser("send", help="send a message to an app on one device or on every device")
-    m.add_argument("app")
+    m.add_argument("app", help="the app the message is for")
     who = m.add_mutually_exclusive_group(required=True)
-    who.add_argument("--device", metavar="ID")
+    who.add_argument("--device", metavar="ID", help="one device")
     who.add_argument("--all", action="store_true", help="every device running the app")
-    m.add_argument("payload")
+    m.add_argument("payload", help="the message's bytes (UTF-8 text)")
     m.add_argument("--topic", default="cmd", help="the app sees it as the message's topic (default: cmd)")
     m.add_argument(
         "--reply",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import time
@@ -10,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from devicerunner.device import config
-from devicerunner.device.paths import STATUS_FILE
+from devicerunner.device.paths import LOCK_FILE, STATUS_FILE
+from devicerunner.errors import ConfigError
+from devicerunner.trust import bundle
+from devicerunner.trust import verify as trust
+from devicerunner.trust.manifest import Manifest, parse_manifest
+from devicerunner.trust.store import read_root, read_time_floor
 from devicerunner.update.config_updates import ConfigFiles
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState, releases
@@ -19,15 +25,97 @@ from devicerunner.update.updater import install_bundle, read_bundle
 FRESH_S = 5.0
 
 
+def check_bundle(cfg: config.DeviceConfig, data: bytes) -> Manifest:
+    """Verify a bundle as this device's daemon will: its root, identity,
+    hardware, policy, anti-rollback history and time floor. Read-only."""
+    root, _ = read_root(cfg.state_dir, cfg.trust_root)
+    if root is None:
+        raise ConfigError(
+            f"{cfg.source}: no trust root: set device.trust_root "
+            "(without one the daemon refuses every update)"
+        )
+    env, module = bundle.unpack(data)
+    app = parse_manifest(env).app
+    history = {}
+    if app in cfg.apps:
+        st, _ = AppSlots(cfg.state_dir, app).load()
+        history[app] = trust.AppHistory(st.highest_sequence, st.bad)
+    m = trust.verify_release(
+        env,
+        root=root,
+        device=trust.DeviceIdentity(cfg.id, cfg.hardware, {n: a.policy for n, a in cfg.apps.items()}),
+        history=history,
+        time_floor=read_time_floor(cfg.state_dir),
+        now=int(time.time()),
+        channel=cfg.apps[app].channel if app in cfg.apps else None,
+    )
+    trust.verify_artifact(m, module)
+    return m
+
+
+def daemon_running(cfg: config.DeviceConfig) -> bool:
+    """A daemon holds ``<state_dir>/lock`` (exclusive flock) for its lifetime:
+    a shared non-blocking lock fails while one runs. Without the lock file
+    (daemons before it existed), a fresh status.json from a live pid."""
+    try:
+        fd = os.open(cfg.state_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return _status_fresh(cfg)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock we got
+    return False
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.config))
     data = read_bundle(Path(args.bundle))  # size checked before reading (TooLargeError: exit 1)
+    m = check_bundle(cfg, data)
     path = install_bundle(cfg.state_dir, data)
-    print(
-        f"queued {args.bundle} as {path.name}; a running daemon takes it within a second, "
-        "a stopped one at its next start. Follow it with: devicerunner status --config " + args.config
-    )
+    running = daemon_running(cfg)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "queued": str(path),
+                    "app": m.app,
+                    "version": m.version,
+                    "sequence": m.sequence,
+                    "daemon": "running" if running else "stopped",
+                }
+            )
+        )
+        return 0
+    what = f"queued {m.app} {m.version} (sequence {m.sequence}, verified for device {cfg.id})"
+    if running:
+        print(f"{what}; the running daemon takes it within a second.")
+    else:
+        print(
+            f"{what}; no daemon is running: it is taken at the next start "
+            f"(devicerunner run --config {args.config})."
+        )
+    print(f"Follow it with: devicerunner status --config {args.config}")
     return 0
+
+
+def _status_fresh(cfg: config.DeviceConfig) -> bool:
+    try:
+        live = json.loads((cfg.state_dir / STATUS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(live, dict)
+        and isinstance(live.get("updated"), int | float)
+        and time.time() - live["updated"] < FRESH_S
+        and _pid_alive(live.get("pid"))
+    )
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -144,10 +232,11 @@ def status_lines(name: str, a: dict[str, Any]) -> str:
 
 def register(sub: Any) -> None:
     i = sub.add_parser("install", help="install a signed bundle through the local channel")
-    i.add_argument("bundle")
-    i.add_argument("--config", required=True)
+    i.add_argument("bundle", help="a signed bundle (devicerunner sign)")
+    i.add_argument("--config", required=True, help="the device's device.toml")
+    i.add_argument("--json", action="store_true", help="print what was queued as JSON")
     i.set_defaults(func=cmd_install)
     s = sub.add_parser("status", help="show every app: version, phase, trial, last error, counters")
-    s.add_argument("--config", required=True)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--config", required=True, help="the device's device.toml")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=cmd_status)

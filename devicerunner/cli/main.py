@@ -1,22 +1,26 @@
 """``devicerunner`` command line.
 
-Exit statuses: 0 success; 1 a verification or operation failed (the reason
-on stderr); 2 bad usage, bad config or a module that cannot link/init;
-3 an app ran but some ticks trapped or overran, or its dr_health failed.
-Errors are one line on stderr naming the cause, never a traceback
-(``--debug`` shows one).
+Exit statuses, the same for every command (README.md, "Exit statuses"):
+0 success; 1 a verification or operation failed; 2 bad usage, a bad
+config, a file that is missing or unreadable, a module that cannot
+link/init, or a state dir another daemon holds; 3 an app ran but misbehaved; 130 interrupted; 141 stdout was
+closed (``| head``). Errors are one line on stderr, ``devicerunner: error:
+<cause>``, never a traceback or a class name (``--debug`` shows one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +30,7 @@ from typing import Any
 from devicerunner import __version__
 from devicerunner.cli.config import setting_value
 from devicerunner.device import logfmt, sdnotify
-from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError
+from devicerunner.errors import ConfigError, DeviceRunnerError, SandboxError, StateDirLockedError
 from hostfuncs.config import AppSettings
 from hostfuncs.registry import CAPABILITIES
 
@@ -36,6 +40,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_APP_FAULTS = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 DEFAULT_SENSORS = {
     "temp": {
@@ -68,8 +74,12 @@ class UsageError(DeviceRunnerError):
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default (when it has a meaningful one) and keeps
-    the epilog's line breaks."""
+    """Shows each option's default (when it has a meaningful one), keeps
+    the epilog's line breaks, and never breaks a word (a default such as a
+    capability list stays whole, so it can be copied)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False) or [""]
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
@@ -77,6 +87,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (
             action.option_strings
             and "%(default)" not in text
+            and "(default" not in text  # the help states it in words already
             and default not in (None, False, [], argparse.SUPPRESS)
         ):
             text += " (default: %(default)s)"
@@ -175,9 +186,17 @@ def cmd_app_run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     names = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error"}
 
+    pipe_closed = threading.Event()
+
     def sink(app: str, level: int, msg: str) -> None:
-        if not args.quiet:
+        # Called from inside the app's host call: a closed reader (`| head`)
+        # must end the run, not trap the app.
+        if args.quiet or pipe_closed.is_set():
+            return
+        try:
             print(f"[{app}] {names.get(level, level)}: {msg}", file=out, flush=True)
+        except BrokenPipeError:
+            pipe_closed.set()
 
     sensors, actuators = build_hardware(sensors_cfg, act_cfg, clock)
     outbox = Outbox()
@@ -205,7 +224,7 @@ def cmd_app_run(args: argparse.Namespace) -> int:
         stop = threading.Event()
         _on_signals(stop.set)
         for n in range(args.ticks):
-            if stop.is_set():
+            if stop.is_set() or pipe_closed.is_set():
                 break
             if isinstance(clock, VirtualClock):
                 clock.advance(args.interval_ms / 1000.0)
@@ -223,6 +242,9 @@ def cmd_app_run(args: argparse.Namespace) -> int:
             app.tick()
             for m in outbox.drain():
                 sink(m.app, logging.INFO, f"telemetry {m.name} {m.payload.decode('utf-8', 'replace')}")
+        if pipe_closed.is_set():
+            kv.flush()
+            raise BrokenPipeError("stdout closed")
         app.health()
         kv.flush()
         summary = app.status(clock.monotonic_s())
@@ -350,9 +372,21 @@ def _float_in(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: subparsers are made with the parent's class,
+    so all of them show defaults the same way."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="devicerunner", description="Sandboxed Wasm apps on edge devices, updated over the air."
+    p = _Parser(
+        prog="devicerunner",
+        description="Sandboxed Wasm apps on edge devices, updated over the air.",
+        epilog="Exit status: 0 ok, 1 a verification or operation failed, 2 bad usage or config or a "
+        "missing file, 3 an app misbehaved (app run), 130 interrupted, 141 stdout closed (| head).",
     )
     p.add_argument("--version", action="version", version=f"devicerunner {__version__}")
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
@@ -367,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=APP_RUN_EPILOG,
     )
     r.add_argument("module", help=".wasm or .wat file")
-    r.add_argument("--grant", default=ALL_CAPS, help="capabilities")
+    r.add_argument("--grant", default=ALL_CAPS, help="capabilities, comma-separated")
     r.add_argument(
         "--sensor",
         action="append",
@@ -419,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     app_new.register(app_sub, DefaultsHelpFormatter)
 
     run = sub.add_parser("run", help="run the device daemon")
-    run.add_argument("--config", required=True, help="device.toml")
+    run.add_argument("--config", required=True, help="the device's device.toml")
     run.add_argument(
         "--for",
         dest="for_s",
@@ -453,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _register_plugins(sub: Any) -> None:
     """Subcommands of other installed packages (entry-point group
     ``devicerunner.commands``). The fleet simulator plugs in this way: it
     drives the product's public API like a user, and the product never
@@ -465,32 +499,54 @@ def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             log.warning("command plugin %s unavailable: %s", ep.name, e)
 
 
+def _exit_broken_pipe() -> int:
+    # The reader went away (`devicerunner ... | head`): say nothing more, and
+    # keep Python from reporting the failed flush of stdout at exit.
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
+def _error(e: object) -> None:
+    print(f"devicerunner: error: {e}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status follows the table in the module docstring."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logfmt.setup(logging.DEBUG if args.debug else logging.WARNING)
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc
-    except (UsageError, ConfigError) as e:
-        print(f"devicerunner: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except SandboxError as e:
-        print(f"devicerunner: {type(e).__name__}: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        return _exit_broken_pipe()
+    except KeyboardInterrupt:
+        print("devicerunner: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UsageError, ConfigError, SandboxError, StateDirLockedError) as e:
+        if args.debug:
+            raise
+        _error(e)
         return EXIT_USAGE
     except DeviceRunnerError as e:
         if args.debug:
             raise
-        print(f"devicerunner: {type(e).__name__}: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_FAILED
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        _error(f"{e.filename}: {e.strerror}" if e.filename else e)
+        return EXIT_USAGE
     except OSError as e:
         if args.debug:
             raise
-        print(f"devicerunner: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        _error(f"{e.filename}: {e.strerror or e}" if e.filename else e.strerror or e)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

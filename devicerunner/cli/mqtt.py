@@ -55,13 +55,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_trust_publish(args: argparse.Namespace) -> int:
-    root = operator.publish_root(_settings(args), Path(args.root).read_bytes(), args.prefix)
-    print(f"published trust root v{root.version}")
+    s = _settings(args)
+    root = operator.publish_root(s, Path(args.root).read_bytes(), args.prefix)
+    if args.json:
+        print(json.dumps({"published": "root", "version": root.version, "broker": s.url}))
+    else:
+        print(f"published trust root v{root.version} to {s.url}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     kept, removed = operator.gc(_settings(args), args.prefix, args.dry_run)
+    if args.json:
+        print(json.dumps({"removed": removed, "kept": kept, "dry_run": args.dry_run}))
+        return 0
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {removed} unreferenced chunk(s); {kept} still referenced")
     return 0
@@ -136,42 +143,52 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _broker_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://host:port")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX)
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument(
+        "--broker",
+        required=True,
+        metavar="URL",
+        help="mqtt://host:port or mqtts://host:port (user name and password: DR_MQTT_USERNAME, "
+        "DR_MQTT_PASSWORD)",
+    )
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
+    p.add_argument("--ca-file", help="CA certificate for mqtts:// (default: the system's)")
     p.add_argument("--cert-file", help="client certificate (mqtts://)")
     p.add_argument("--key-file", help="client key (mqtts://)")
 
 
 def register(sub: Any, trust_sub: Any) -> None:
     p = sub.add_parser("publish", help="publish a release bundle: chunks first, then the manifest")
-    p.add_argument("bundle")
-    p.add_argument("--channel", help="must match the channel the bundle was signed for")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("bundle", help="a signed bundle (devicerunner sign)")
+    p.add_argument(
+        "--channel", help="must match the channel the bundle was signed for (default: the bundle's)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _broker_opts(p)
     p.set_defaults(func=cmd_publish)
 
     t = trust_sub.add_parser("publish", help="publish a trust root (devices rotate to it)")
-    t.add_argument("root")
+    t.add_argument("root", help="a root from devicerunner trust init/rotate")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _broker_opts(t)
     t.set_defaults(func=cmd_trust_publish)
 
     g = sub.add_parser("gc", help="remove retained chunks no current release references")
-    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _broker_opts(g)
     g.set_defaults(func=cmd_gc)
 
     f = sub.add_parser("fleet", help="the fleet as the broker sees it")
     fsub = f.add_subparsers(dest="fleet_cmd", required=True)
     fs = fsub.add_parser("status", help="every device's retained status")
-    fs.add_argument("--json", action="store_true")
+    fs.add_argument("--json", action="store_true", help="print every device's status as JSON")
     fs.add_argument("--wait", type=float, default=0.5, help="seconds of quiet that end the listing")
     _broker_opts(fs)
     fs.set_defaults(func=cmd_fleet_status)
 
     b = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt) for demos and small setups")
-    b.add_argument("--host", default="127.0.0.1")
-    b.add_argument("--port", type=int, default=1883)
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    b.add_argument("--port", type=int, default=1883, help="port to listen on")
     b.add_argument(
         "--for",
         dest="for_s",

@@ -33,7 +33,7 @@ from typing import Any
 
 from devicerunner.errors import AppInitError
 from devicerunner.runtime.lanes import Executor, Lane, Timer
-from devicerunner.sandbox.engine import AppInstance, CallResult, Limits, Outcome, Sandbox
+from devicerunner.sandbox.engine import AppInstance, CallResult, CompiledModule, Limits, Outcome, Sandbox
 from devicerunner.update.trial import Trial
 from firmware_shims.base import Actuator, Clock, Sensor
 from hostfuncs.config import AppSettings
@@ -147,9 +147,16 @@ def _pick(all_: Mapping[str, Any], names: tuple[str, ...] | None) -> dict[str, A
     return dict(all_) if names is None else {n: all_[n] for n in names if n in all_}
 
 
-def start_instance(sandbox: Sandbox, spec: AppSpec, res: DeviceResources, kv: KvStore | None) -> AppInstance:
-    """Compile, link, instantiate and run ``dr_init``. Raises SandboxError subclasses."""
-    compiled = sandbox.compile(spec.wasm)
+def start_instance(
+    sandbox: Sandbox,
+    spec: AppSpec,
+    res: DeviceResources,
+    kv: KvStore | None,
+    compiled: CompiledModule | None = None,
+) -> AppInstance:
+    """Compile (unless ``compiled`` is given), link, instantiate and run
+    ``dr_init``. Raises SandboxError subclasses."""
+    compiled = compiled or sandbox.compile(spec.wasm)
     telemetry = None
     if "telemetry" in spec.grant:
         bucket = TokenBucket(spec.telemetry_rate_per_s, spec.telemetry_burst, res.clock.monotonic_s())

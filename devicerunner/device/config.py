@@ -22,6 +22,8 @@ from typing import Any
 
 from devicerunner.errors import ConfigError
 from devicerunner.runtime.strict import REQUIRED, Strict
+from devicerunner.trust.manifest import MAX_ARTIFACT_BYTES
+from devicerunner.trust.verify import LimitsPolicy
 from hostfuncs.registry import CAPABILITIES
 
 KNOWN_CAPABILITIES = tuple(CAPABILITIES)  # the ABI registry's one list
@@ -49,6 +51,27 @@ class AppConfig:
     """Messages from operators kept for the app at most (the oldest dropped beyond)."""
     messages_rate_per_s: float = 20.0
     messages_burst: int = 40
+    min_tick_interval_ms: int = 10
+    max_module_bytes: int = 4 * 1024 * 1024
+
+    def ceilings(self) -> LimitsPolicy:
+        """The most a release may ask for this app: its memory, tick budget, kv
+        quota and telemetry rate here are ceilings, ``min_tick_interval_ms`` a
+        floor, ``max_module_bytes`` the largest module it may ship."""
+        return LimitsPolicy(
+            memory_bytes=self.memory_limit_bytes,
+            tick_budget_ms=self.tick_budget_ms,
+            min_tick_interval_ms=self.min_tick_interval_ms,
+            kv_quota_bytes=self.kv_quota_bytes,
+            telemetry_rate_per_s=self.telemetry_rate_per_s,
+            module_bytes=self.max_module_bytes,
+        )
+
+
+DEFAULT_MAX_PACKET_BYTES = 272 * 1024
+"""The largest document (a 256 KiB manifest) plus topic and headers."""
+MIN_PACKET_BYTES_CFG = 128 * 1024
+MAX_PACKET_BYTES_CFG = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class BrokerConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     download_stall_s: float = 30.0
+    protocol: str = "3.1.1"
+    max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -76,7 +101,13 @@ class DeviceConfig:
     actuators: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     broker: BrokerConfig | None = None
     log_format: str = "text"
-    trial_attempts: int = 1
+    trial_attempts: int = 2
+    """Trials a pending update may start; a crash or power cut during one counts.
+    2 survives one power cut in a trial, and a release that crashes the daemon
+    runs at most twice."""
+    compile_memory_bytes: int = 1024**3
+    """Address-space cap of the child process that compiles a candidate."""
+    compile_timeout_s: float = 120.0
     trust_root: Path | None = None
     sysfs_root: Path = Path("/sys")
     source: Path | None = None
@@ -152,6 +183,8 @@ def _app(name: str, t: _Table, base: Path) -> AppConfig:
         messages_queue=t.integer("messages_queue", 32, 1, 1024),
         messages_rate_per_s=t.number("messages_rate_per_s", 20.0),
         messages_burst=t.integer("messages_burst", 40, 1, 10_000),
+        min_tick_interval_ms=t.integer("min_tick_interval_ms", min(10, interval), 1, 3_600_000),
+        max_module_bytes=t.integer("max_module_bytes", 4 * 1024 * 1024, 1024, MAX_ARTIFACT_BYTES),
     )
     t.done()
     return cfg
@@ -174,6 +207,10 @@ def _broker(t: _Table, base: Path) -> BrokerConfig:
         reconnect_min_s=t.number("reconnect_min_s", 0.5, lo=0.05),
         reconnect_max_s=t.number("reconnect_max_s", 30.0, lo=0.05),
         download_stall_s=t.number("download_stall_s", 30.0),
+        protocol=t.text("protocol", "3.1.1", re.compile(r"^(3\.1\.1|5)$")),
+        max_packet_bytes=t.integer(
+            "max_packet_bytes", DEFAULT_MAX_PACKET_BYTES, MIN_PACKET_BYTES_CFG, MAX_PACKET_BYTES_CFG
+        ),
     )
     t.done()
     if cfg.reconnect_max_s < cfg.reconnect_min_s:
@@ -208,7 +245,9 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
     log_format = dev.text("log_format", "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"device.log_format: must be 'text' or 'json', got {log_format!r}")
-    trial_attempts = dev.integer("trial_attempts", 1, 1, 100)
+    trial_attempts = dev.integer("trial_attempts", 2, 1, 100)
+    compile_memory_bytes = dev.integer("compile_memory_bytes", 1024**3, 64 * 1024**2, 64 * 1024**3)
+    compile_timeout_s = dev.number("compile_timeout_s", 120.0, 1.0)
     trust_root = dev.path_("trust_root", base)
     sysfs_root = dev.path_("sysfs_root", base) or Path("/sys")
     kv_flush_interval_s = dev.number("kv_flush_interval_s", 5.0, lo=0.1)
@@ -241,6 +280,8 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         broker=broker,
         log_format=log_format,
         trial_attempts=trial_attempts,
+        compile_memory_bytes=compile_memory_bytes,
+        compile_timeout_s=compile_timeout_s,
         trust_root=trust_root,
         sysfs_root=sysfs_root,
         source=source,

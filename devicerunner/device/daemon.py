@@ -1,8 +1,10 @@
 """The device daemon: builds the device from its config and runs its apps.
 
-Owns start-up order and shutdown: every sensor, actuator and app setting is
-validated before anything runs; a clean stop (SIGTERM/SIGINT or ``stop()``)
-stops the scheduler between ticks, flushes kv stores and closes drivers.
+Owns start-up order and shutdown: one daemon per state dir (an exclusive
+lock from construction to ``stop()``; a second gets StateDirLockedError);
+every sensor, actuator and app setting is validated before anything runs;
+a clean stop (SIGTERM/SIGINT or ``stop()``) stops the scheduler between
+ticks, flushes kv stores and closes drivers.
 An app that fails to start is reported and the others run.
 """
 
@@ -25,9 +27,9 @@ from devicerunner.device.kvfile import KvFlusher, open_store
 from devicerunner.device.paths import STATUS_FILE
 from devicerunner.device.trials import TrialHost
 from devicerunner.errors import DeviceRunnerError
-from devicerunner.runtime.fsutil import atomic_write, clean_temp_files, makedirs
+from devicerunner.runtime.fsutil import DirLock, atomic_write, clean_temp_files, makedirs
 from devicerunner.runtime.process import Runtime
-from devicerunner.sandbox.engine import AppInstance, Limits, Sandbox, load_module_bytes
+from devicerunner.sandbox.engine import AppInstance, CompileLimits, Limits, Sandbox, load_module_bytes
 from devicerunner.transport.channel import DeviceChannel, Subscription
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust.manifest import Manifest
@@ -59,10 +61,12 @@ def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> 
     and the manifest's grant and limits when a signed release runs (the
     bootstrap module runs under the device policy itself)."""
     grant, limits, interval = app.policy, app.memory_limit_bytes, app.tick_interval_ms
-    budget = app.tick_budget_ms
-    if m is not None:
+    budget, rate = app.tick_budget_ms, app.telemetry_rate_per_s
+    if m is not None:  # within the device policy: update.verification refuses more
         grant, limits, interval = m.capabilities, m.limits.memory_bytes, m.limits.tick_interval_ms
         budget = m.limits.tick_budget_ms
+        if m.limits.telemetry_rate_per_s is not None:
+            rate = m.limits.telemetry_rate_per_s
     return AppSpec(
         name=app.name,
         wasm=wasm,
@@ -72,7 +76,7 @@ def spec_from_config(app: AppConfig, wasm: bytes, m: Manifest | None = None) -> 
         health_interval_ms=app.health_interval_ms,
         sensors=app.sensors,
         actuators=app.actuators,
-        telemetry_rate_per_s=app.telemetry_rate_per_s,
+        telemetry_rate_per_s=rate,
         telemetry_burst=app.telemetry_burst,
         version=m.version if m is not None else "local",
         sequence=m.sequence if m is not None else 0,
@@ -109,10 +113,16 @@ class Daemon:
         self.resources = DeviceResources(
             clock=self.clock, sensors=sensors, actuators=actuators, outbox=Outbox(), log_sink=log_sink
         )
+        # One daemon per state dir, for this object's lifetime: taken before
+        # anything below reads or writes the state dir (StateDirLockedError).
+        makedirs(cfg.state_dir)
+        self._dir_lock = DirLock(cfg.state_dir)
+        self._dir_lock.acquire()
         self.trust = TrustStore(cfg.state_dir, cfg.trust_root)
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(cache_dir=cfg.state_dir / "cache")
         self._status_file = status_file
+        self._compile_limits = CompileLimits(cfg.compile_memory_bytes, cfg.compile_timeout_s)
         self._own_runtime = runtime is None
         self.runtime = runtime or Runtime(name=cfg.id)
         self.scheduler = Scheduler(self.clock, self.runtime.ticks.lane(f"{cfg.id}/scheduler"))
@@ -124,7 +134,12 @@ class Daemon:
         self.channel: DeviceChannel | None = None
         settings = UpdateSettings(
             state_dir=cfg.state_dir,
-            identity=DeviceIdentity(cfg.id, cfg.hardware, {n: a.policy for n, a in cfg.apps.items()}),
+            identity=DeviceIdentity(
+                cfg.id,
+                cfg.hardware,
+                {n: a.policy for n, a in cfg.apps.items()},
+                {n: a.ceilings() for n, a in cfg.apps.items()},
+            ),
             channels={n: a.channel for n, a in cfg.apps.items()},
             trial_attempts=cfg.trial_attempts,
             inbox_scan_s=inbox_scan_s,
@@ -138,11 +153,14 @@ class Daemon:
             kv_for=lambda app: self.kv_for(cfg.apps[app]),
             add_app=self.add_app,
             broker_lost_s=self.broker_lost_s,
+            compile_limits=self._compile_limits,
         )
         self.updater = Updater(
             settings, host, self.trust, self.clock, self.runtime.work.lane(f"{cfg.id}/updater", paused=True)
         )
-        self.rollouts = RolloutGate(cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.emit)
+        self.rollouts = RolloutGate(
+            cfg.state_dir, cfg.id, cfg.apps, self.updater.verifier, self.updater.reject_document
+        )
         self.config_updates = ConfigUpdates(settings, host, self.trust, self.updater)
         for name, a in cfg.apps.items():  # the app's, kept across its instances
             if "messages" in a.policy:
@@ -167,6 +185,8 @@ class Daemon:
             username=b.username,
             password=b.password,
             keepalive_s=b.keepalive_s,
+            protocol=b.protocol,
+            max_packet_bytes=b.max_packet_bytes,
         )
         self.channel = DeviceChannel(
             settings,
@@ -270,7 +290,10 @@ class Daemon:
                     self.failed[name] = "nothing installed and no bootstrap module configured"
                     log.warning("app %s: %s", name, self.failed[name])
                     continue
-                inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app))
+                # bounded like a candidate's: after a wasmtime upgrade (or a lost
+                # cache) a large module must not take the device down at every boot
+                compiled = self.sandbox.compile_bounded(spec.wasm, self._compile_limits)
+                inst = start_instance(self.sandbox, spec, self.resources, self.kv_for(app), compiled)
                 self.add_app(spec, inst)
                 log.info("app %s %s (sequence %d) started", name, spec.version, spec.sequence)
             except DeviceRunnerError as e:
@@ -281,7 +304,7 @@ class Daemon:
         self.updater.start()
         self.config_updates.start()
         if self.channel is not None and self.delivery is not None:
-            self.channel.post(self.delivery.resume_downloads)
+            self.channel.post(self.delivery.start)
             self.channel.start(self.delivery, self.config_updates)
         if self._status_file:
             self._status_lane.every(self.STATUS_EVERY_S, self.write_status)
@@ -307,6 +330,7 @@ class Daemon:
             self.sandbox.close()
         if self._own_runtime:
             self.runtime.close()
+        self._dir_lock.release()
 
     # -- status ------------------------------------------------------------------
 
@@ -340,7 +364,17 @@ class Daemon:
             "root_version": self.trust.root.version if self.trust.root else None,
             "apps": apps,
             "events": list(self.recent_events),
+            "rejections": self.updater.rejections.recent(10),
+            "input": self.input_stats(),
         }
+
+    def input_stats(self) -> dict[str, Any]:
+        """Counters of what was refused, dropped or replaced (every bound has one)."""
+        out: dict[str, Any] = {"rejections": self.updater.rejections.stats()}
+        if self.channel is not None and self.delivery is not None:
+            out["transport"] = {**self.channel.stats, **self.delivery.stats}
+            out["mailbox"] = self.channel.mailbox.stats()
+        return out
 
     def broker_status(self, online: bool) -> dict[str, Any]:
         """The status document the device publishes (docs/mqtt.md)."""
@@ -374,6 +408,7 @@ class Daemon:
             "ts": round(time.time(), 3),
             "root_version": full["root_version"],
             "apps": apps,
+            "rejections": full["rejections"][:5],
         }
 
     def write_status(self) -> None:

@@ -1,9 +1,10 @@
 """The device's side of an update: run a candidate next to the live version
 and watch its trial (implements update.host.AppHost for the Daemon).
 
-Make-before-break: ``prepare`` compiles, links, instantiates and runs
-``dr_init`` on the caller's (updater) lane in a Store of its own while the
-old version keeps ticking; ``begin_trial`` switches on the scheduler lane
+Make-before-break: ``prepare`` compiles (in a child process bounded in
+memory and time: sandbox.compile_bounded, so a compile bomb never costs the
+daemon), links, instantiates and runs ``dr_init`` on the caller's (updater)
+lane in a Store of its own while the old version keeps ticking; ``begin_trial`` switches on the scheduler lane
 between two ticks, keeping the old instance warm; every tick of the trial
 is judged by update.trial.Trial, and a failure switches back at once, on
 the same lane, before the updater hears of it.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
 from devicerunner.errors import AppInitError
-from devicerunner.sandbox.engine import AppInstance, CallResult, Sandbox
+from devicerunner.sandbox.engine import AppInstance, CallResult, CompileLimits, Sandbox
 from devicerunner.trust.manifest import Health, Manifest
 from devicerunner.update.host import Candidate, Verdict
 from devicerunner.update.trial import PASSED, Snapshot, Trial
@@ -48,6 +49,7 @@ class TrialHost:
         kv_for: Callable[[str], KvStore],
         add_app: Callable[[AppSpec, AppInstance], App],
         broker_lost_s: Callable[[], float],
+        compile_limits: CompileLimits,
     ) -> None:
         self._sandbox = sandbox
         self._scheduler = scheduler
@@ -57,12 +59,16 @@ class TrialHost:
         self._kv_for = kv_for
         self._add_app = add_app
         self._broker_lost_s = broker_lost_s
+        self._compile_limits = compile_limits
 
     # -- any lane -------------------------------------------------------------
 
     def prepare(self, app: str, m: Manifest, module: bytes) -> Candidate:
         spec = self._spec_for(app, m, module)
-        return Prepared(spec, start_instance(self._sandbox, spec, self._resources, self._kv_for(app)))
+        compiled = self._sandbox.compile_bounded(module, self._compile_limits)
+        return Prepared(
+            spec, start_instance(self._sandbox, spec, self._resources, self._kv_for(app), compiled)
+        )
 
     def begin_trial(self, app: str, m: Manifest, candidate: Candidate, on_verdict: Verdict) -> None:
         self.begin_config_trial(app, m.health, candidate, on_verdict)

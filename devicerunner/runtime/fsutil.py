@@ -7,15 +7,20 @@ one every state write in this project uses: temp file in the same
 directory, write, fsync, rename, fsync the directory.
 
 Temp files are named ``.<name>.tmp-<pid>-<n>`` so boot recovery can find
-and remove leftovers with ``clean_temp_files``.
+and remove leftovers with ``clean_temp_files``. ``DirLock`` keeps a state
+directory to one daemon at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
+import weakref
 from pathlib import Path
+
+from devicerunner.errors import StateDirLockedError
 
 _counter = itertools.count()
 TMP_MARK = ".tmp-"
@@ -101,3 +106,44 @@ def makedirs(path: Path, mode: int = 0o755) -> None:
         with contextlib.suppress(FileExistsError):
             os.mkdir(d, mode)
         fsync_dir(d.parent)
+
+
+class DirLock:
+    """An exclusive lock on ``<directory>/lock`` for its holder's lifetime
+    (``flock``: the kernel drops it when the process dies, so a crash or a
+    power cut never leaves a stale lock). The file holds the holder's PID,
+    for the message a second taker gets; the lock itself is the flock, not
+    the file's existence or content."""
+
+    NAME = "lock"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise StateDirLockedError naming the directory and holder."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StateDirLockedError(self.path.parent, int(holder) if holder.isdigit() else None) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        # an owner dropped without release() (its constructor raised) frees the lock too
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            self._finalizer()  # closes the descriptor, which drops the flock

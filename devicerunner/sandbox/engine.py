@@ -8,6 +8,10 @@ What this module owns:
   ``IDLE_AFTER_S`` without any (a call costs one attribute write, no lock);
 - the call path: the fast unchecked path (devicerunner.sandbox.fastpath) when
   available, else the stock wasmtime-py API; both give identical results;
+- bounded compiles (``compile_bounded``): a module not compiled before is
+  compiled in a child process under memory and time limits
+  (devicerunner.sandbox.compiler), never in this process, so a compile bomb costs
+  the child, not the daemon; the daemon compiles every module this way;
 - the AOT compile cache, keyed by wasmtime version, engine config and the
   module's sha256, holding only artifacts this process compiled itself:
   each file carries an HMAC under a device-local key, and a file whose HMAC
@@ -34,10 +38,12 @@ import ctypes
 import hashlib
 import hmac
 import importlib.metadata
-import json
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -49,8 +55,18 @@ from typing import Any, NamedTuple
 
 import wasmtime
 
-from devicerunner.errors import AbiError, AppInitError, LinkError, ModuleInvalidError, SandboxError
+from devicerunner.errors import (
+    AbiError,
+    AppInitError,
+    CompileLimitError,
+    LinkError,
+    ModuleInvalidError,
+    SandboxError,
+)
 from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.sandbox import compiler
+from devicerunner.sandbox.compiler import ENGINE_CONFIG, describe
+from devicerunner.sandbox.compiler import memory_pages as _memory_pages
 from hostfuncs.context import AppContext
 from hostfuncs.memory import GuestMemoryError, check_range
 from hostfuncs.registry import CAPABILITIES, NAMESPACE_TO_CAPABILITY, REGISTRY, HostFunc
@@ -62,12 +78,12 @@ EPOCH_PERIOD_S = 0.010
 IDLE_AFTER_S = 2.0
 MIN_HARD_LIMIT_S = 0.050
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
-ENGINE_CONFIG = "epoch=1;opt=speed;may_move=0;v3"
 MAX_COMPILED_IN_MEMORY = 32
 """Compiled modules kept in memory (least recently used dropped first): one
 per release ever seen grew without bound on a long-lived daemon or simulator.
 A dropped one comes back from the disk cache in ~40 us."""
-"""Every engine setting that changes compiled code; part of the cache key."""
+COMPILE_OUTPUT_SLACK = 4096
+"""Bytes a compiler child may write beyond its memory cap (headers): more is refused."""
 
 ABI_EXPORTS: dict[str, bool] = {"dr_init": True, "dr_tick": True, "dr_health": False}
 """ABI v1 exports: name -> required. Each is () -> i32."""
@@ -204,29 +220,13 @@ class CompiledModule:
         return int(pages)
 
 
-def _kind(t: Any) -> tuple[str, list[str], list[str]]:
-    if isinstance(t, wasmtime.FuncType):
-        return "func", [str(x) for x in t.params], [str(x) for x in t.results]
-    if isinstance(t, wasmtime.MemoryType):
-        return "memory", [], []
-    if isinstance(t, wasmtime.TableType):
-        return "table", [], []
-    return "global", [], []
+@dataclass(frozen=True)
+class CompileLimits:
+    """What compiling one candidate module may cost (devicerunner.sandbox.compiler)."""
 
-
-def _memory_pages(module: wasmtime.Module) -> int:
-    for e in module.exports:
-        if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType):
-            return int(e.type.limits.min)
-    return 0
-
-
-def describe(module: wasmtime.Module) -> dict[str, Any]:
-    return {
-        "imports": [[i.module, i.name or "", *_kind(i.type)] for i in module.imports],
-        "exports": {e.name: list(_kind(e.type)) for e in module.exports},
-        "memory_pages": _memory_pages(module),
-    }
+    memory_bytes: int = 1024**3
+    """Address space of the compiler process (RLIMIT_AS), interpreter included (~50 MB)."""
+    timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -258,18 +258,14 @@ class Sandbox:
             raise ValueError(f"unknown sandbox path {path!r}")
         self.path = path
         log.debug("sandbox: %s call path", path)
-        cfg = wasmtime.Config()
-        cfg.epoch_interruption = True
-        cfg.cranelift_opt_level = "speed"
-        # Linear memory never moves (it is reserved up front), so the fast
-        # path may cache its base address; growth past the reservation fails.
-        cfg.memory_may_move = False
-        self.engine = wasmtime.Engine(cfg)
+        self.engine = wasmtime.Engine(compiler.engine_config())
         self._ticker = _EpochTicker(self.engine)
         self._functypes: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}
         self._modules: OrderedDict[str, CompiledModule] = OrderedDict()
         self.max_modules = MAX_COMPILED_IN_MEMORY
         self._lock = threading.Lock()
+        self._compiling: dict[str, threading.Lock] = {}
+        """sha256 -> held while a child compiles it (one child per module at a time)."""
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache_key: bytes | None = None
 
@@ -310,13 +306,10 @@ class Sandbox:
         if is_component(wasm):
             raise ModuleInvalidError(COMPONENT_REFUSED)
         sha = hashlib.sha256(wasm).hexdigest()
-        with self._lock:
-            hit = self._modules.get(sha)
-            if hit is not None:
-                self._modules.move_to_end(sha)
+        hit = self._recall(sha)
         if hit is not None:
             return hit
-        cached = self._load_cached(sha, max_bytes=64 * len(wasm) + 16 * 1024 * 1024)
+        cached = self._load_cached(sha, max_bytes=_cache_bound(wasm))
         if cached is not None:
             module, meta = cached
             from_cache = True
@@ -328,10 +321,19 @@ class Sandbox:
                 raise ModuleInvalidError(f"not a valid WebAssembly module: {_first_line(e)}") from e
             meta = describe(module)
             self._store_cached(sha, module, meta)
-        compiled = CompiledModule(sha, module, meta, from_cache)
+        return self._remember(CompiledModule(sha, module, meta, from_cache))
+
+    def _recall(self, sha: str) -> CompiledModule | None:
         with self._lock:
-            self._modules[sha] = compiled
-            self._modules.move_to_end(sha)
+            hit = self._modules.get(sha)
+            if hit is not None:
+                self._modules.move_to_end(sha)
+        return hit
+
+    def _remember(self, compiled: CompiledModule) -> CompiledModule:
+        with self._lock:
+            self._modules[compiled.sha256] = compiled
+            self._modules.move_to_end(compiled.sha256)
             while len(self._modules) > self.max_modules:
                 self._modules.popitem(last=False)
         return compiled
@@ -356,24 +358,62 @@ class Sandbox:
             log.warning("compile cache entry %s failed its HMAC; recompiling", path.name)
             return None
         try:
-            n = int.from_bytes(payload[:4], "big")
-            meta = json.loads(payload[4 : 4 + n])
-            return wasmtime.Module.deserialize(self.engine, payload[4 + n :]), meta
+            meta, serialized = compiler.unpack(payload)
+            return wasmtime.Module.deserialize(self.engine, serialized), meta
         except (wasmtime.WasmtimeError, ValueError) as e:
             log.warning("compile cache entry %s refused (%s); recompiling", path.name, e)
             return None
 
     def _store_cached(self, sha: str, module: wasmtime.Module, meta: dict[str, Any]) -> None:
+        if self.cache_dir is not None:
+            self._store_payload(sha, compiler.pack(meta, bytes(module.serialize())))
+
+    def _store_payload(self, sha: str, payload: bytes) -> None:
         if self.cache_dir is None:
             return
         try:
-            header = json.dumps(meta).encode()
-            payload = len(header).to_bytes(4, "big") + header + bytes(module.serialize())
             tag = hmac.new(self._hmac_key(), payload, hashlib.sha256).digest()
             makedirs(self.cache_dir, 0o700)
             atomic_write(self._cache_path(sha), tag + payload, mode=0o600)
         except OSError as e:  # a full disk must not stop the app from running
             log.warning("could not write compile cache: %s", e)
+
+    def compile_bounded(self, wasm: bytes, limits: CompileLimits) -> CompiledModule:
+        """Like ``compile``, but a module not compiled before is compiled in a
+        child process under ``limits`` (devicerunner.sandbox.compiler); its output
+        goes into the HMAC-protected cache and is deserialized here. Raises
+        ModuleInvalidError, or CompileLimitError when the child ran out of
+        memory or time (the daemon is never at risk)."""
+        if is_component(wasm):
+            raise ModuleInvalidError(COMPONENT_REFUSED)
+        sha = hashlib.sha256(wasm).hexdigest()
+        with self._lock:
+            gate = self._compiling.setdefault(sha, threading.Lock())
+        try:
+            with gate:  # devices sharing this sandbox (the simulator) wait for one child
+                return self._compile_bounded(sha, wasm, limits)
+        finally:
+            with self._lock:
+                self._compiling.pop(sha, None)
+
+    def _compile_bounded(self, sha: str, wasm: bytes, limits: CompileLimits) -> CompiledModule:
+        hit = self._recall(sha)
+        if hit is not None:
+            return hit
+        cached = self._load_cached(sha, max_bytes=_cache_bound(wasm))
+        if cached is not None:
+            module, meta = cached
+            compiled = CompiledModule(sha, module, meta, True)
+        else:
+            payload = _compile_in_child(wasm, limits)
+            try:
+                meta, serialized = compiler.unpack(payload)
+                module = wasmtime.Module.deserialize(self.engine, serialized)
+            except (wasmtime.WasmtimeError, ValueError) as e:
+                raise ModuleInvalidError(f"compiler output refused: {_first_line(e)}") from e
+            self._store_payload(sha, payload)
+            compiled = CompiledModule(sha, module, meta, False)
+        return self._remember(compiled)
 
     # -- linking ----------------------------------------------------------
 
@@ -631,6 +671,59 @@ def _trap_message(e: wasmtime.Trap) -> str:
         if cause:
             return cause[-1].removeprefix("wasm trap: ")
     return text.splitlines()[0] if text else "trap"
+
+
+def _cache_bound(wasm: bytes) -> int:
+    """The largest cache entry read back for a module of this size."""
+    return 64 * len(wasm) + 16 * 1024 * 1024
+
+
+def _compile_in_child(wasm: bytes, limits: CompileLimits) -> bytes:
+    """Run devicerunner.sandbox.compiler on ``wasm`` under ``limits``; its output, or a typed error."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "devicerunner.sandbox.compiler",
+        str(limits.memory_bytes),
+        str(max(1, math.ceil(limits.timeout_s))),
+    ]
+    # the child imports the very package this process runs, wherever it is installed
+    pkg_root = str(Path(compiler.__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
+    }
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(
+            cmd, input=wasm, capture_output=True, timeout=limits.timeout_s, check=False, env=env
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CompileLimitError(
+            f"compiling the module took longer than {limits.timeout_s:g} s (compile_timeout_s)"
+        ) from e
+    except OSError as e:
+        raise SandboxError(f"cannot start the compiler process: {e.strerror or e}") from e
+    dt = time.monotonic() - t0
+    rc = p.returncode
+    if rc == compiler.EXIT_INVALID:
+        raise ModuleInvalidError(f"not a valid WebAssembly module: {p.stderr.decode(errors='replace')[:500]}")
+    if rc in (-signal.SIGABRT, compiler.EXIT_NO_MEMORY):  # an allocation failed under RLIMIT_AS
+        raise CompileLimitError(
+            f"compiling the module needs more than {limits.memory_bytes} bytes of memory "
+            f"(compile_memory_bytes); the compiler gave up after {dt:.1f} s"
+        )
+    if rc == -signal.SIGXCPU:
+        raise CompileLimitError(f"compiling the module used more than {limits.timeout_s:g} s of CPU")
+    if rc == -signal.SIGKILL:
+        raise CompileLimitError(f"the compiler was killed after {dt:.1f} s (CPU limit or out of memory)")
+    if rc != 0:
+        tail = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise SandboxError(f"compiler process failed (exit {rc}): {tail[0][:300]}")
+    if len(p.stdout) > limits.memory_bytes + COMPILE_OUTPUT_SLACK:
+        raise CompileLimitError("compiler output larger than its memory cap")
+    log.info("compiled a %d-byte module in a child process in %.2f s", len(wasm), dt)
+    return p.stdout
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,19 +7,34 @@ chunks are subscribed to on request (``want``/``drop``). It never
 verifies, stores or decides anything about a release. Periodic work
 (heartbeat) is a timer on the lane; telemetry is drained when the outbox
 fills, not polled.
+
+The broker is untrusted (docs/threat-model.md): anyone may publish anything
+on it. So what arrives is bounded before it is read (``max_packet_bytes``,
+transport/guard.py), only topics this channel subscribed to are taken, and
+they wait in a newest-wins ``Mailbox`` (one slot per topic: one pending
+release and rollout document per (app, channel), one per root topic, one per
+chunk) instead of a queue. Trust roots are subscribed by exact topic
+(``trust/root`` and the one version asked for, ``want_root``), so retained
+garbage under other versions is never even delivered. A document topic
+whose waiting message was replaced is subscribed again once the flood has
+drained, so the broker re-sends the genuine retained copy. Log lines about
+refused input are rate-limited with a count of what was held back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from devicerunner.runtime.lanes import Lane
 from devicerunner.runtime.process import Runtime
+from devicerunner.runtime.ratelimit import RateLimitedLog
 from devicerunner.transport import topics
+from devicerunner.transport.mailbox import Mailbox
 from devicerunner.transport.mqtt import Connection
 from devicerunner.transport.settings import BrokerSettings
 from hostfuncs.telemetry import Outbox
@@ -30,6 +45,11 @@ HEARTBEAT_S = 30.0
 TELEMETRY_EVERY_S = 0.2
 TELEMETRY_MAX_PER_DRAIN = 200
 STATUS_COALESCE_S = 0.2
+MAILBOX_MAX_TOPICS = 4096
+"""Topics with a message waiting for the lane (each holds only its newest)."""
+REFRESH_AFTER_DROPS_S = 30.0
+"""A document topic whose waiting message was replaced is subscribed again
+(the broker re-sends its retained copy) at most this often."""
 
 
 class Inbound(Protocol):
@@ -37,7 +57,8 @@ class Inbound(Protocol):
 
     def on_root(self, payload: bytes) -> None: ...
 
-    def on_release(self, payload: bytes) -> None: ...
+    def on_release(self, app: str, channel: str, payload: bytes) -> None:
+        """A release delivered on the topic of (``app``, ``channel``)."""
 
     def on_rollout(self, app: str, payload: bytes) -> None: ...
 
@@ -98,6 +119,15 @@ class DeviceChannel:
         self._messages = messages
         self.messages_refused = 0
         """App messages not queued: retained, for another device, or refused by the sink."""
+        self._max_packet_bytes = settings.max_packet_bytes
+        self._next_root: str | None = None
+        """The exact topic of the trust root version asked for (subscribed)."""
+        self.stats = {"unexpected_topics": 0, "oversize_packets": 0}
+        self.mailbox = Mailbox(lane.post, self._handle, max_keys=MAILBOX_MAX_TOPICS)
+        self._refused = RateLimitedLog(log, rate_per_s=0.5, burst=10)
+        self._refreshed: dict[str, float] = {}
+        """document topic -> when it was last subscribed again (one per subscribed topic)."""
+        self._refresh_due: set[str] = set()
         offline = json.dumps({"device": device_id, "hardware": hardware, "online": False}).encode()
         self.conn = Connection(
             settings,
@@ -108,6 +138,7 @@ class DeviceChannel:
             backoff_min_s=backoff_min_s,
             backoff_max_s=backoff_max_s,
             runtime=runtime,
+            on_oversize=self._oversize,
         )
         outbox.on_first = self._telemetry_waiting
 
@@ -116,7 +147,7 @@ class DeviceChannel:
     def start(self, inbound: Inbound, configs: ConfigInbound | None = None) -> None:
         self.inbound = inbound
         self.configs = configs
-        subs = [topics.root(self.p), topics.root_version(self.p, "+")]
+        subs = [topics.root(self.p)]
         for s in self._apps:
             subs.append(topics.release(self.p, s.app, s.channel))
             subs.append(topics.rollout(self.p, s.app, s.channel))
@@ -176,14 +207,84 @@ class DeviceChannel:
     def online(self) -> bool:
         return self.conn.connected.is_set()
 
+    def want_root(self, version: int) -> None:
+        """Subscribe to exactly ``trust/roots/{version}`` (never a wildcard: retained
+        garbage under other versions is then never delivered)."""
+        nxt = topics.root_version(self.p, version)
+        if nxt == self._next_root:
+            return
+        if self._next_root is not None:
+            self.conn.unsubscribe([self._next_root])
+        self._next_root = nxt
+        self.conn.subscribe([nxt])
+
     # -- inbound: I/O loop -> lane ---------------------------------------------------------
 
     def _arrived(self, topic: str, payload: bytes, retained: bool) -> None:
+        """I/O loop: app messages to their (bounded) inboxes; documents and chunks
+        only on topics subscribed to, newest per topic, bounded."""
         if topic.startswith((f"{self.p}/apps/", f"{self.p}/devices/")):
             # a message for an app: queued at once (bounded, never waits), no lane hop
             self._app_message(topic, payload, retained)
             return
-        self.post(self._dispatch, topic, payload)
+        if not self.conn.wants(topic):
+            self.stats["unexpected_topics"] += 1
+            self._refused.log(
+                logging.INFO, time.monotonic(), "ignoring a message on %s: not subscribed", topic
+            )
+            return
+        if not self.mailbox.put(topic, payload):
+            self._refused.log(
+                logging.WARNING, time.monotonic(), "dropped a message on %s: too many waiting", topic
+            )
+
+    def _oversize(self, topic: str, length: int) -> None:
+        """I/O loop: a publish over ``max_packet_bytes`` was cut (its payload never read)."""
+        self.stats["oversize_packets"] += 1
+        self._refused.log(
+            logging.WARNING,
+            time.monotonic(),
+            "refused a %d-byte message on %s: over max_packet_bytes (%d); not read",
+            length,
+            topic,
+            self._max_packet_bytes,
+        )
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        """On the lane, one message at a time from the mailbox."""
+        try:
+            self._dispatch(topic, payload)
+        finally:
+            if not self.mailbox.waiting():  # the flood (if any) has drained
+                self._refresh_replaced()
+
+    def _refresh_replaced(self) -> None:
+        """After a flood replaced waiting documents, ask for the retained copies again
+        (at most every REFRESH_AFTER_DROPS_S per topic) so the genuine one is not
+        lost to garbage. Chunks come back with the download's stall retry."""
+        due = self._refresh_due | {
+            t for t in self.mailbox.take_replaced() if not t.startswith(f"{self.p}/artifacts/")
+        }
+        now = time.monotonic()
+        later: set[str] = set()
+        for topic in due:
+            if now - self._refreshed.get(topic, -REFRESH_AFTER_DROPS_S) < REFRESH_AFTER_DROPS_S:
+                later.add(topic)
+                continue
+            self._refreshed[topic] = now
+            log.info("messages on %s were replaced while waiting; asking for its retained copy again", topic)
+            self.conn.refresh([topic])
+        if later and not self._refresh_due:
+            self._lane.call_later(REFRESH_AFTER_DROPS_S, self._refresh_later)
+        self._refresh_due = later
+
+    def _refresh_later(self) -> None:
+        if self.mailbox.waiting():
+            self._lane.call_later(1.0, self._refresh_later)  # still flooded: once it drains
+            return
+        self._refresh_replaced()
+        if self._refresh_due:
+            self._lane.call_later(REFRESH_AFTER_DROPS_S, self._refresh_later)
 
     def _app_message(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_app_message(self.p, self.id, topic)
@@ -208,7 +309,9 @@ class DeviceChannel:
         if topic == topics.root(p) or topic.startswith(f"{p}/trust/roots/"):
             inbound.on_root(payload)
         elif topic.startswith(f"{p}/releases/"):
-            inbound.on_release(payload)
+            parts = topic[len(p) + 1 :].split("/")
+            if len(parts) == 3:
+                inbound.on_release(parts[1], parts[2], payload)
         elif topic.startswith(f"{p}/artifacts/"):
             parsed = topics.parse_chunk(p, topic)
             if parsed is not None:

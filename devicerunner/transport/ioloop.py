@@ -26,7 +26,6 @@ import contextlib
 import logging
 import selectors
 import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -189,10 +188,11 @@ class IoLoop:
         rc = paho.MQTT_ERR_SUCCESS
         if mask & selectors.EVENT_READ:
             rc = c.loop_read()
-            # TLS may hold decrypted bytes the socket will not signal again.
+            # TLS (or the packet guard) may hold bytes the socket will not signal again.
             for _ in range(64):
                 sock = c.socket()
-                if rc != paho.MQTT_ERR_SUCCESS or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                pending = getattr(sock, "pending", None)
+                if rc != paho.MQTT_ERR_SUCCESS or pending is None or not pending():
                     break
                 rc = c.loop_read()
         if rc == paho.MQTT_ERR_SUCCESS and mask & selectors.EVENT_WRITE:

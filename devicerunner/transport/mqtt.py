@@ -19,6 +19,9 @@ Invariants:
   sessions: retained messages carry the state, nothing queues on the broker).
 - paho return codes and socket errors are translated here into log lines
   and the ``connected`` state; nothing foreign escapes.
+- With ``max_packet_bytes`` set, paho reads through a ``PacketGuard``
+  (transport/guard.py): no packet larger than that is ever buffered. With
+  MQTT 5 the bound is also announced in CONNECT (Maximum Packet Size).
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devicerunner.runtime.lanes import Timer
 from devicerunner.runtime.process import Runtime
+from devicerunner.transport.guard import GuardedClient, OversizeHandler, raw_socket
 from devicerunner.transport.ioloop import IoLoop
 from devicerunner.transport.settings import BrokerSettings
 
@@ -55,16 +61,22 @@ MessageHandler = Callable[[str, bytes, bool], None]
 def no_delay(client: paho.Client) -> None:
     """Disable Nagle: small MQTT packets (SUBSCRIBE, PUBACK, chunks' tails)
     otherwise wait out the peer's 40 ms delayed ACK, several times per update."""
-    sock = client.socket()
-    if isinstance(sock, socket.socket):  # TLS sockets are socket subclasses too
+    sock = raw_socket(client.socket())
+    if sock is not None:  # TLS sockets are socket subclasses too
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def make_client(s: BrokerSettings, client_id: str) -> paho.Client:
-    c = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, clean_session=True
-    )
+def make_client(s: BrokerSettings, client_id: str, on_oversize: OversizeHandler | None = None) -> paho.Client:
+    if s.protocol == "5":
+        c: paho.Client = GuardedClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    else:
+        c = GuardedClient(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, clean_session=True
+        )
+    if isinstance(c, GuardedClient):
+        c.max_packet_bytes = s.max_packet_bytes
+        c.on_oversize = on_oversize
     if s.username:
         c.username_pw_set(s.username, s.password)
     if s.tls:
@@ -90,11 +102,12 @@ class Connection:
         stable_s: float = STABLE_S,
         rng: random.Random | None = None,
         runtime: Runtime | None = None,
+        on_oversize: OversizeHandler | None = None,
     ) -> None:
         if not 0 < backoff_min_s <= backoff_max_s:
             raise ValueError(f"need 0 < backoff_min_s <= backoff_max_s, got {backoff_min_s}, {backoff_max_s}")
         self.settings = settings
-        self.client = make_client(settings, client_id)
+        self.client = make_client(settings, client_id, on_oversize)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=will[2], retain=will[3])
         self.client.on_connect = self._on_connect
@@ -152,6 +165,19 @@ class Connection:
         if new and self.connected.is_set():
             for i in range(0, len(new), 100):
                 self.client.subscribe([(t, qos) for t in new[i : i + 100]])
+
+    def wants(self, topic: str) -> bool:
+        """Is ``topic`` one this connection subscribed to (exact topics only)?
+        Brokers' wildcard matching and stale deliveries are not trusted."""
+        with self._lock:
+            return topic in self._subs
+
+    def refresh(self, topics: list[str], qos: int = 1) -> None:
+        """Subscribe again to topics already subscribed: the broker re-sends their retained messages."""
+        with self._lock:
+            known = [t for t in topics if t in self._subs]
+        if known and self.connected.is_set():
+            self.client.subscribe([(t, qos) for t in known])
 
     def unsubscribe(self, topics: list[str]) -> None:
         with self._lock:
@@ -240,7 +266,19 @@ class Connection:
             return
         try:
             if self._first:
-                self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
+                if self.settings.protocol == "5":
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    if self.settings.max_packet_bytes:
+                        props.MaximumPacketSize = self.settings.max_packet_bytes
+                    self.client.connect(
+                        self.settings.host,
+                        self.settings.port,
+                        self.settings.keepalive_s,
+                        clean_start=True,
+                        properties=props,
+                    )
+                else:
+                    self.client.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
                 self._first = False
             else:
                 self.client.reconnect()
@@ -250,8 +288,8 @@ class Connection:
 
     def _force_close(self) -> None:
         sock = self.client.socket()
-        if isinstance(sock, socket.socket):
-            self._io.drop(sock)
+        if sock is not None and raw_socket(sock) is not None:
+            self._io.drop(sock)  # type: ignore[arg-type]
             with contextlib.suppress(OSError):
                 sock.close()
         self._socket_closed.set()

@@ -44,8 +44,12 @@ class Session:
         self.messages: dict[str, bytes] = {}
         self.last_message = 0.0
         self._lock = threading.Lock()
+        self._closed: str | None = None
+        self._socket_error: str | None = None
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_log = self._on_log
         # A callback that raises must not end paho's network thread (every later
         # publish would then time out): paho logs it and carries on.
         self.client.suppress_exceptions = True
@@ -54,6 +58,16 @@ class Session:
         no_delay(c)
         self._rc = rc
         self._connected.set()
+
+    def _on_log(self, _c: Any, _u: Any, level: int, text: str) -> None:
+        # paho reports why a socket failed (a TLS alert, an EOF) only in its log.
+        if level == paho.MQTT_LOG_ERR and self._socket_error is None:
+            self._socket_error = text
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if not self._connected.is_set():
+            self._closed = self._socket_error or str(rc)
+            self._connected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
@@ -72,10 +86,22 @@ class Session:
         if not self._connected.wait(self.timeout_s):
             self.__exit__()
             raise TransportError(f"no answer from {self.s.url} within {self.timeout_s:.0f} s")
+        if self._closed is not None:
+            self.__exit__()
+            raise TransportError(self._closed_reason(self._closed))
         if self._rc is not None and self._rc.is_failure:
             self.__exit__()
             raise TransportError(f"{self.s.url} refused the connection: {self._rc}")
         return self
+
+    def _closed_reason(self, why: str) -> str:
+        msg = f"{self.s.url} closed the connection before accepting it: {why}"
+        if self.s.tls and self.s.cert_file is None:
+            msg += (
+                " (a listener that requires a client certificate closes the TLS session of a client"
+                " without one: pass --cert-file/--key-file, or use the password listener)"
+            )
+        return msg
 
     def __exit__(self, *_: object) -> None:
         self.client.disconnect()

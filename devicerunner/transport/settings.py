@@ -27,6 +27,10 @@ class BrokerSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive_s: int = 30
+    protocol: str = "3.1.1"
+    """"3.1.1" or "5" (MQTT 5: the device announces ``max_packet_bytes`` in CONNECT)."""
+    max_packet_bytes: int = 0
+    """Largest packet the client reads (0: no bound; operator tools). See transport/guard.py."""
 
     @property
     def url(self) -> str:
@@ -42,6 +46,8 @@ def parse_url(
     username: str | None = None,
     password: str | None = None,
     keepalive_s: int = 30,
+    protocol: str = "3.1.1",
+    max_packet_bytes: int = 0,
 ) -> BrokerSettings:
     try:
         u = urlsplit(url)
@@ -70,4 +76,6 @@ def parse_url(
         cert_file=cert_file,
         key_file=key_file,
         keepalive_s=keepalive_s,
+        protocol=protocol,
+        max_packet_bytes=max_packet_bytes,
     )

@@ -51,7 +51,7 @@ from devicerunner.trust.manifest import (
     parse_envelope,
     parse_time,
 )
-from devicerunner.trust.verify import DeviceIdentity, check_threshold, effective_time
+from devicerunner.trust.verify import DeviceIdentity, check_issued, check_threshold, effective_time
 
 MAX_CONFIG_BYTES = 16 * 1024
 """The whole envelope; checked before it is parsed."""
@@ -229,6 +229,7 @@ def verify_config(
     env = parse_envelope(data, MAX_CONFIG_BYTES, "config")
     check_threshold(env, root, ROLE, "config document")
     doc = config_from_envelope(env, bytes(data))
+    check_issued(doc.issued, f"config {doc.app} v{doc.version}", now=now, time_floor=time_floor, root=root)
     t = effective_time(now, time_floor)
     if root.expires <= t:
         raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")

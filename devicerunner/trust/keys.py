@@ -19,15 +19,19 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from devicerunner.errors import DeviceRunnerError
+from devicerunner.errors import ConfigError, DeviceRunnerError
 from devicerunner.trust.manifest import key_id
 
 PASSPHRASE_ENV = "DEVICERUNNER_KEY_PASSPHRASE"
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 
-class KeyFileError(DeviceRunnerError):
-    pass
+class KeyFileError(ConfigError):
+    """A key file named on the command line is missing, unreadable or not a key (exit 2)."""
+
+
+class KeyExistsError(DeviceRunnerError):
+    """keygen would overwrite a key (exit 1: the operation is refused)."""
 
 
 def passphrase(file: str | Path | None = None) -> bytes | None:
@@ -51,7 +55,7 @@ def generate(name: str, directory: Path, password: bytes | None = None) -> tuple
     priv_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     for p in (priv_path, pub_path):
         if p.exists():
-            raise KeyFileError(f"{p} exists; refusing to overwrite a key")
+            raise KeyExistsError(f"{p} exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()

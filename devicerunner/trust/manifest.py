@@ -340,6 +340,10 @@ class ReleaseLimits:
     memory_bytes: int
     tick_budget_ms: int
     tick_interval_ms: int
+    kv_quota_bytes: int | None = None
+    """Optional: the kv space the release needs (the device keeps its own quota)."""
+    telemetry_rate_per_s: int | None = None
+    """Optional: telemetry messages per second the release asks for."""
 
 
 @dataclass(frozen=True)
@@ -421,11 +425,18 @@ def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
     artifact = Artifact(af.text("sha256", HEX64_RE), size, chunk_size, chunks)
     caps = _Fields({"c": f.get("capabilities")}, "manifest", ("c",))
     cap_list = caps.text_list("c", re.compile("^(" + "|".join(CAPABILITIES) + ")$"), len(CAPABILITIES))
-    lf = _Fields(f.get("limits"), "manifest.limits", ("memory_bytes", "tick_budget_ms", "tick_interval_ms"))
+    lf = _Fields(
+        f.get("limits"),
+        "manifest.limits",
+        ("memory_bytes", "tick_budget_ms", "tick_interval_ms"),
+        ("kv_quota_bytes", "telemetry_rate_per_s"),
+    )
     limits = ReleaseLimits(
         lf.integer("memory_bytes", 65536, 4 * 1024**3),
         lf.integer("tick_budget_ms", 1, 60_000),
         lf.integer("tick_interval_ms", 1, 3_600_000),
+        None if lf.get("kv_quota_bytes") is None else lf.integer("kv_quota_bytes", 0, 1024**3),
+        None if lf.get("telemetry_rate_per_s") is None else lf.integer("telemetry_rate_per_s", 0, 100_000),
     )
     hf = _Fields(
         f.get("health"),
@@ -501,7 +512,18 @@ def manifest_signed(
     max_traps: int = 0,
     max_overruns: int = 0,
     max_broker_loss_s: int = 60,
+    kv_quota_bytes: int | None = None,
+    telemetry_rate_per_s: int | None = None,
 ) -> dict[str, Any]:
+    limits: dict[str, Any] = {
+        "memory_bytes": memory_bytes,
+        "tick_budget_ms": tick_budget_ms,
+        "tick_interval_ms": tick_interval_ms,
+    }
+    if kv_quota_bytes is not None:
+        limits["kv_quota_bytes"] = kv_quota_bytes
+    if telemetry_rate_per_s is not None:
+        limits["telemetry_rate_per_s"] = telemetry_rate_per_s
     targets: dict[str, Any] = {
         "hardware": list(hardware),
         "rollout": {"percent": rollout_percent, "salt": rollout_salt or f"{app}-{sequence}"},
@@ -523,11 +545,7 @@ def manifest_signed(
             "chunks": chunk_hashes(module, chunk_size),
         },
         "capabilities": sorted(set(capabilities)),
-        "limits": {
-            "memory_bytes": memory_bytes,
-            "tick_budget_ms": tick_budget_ms,
-            "tick_interval_ms": tick_interval_ms,
-        },
+        "limits": limits,
         "health": {
             "trial_ticks": trial_ticks,
             "trial_seconds": trial_seconds,

@@ -9,26 +9,42 @@ Order of checks for a release (each step only runs on what passed the one
 before): size bound -> envelope -> signatures by a threshold of distinct
 release keys of the current root -> fields -> root not expired -> release
 not expired (freeze) -> app, channel and hardware/device targeting ->
-capabilities within policy (escalation) -> sequence above the highest
+capabilities within policy (escalation) -> every resource limit within
+the device policy's ceilings (memory, tick budget and interval, kv,
+telemetry, module size) -> sequence above the highest
 accepted and not marked bad (rollback).
 
-Time: the device keeps a trusted-time floor, the newest ``issued`` it has
-accepted. Expiry is judged at ``max(now, floor)``, so a clock set back (or
+Time: the device keeps a trusted-time floor, raised by the ``issued`` of
+what it accepts. Expiry is judged at ``max(now, floor)``, so a clock set back (or
 a device with no RTC that boots in 1970) can neither revive an expired
 manifest nor freeze the device on an old one.
+
+``issued`` is judged so that the floor cannot be poisoned (docs/manifest.md):
+the device's clock is *plausible* when it is not behind what signed
+documents already proved (``max(floor, root.issued)``, with ``ISSUED_SKEW_S``
+of slack). With a plausible clock a document issued more than
+``ISSUED_SKEW_S`` after ``now`` is refused (``issued_in_future``) and the
+floor never passes ``now + ISSUED_SKEW_S``. With an implausible clock (no
+RTC, 1970) the device cannot tell the future from the present: it accepts
+what verifies, but one accepted document moves the floor at most
+``FLOOR_STEP_S`` past what was already proved. A root rotation sets the
+floor to the new root's ``issued``: the recovery from a bad floor needs
+only the root keys (``next_floor``, ``floor_after_rotation``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devicerunner.errors import (
     ArtifactMismatchError,
     BadSignatureError,
     CapabilityEscalationError,
     ExpiredError,
+    IssuedInFutureError,
+    LimitAbovePolicyError,
     MalformedError,
     RollbackError,
     RootRotationError,
@@ -52,9 +68,45 @@ from devicerunner.trust.manifest import (
     valid_signers,
 )
 
+ISSUED_SKEW_S = 3600
+"""How far ahead of a plausible device clock a document may be dated
+(signing machines and devices are not in perfect agreement)."""
+FLOOR_STEP_S = 86400
+"""How far one accepted document may move the floor past what was already
+proved, on a device whose clock is not plausible."""
+
 
 def effective_time(now: int, time_floor: int) -> int:
     return max(now, time_floor)
+
+
+def clock_plausible(now: int, time_floor: int, root: Root) -> bool:
+    """Is the device's clock at least what signed documents already proved?"""
+    return now + ISSUED_SKEW_S >= max(time_floor, root.issued)
+
+
+def check_issued(issued: int, what: str, *, now: int, time_floor: int, root: Root) -> None:
+    """Refuse a document dated further ahead than a plausible clock vouches for."""
+    if clock_plausible(now, time_floor, root) and issued > now + ISSUED_SKEW_S:
+        raise IssuedInFutureError(
+            f"{what} is issued {format_time(issued)}, more than {ISSUED_SKEW_S} s after this "
+            f"device's clock ({format_time(now)})"
+        )
+
+
+def next_floor(time_floor: int, issued: int, *, now: int, root: Root) -> int:
+    """The floor after accepting a document issued at ``issued`` (never lower)."""
+    if clock_plausible(now, time_floor, root):
+        cap = now + ISSUED_SKEW_S
+    else:
+        cap = max(time_floor, root.issued) + FLOOR_STEP_S
+    return max(time_floor, min(issued, cap))
+
+
+def floor_after_rotation(new_root: Root) -> int:
+    """Accepting a new root (root keys, offline) resets the floor to its ``issued``:
+    the recovery from a floor pushed ahead by a bad clock, with no hand edit."""
+    return new_root.issued
 
 
 def check_threshold(env: Envelope, root: Root, role: str, what: str) -> set[str]:
@@ -109,11 +161,65 @@ def load_trusted_root(data: bytes) -> Root:
 
 
 @dataclass(frozen=True)
+class LimitsPolicy:
+    """The most a release may ask of this device for one app: the ceilings of
+    the app's device.toml table (defaults: those of devicerunner.config)."""
+
+    memory_bytes: int = 16 * 1024 * 1024
+    tick_budget_ms: int = 10
+    min_tick_interval_ms: int = 10
+    kv_quota_bytes: int = 64 * 1024
+    telemetry_rate_per_s: float = 5.0
+    module_bytes: int = 4 * 1024 * 1024
+
+
+NO_LIMITS = LimitsPolicy(2**62, 2**62, 0, 2**62, float("inf"), 2**62)
+"""No ceiling at all (an operator's offline check that is not about one device)."""
+
+
+@dataclass(frozen=True)
 class DeviceIdentity:
     device_id: str
     hardware: str
     policy: Mapping[str, frozenset[str]]
     """app name -> capabilities the device allows that app (absent: app not installed here)."""
+    limits: Mapping[str, LimitsPolicy] = field(default_factory=dict)
+    """app name -> resource ceilings; an app absent here gets the default ceilings."""
+
+
+def check_limits(m: Manifest, ceiling: LimitsPolicy) -> None:
+    """Every limit the manifest asks for within the device policy, or the whole
+    release is refused naming each field over it (never trimmed to fit)."""
+    lim = m.limits
+    over: list[str] = []
+
+    def above(field_: str, asked: float | None, most: float, key: str) -> None:
+        if asked is not None and asked > most:
+            over.append(f"manifest.{field_} = {_num(asked)} is above {_num(most)} (device policy {key})")
+
+    above("limits.memory_bytes", lim.memory_bytes, ceiling.memory_bytes, "memory_limit_bytes")
+    above("limits.tick_budget_ms", lim.tick_budget_ms, ceiling.tick_budget_ms, "tick_budget_ms")
+    above("limits.kv_quota_bytes", lim.kv_quota_bytes, ceiling.kv_quota_bytes, "kv_quota_bytes")
+    above(
+        "limits.telemetry_rate_per_s",
+        lim.telemetry_rate_per_s,
+        ceiling.telemetry_rate_per_s,
+        "telemetry_rate_per_s",
+    )
+    above("artifact.size", m.artifact.size, ceiling.module_bytes, "max_module_bytes")
+    if lim.tick_interval_ms < ceiling.min_tick_interval_ms:
+        over.append(
+            f"manifest.limits.tick_interval_ms = {lim.tick_interval_ms} is below "
+            f"{ceiling.min_tick_interval_ms} (device policy min_tick_interval_ms)"
+        )
+    if over:
+        raise LimitAbovePolicyError(
+            f"{m.app} {m.version} asks for more than this device allows: " + "; ".join(over)
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -157,7 +263,10 @@ def check_release(
     now: int,
     channel: str | None = None,
 ) -> Manifest:
-    """The checks after authentication: time, target, capabilities, history."""
+    """The checks after authentication: time (``issued``, expiry), target,
+    capabilities, history."""
+    what = f"manifest {m.app} {m.version} (sequence {m.sequence})"
+    check_issued(m.issued, what, now=now, time_floor=time_floor, root=root)
     t = effective_time(now, time_floor)
     if root.expires <= t:
         raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
@@ -183,9 +292,10 @@ def check_release(
             f"manifest asks for {', '.join(sorted(extra))}, which the device policy for "
             f"{m.app!r} does not grant (policy: {', '.join(sorted(policy)) or 'nothing'})"
         )
+    check_limits(m, device.limits.get(m.app, LimitsPolicy()))
     h = history.get(m.app, AppHistory())
     if m.sequence in h.bad_sequences:
-        raise RollbackError(f"sequence {m.sequence} of {m.app} was rejected or rolled back before")
+        raise RollbackError(f"sequence {m.sequence} of {m.app} was rolled back on this device")
     if m.sequence <= h.highest_sequence:
         raise RollbackError(
             f"sequence {m.sequence} is not above {h.highest_sequence}, the highest accepted for {m.app}"
@@ -225,9 +335,12 @@ def in_rollout(device_id: str, salt: str, percent: int) -> bool:
 
 __all__ = [
     "MAX_ROOT_BYTES",
+    "NO_LIMITS",
     "AppHistory",
     "DeviceIdentity",
+    "LimitsPolicy",
     "MalformedError",
+    "check_limits",
     "effective_time",
     "in_rollout",
     "load_trusted_root",
@@ -245,6 +358,7 @@ def verify_rollout(data: bytes, *, root: Root, time_floor: int, now: int, last_v
     env = parse_envelope(data, MAX_ROLLOUT_BYTES, "rollout")
     check_threshold(env, root, "rollout", "rollout document")
     doc = rollout_from_envelope(env)
+    check_issued(doc.issued, f"rollout document v{doc.version}", now=now, time_floor=time_floor, root=root)
     t = effective_time(now, time_floor)
     if root.expires <= t:  # as for releases: an expired root vouches for nothing
         raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")

@@ -365,7 +365,15 @@ class ConfigUpdates:
                 log.debug("config for %s still refused: %s", app, e)
                 return
             self._remember(digest)
-            self._emit(app or "unknown", REJECTED, _peek_version(data), e.reason, str(e), source=source)
+            extra: dict[str, Any] = {}
+            if isinstance(e, UNAUTHENTICATED):  # anyone can publish thousands: rate-limited
+                held = self.updater.unauthenticated_report()
+                if held is None:
+                    return
+                extra["suppressed"] = held
+            self._emit(
+                app or "unknown", REJECTED, _peek_version(data), e.reason, str(e), source=source, **extra
+            )
             if files is not None and not isinstance(e, UNAUTHENTICATED):
                 files.save(plan_reject(st, digest, e))
             return
@@ -474,7 +482,7 @@ class ConfigUpdates:
             self._emit(doc.app, FAILED, doc.version, Reason.IO_ERROR, f"staging failed: {e}; will retry")
             self.pending[doc.app] = data
             return
-        self.trust.raise_floor(doc.issued)
+        self.trust.raise_floor(doc.issued, now=self.updater.verifier.now())
         self._emit(doc.app, STAGED, doc.version)
         self._start_trial(doc, st)
 

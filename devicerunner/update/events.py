@@ -75,8 +75,6 @@ WARNING_KINDS = frozenset(
         Kind.CONFIG_FAILED,
     }
 )
-SETTLED_KINDS = frozenset({Kind.STAGED, Kind.REJECTED, Kind.COMMITTED, Kind.ROLLED_BACK})
-"""After one of these, a download of that sequence (or an older one) is no longer needed."""
 
 
 @dataclass(frozen=True)

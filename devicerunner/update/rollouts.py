@@ -19,7 +19,6 @@ from devicerunner.runtime.fsutil import atomic_write, makedirs
 from devicerunner.runtime.statefile import read_bounded
 from devicerunner.trust import verify as trust
 from devicerunner.trust.manifest import MAX_ROLLOUT_BYTES, Manifest, RolloutDoc
-from devicerunner.update.events import Kind
 from devicerunner.update.verification import Verifier
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,15 @@ class RolloutGate:
         device_id: str,
         apps: Iterable[str],
         verifier: Verifier,
-        emit: Callable[..., None],
+        refuse: Callable[[str, bytes, VerificationError, str], None],
     ) -> None:
+        """``refuse(app, document, error, what)``: report a refused document
+        (the updater's refusal memory: once per digest, rate-limited)."""
         self._dir = Path(state_dir) / "apps"
         self._device_id = device_id
         self._apps = frozenset(apps)
         self._verifier = verifier
-        self._emit = emit
+        self._refuse = refuse
         self.documents: dict[str, RolloutDoc] = {}
         self.waiting: dict[str, Manifest] = {}
         """app -> a verified release this device is not (yet) in the rollout of."""
@@ -86,17 +87,7 @@ class RolloutGate:
             self.counts["stale"] += 1
             return None  # the same (or an older) document again: nothing new
         except VerificationError as e:
-            log.warning("rollout document for %s refused: %s", app, e)
-            # The operator's rollout controller counts these (``document``), by the
-            # version it published (as claimed by the unverified document).
-            self._emit(
-                app,
-                Kind.REJECTED,
-                document="rollout",
-                rollout_version=claimed_version(payload),
-                reason=e.reason,
-                reason_text=f"rollout document: {e}",
-            )
+            self._refuse(app, payload, e, "rollout document")  # anyone can publish: once, rate-limited
             self.counts["refused"] += 1
             return None
         if doc.app != app:

@@ -24,6 +24,10 @@ MAX_TEXT = 4096
 """Longest reason/error text kept in state.json (longer ones are cut)."""
 MAX_SEQUENCE = 2**53
 SEQ_RE = re.compile(r"[0-9]{1,16}")
+LEGACY_REFUSALS = tuple(
+    f"{r}: " for r in ("expired", "artifact_mismatch", "wrong_target", "capability_escalation", "unsupported")
+)
+"""Prefixes of ``bad_sequences`` reasons that were refusals, not rollbacks."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,12 @@ class AppState:
 
     @property
     def bad(self) -> frozenset[int]:
-        return frozenset(int(s) for s in self.bad_sequences)
+        """Sequences this device rolled back. Entries an older version wrote for
+        a mere refusal (``"<reason>: ..."``) do not count: a refusal never burns
+        a sequence (docs/operations.md), so such devices recover by themselves."""
+        return frozenset(
+            int(s) for s, why in self.bad_sequences.items() if not str(why).startswith(LEGACY_REFUSALS)
+        )
 
     def mark_bad(self, sequence: int, reason: str) -> AppState:
         bad = dict(self.bad_sequences)

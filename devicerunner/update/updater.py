@@ -24,8 +24,13 @@ A power cut between any two steps leaves ``active`` on a verified slot;
 at boot a TRIAL with ``trial_attempts >= attempts`` reverts (the crash counts
 as a failed attempt), a STAGED slot is verified again before its trial.
 
-Only releases whose signatures verified can mark a sequence bad: a forged
-manifest must not be able to poison the sequence of a real one.
+A sequence is marked bad only by a rollback: this device ran the trial of
+that exact signed manifest and it failed (or a crash interrupted it). Every
+other refusal -- unsigned, artifact mismatch, wrong target, expired, issued
+in the future, I/O error -- is remembered by the manifest's digest
+(update/rejections.py: bounded, in memory, for status and events) and a
+later delivery of the same sequence is processed afresh: whoever can publish
+on the broker must not be able to block a genuine release.
 
 Size: over 400 lines on purpose -- the order of writes above is one
 sequence, read in one place; the decisions it carries out are in
@@ -56,6 +61,7 @@ from devicerunner.errors import (
 )
 from devicerunner.runtime.fsutil import atomic_write, makedirs
 from devicerunner.runtime.lanes import Lane
+from devicerunner.runtime.ratelimit import RateLimitedLog
 from devicerunner.trust import bundle
 from devicerunner.trust.manifest import Manifest, parse_manifest
 from devicerunner.trust.store import TrustStore
@@ -69,6 +75,8 @@ from devicerunner.update.decisions import (
 )
 from devicerunner.update.events import WARNING_KINDS, Event, EventListener, Kind, Phase, Reason
 from devicerunner.update.host import AppHost, Clock, UpdateSettings
+from devicerunner.update.rejections import Rejections, digest
+from devicerunner.update.rollouts import claimed_version
 from devicerunner.update.slots import AppSlots
 from devicerunner.update.state import AppState
 from devicerunner.update.trial import PASSED
@@ -145,6 +153,10 @@ class Updater:
         every inbox scan; each handles its own files in ``inbox/``."""
         self.inbox_suffixes: set[str] = {".bundle"}
         """Inbox files that mean work is pending (``idle`` stays clear)."""
+        self.rejections = Rejections()
+        """Refusals by manifest digest (never a reason to refuse the next delivery)."""
+        self._unauthenticated = RateLimitedLog(log, rate_per_s=1.0, burst=10)
+        """Events (and log lines) about unsigned input: anyone can make thousands."""
         self.idle = threading.Event()
         """Set whenever the updater has nothing left to do: no job queued, no
         bundle waiting in the inbox, no trial running (``run --once`` waits on it)."""
@@ -232,8 +244,43 @@ class Updater:
         self.submit(lambda: self._process(_Release(manifest, module, source)))
 
     def reject(self, manifest: bytes, error: VerificationError, source: str) -> None:
-        """Record a release another channel refused (any thread)."""
-        self.submit(lambda: self._rejected(peek_app(manifest), _Release(manifest, b"", source), error))
+        """Record a release another channel refused (any thread). Remembered by
+        digest and reported once; never blocks a later delivery."""
+        self._rejected_as(peek_app(manifest), peek_sequence(manifest), digest(manifest), error, source)
+
+    def unauthenticated_report(self) -> int | None:
+        """May an event about unsigned input be sent now? None: no (counted);
+        else how many were held back before it (the shared rate limit)."""
+        return self._unauthenticated.allow(time.monotonic())
+
+    def reject_document(self, app: str, document: bytes, error: VerificationError, what: str) -> None:
+        """A refused document that is not a release (a rollout document): the same
+        memory, the same once-per-digest report and rate limit; no sequence."""
+        # The operator's rollout controller counts these (``document``), by the
+        # version it published (as claimed by the unverified document).
+        self._rejected_as(
+            app,
+            None,
+            digest(document),
+            error,
+            "mqtt",
+            prefix=f"{what}: ",
+            document="rollout",
+            rollout_version=claimed_version(document),
+        )
+
+    def note_failure(self, m: Manifest, reason: str, text: str, source: str) -> None:
+        """A verified release that could not be taken (I/O error, stalled download):
+        remembered by digest for status; its FAILED event is the caller's."""
+        self.rejections.note(
+            digest(m.raw),
+            app=m.app,
+            sequence=m.sequence,
+            reason=reason,
+            text=text,
+            source=source,
+            now=time.time(),
+        )
 
     def note_downloading(self, m: Manifest, resumed: int) -> None:
         """A verified release's download started (any thread)."""
@@ -396,6 +443,7 @@ class Updater:
             self._stage(m, rel)
         except OSError as e:
             reason = f"staging failed: {e.strerror or e}; will retry"
+            self.note_failure(m, Reason.IO_ERROR, reason, rel.source)
             self.emit(
                 m.app,
                 Kind.FAILED,
@@ -412,20 +460,58 @@ class Updater:
         return True
 
     def _rejected(self, app: str, rel: _Release, e: VerificationError) -> None:
-        seq = peek_sequence(rel.manifest)
-        self.emit(app, Kind.REJECTED, sequence=seq, reason=e.reason, reason_text=str(e), source=rel.source)
-        if app not in self.slots or isinstance(e, (*UNAUTHENTICATED, RollbackError)):
+        self._rejected_as(app, peek_sequence(rel.manifest), digest(rel.manifest), e, rel.source)
+
+    def _rejected_as(
+        self,
+        app: str,
+        seq: int | None,
+        doc: str,
+        e: VerificationError,
+        source: str,
+        prefix: str = "",
+        **extra: Any,
+    ) -> None:
+        """Any thread. Never marks a sequence bad (only ``_rollback`` does)."""
+        text = prefix + str(e)
+        now = time.time()
+        if not self.rejections.note(
+            doc, app=app, sequence=seq, reason=e.reason, text=text, source=source, now=now
+        ):
+            return  # the same document refused for the same reason: said already
+        fields: dict[str, Any] = dict(extra)
+        unauthenticated = isinstance(e, UNAUTHENTICATED)
+        if unauthenticated:
+            held = self.unauthenticated_report()
+            if held is None:
+                return  # counted in ``suppressed`` of the next event let through
+            fields["suppressed"] = held
+        self.emit(
+            app,
+            Kind.REJECTED,
+            sequence=seq,
+            reason=e.reason,
+            reason_text=text,
+            source=source,
+            digest=doc,
+            **fields,
+        )
+        if app not in self.slots or seq is None or unauthenticated or isinstance(e, RollbackError):
             # Unauthenticated input changes nothing on the device; a replay of a
             # sequence already decided (committed, rolled back) changes nothing either.
             return
+        self.submit(lambda: self._note_rejected(app, e, seq))
+
+    def _note_rejected(self, app: str, e: VerificationError, seq: int | None = None) -> None:
+        """Shown in status; an update under way keeps its phase (a refused
+        replay must not make a crash mid-trial look like anything else)."""
         s = self.slots[app]
         st, _ = s.load()
-        new = replace(
-            st, phase=Phase.REJECTED, last_error=str(e), last_reason=e.reason, last_error_sequence=seq or None
-        )
-        if seq:
-            new = new.mark_bad(seq, f"{e.reason}: {e}")
-        s.save(new)
+        new = replace(st, last_error=str(e), last_reason=e.reason, last_error_sequence=seq)
+        if st.pending is None:
+            new = replace(new, phase=Phase.REJECTED)
+        if new != st:
+            s.save(new)
 
     def _note_error(self, app: str, text: str) -> None:
         s = self.slots[app]
@@ -439,11 +525,13 @@ class Updater:
             st = clear_pending(st, Phase.IDLE)
             s.save(st)
         slot = st.other_slot()
-        self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
         s.write_slot(slot, rel.module, rel.manifest)
-        self.trust.raise_floor(m.issued)
+        self.trust.raise_floor(m.issued, now=self.verifier.now())
         st = plan_stage(st, slot, m)
         s.save(st)
+        # Announced only once written: whoever holds the release's bytes (the
+        # downloaded chunks, update.delivery) lets go of them on this event.
+        self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
         self._start_trial(m, rel.module, st)
 
     def _retrial(self, app: str) -> None:
@@ -470,9 +558,7 @@ class Updater:
                 last_reason=e.reason,
                 last_error_sequence=st.pending_sequence,
             )
-            if st.pending_sequence and not isinstance(e, (*UNAUTHENTICATED, RollbackError)):
-                new = new.mark_bad(st.pending_sequence, f"{e.reason}: {e}")
-            s.save(new)
+            s.save(new)  # not marked bad: it never ran; a genuine redelivery is taken afresh
             return
         self._start_trial(m, content.module, st)
 
