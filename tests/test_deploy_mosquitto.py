@@ -98,7 +98,7 @@ reconnect_max_s = 1.0
         operator.publish_bundle(op, kit.bundle(counter_module(2), 1), P)
         ev.wait("COMMITTED", 1)
         fleet = operator.fleet_status(op, P)
-        assert fleet["dev-1"]["apps"]["app"]["phase"] == "COMMITTED"
+        assert fleet["dev-1"].apps["app"].phase == "COMMITTED"
     finally:
         d.stop()
 
