@@ -49,7 +49,24 @@ OUTCOMES = {
     "takes it: STAGED -> TRIAL -> COMMITTED, then exits": r"thermostat: 1\.1\.0 .*COMMITTED",
     "thermostat: 1.1.0 (sequence 1, slot a), phase COMMITTED": r"thermostat: 1\.1\.0 \(sequence 1.*COMMITTED",
     "dev-1 ... thermostat 1.2.0  2  COMMITTED": r"dev-1 .*thermostat\s+1\.2\.0\s+2\s+COMMITTED",
-    "... 1.2.0  2  ROLLED_BACK  dr_init failed: ...": r"thermostat\s+1\.2\.0\s+2\s+ROLLED_BACK\s+dr_init failed",
+    "... 1.2.0  2  ROLLED_BACK  dr_init failed: ...": r"thermostat\s+1\.2\.0\s+2\s+ROLLED_BACK\s.*\bdr_init failed",
+    'reply from dev-1: {"re":"ping","temp":...,"fan":...,"manual":-1,"setpoint":22.0,"config":0}': (
+        r'reply from dev-1: \{"re":"ping",.*"manual":-1,"setpoint":22\.0,"config":0\}'
+    ),
+    'reply from dev-1: {"re":"fan",...,"manual":1,...}': r'reply from dev-1: \{"re":"fan",.*"manual":1,',
+    '"root_version": 3': r'"root_version": 3\b',
+    "dev-1 ... CONFIG v1 COMMITTED": r"dev-1 .*\sv1 COMMITTED\b",
+    'reply from dev-1: {"re":"ping",...,"setpoint":21.5,"config":1}': (
+        r'reply from dev-1: \{"re":"ping",.*"setpoint":21\.5,"config":1\}'
+    ),
+    "PAUSED at ...%: 1 of 1 devices failed (100% > 10%)  1 x rpi4: trial_failed  exit status 1": (
+        r"PAUSED at (50|100)%: 1 of 1 devices failed \(100% > 10%\)\s+1 x rpi4: trial_failed"
+        r"[\s\S]*rollout: exit status 1\b"
+    ),
+    "dev-1 ... CONFIG v1 ROLLED_BACK": r"dev-1 .*\sv1 ROLLED_BACK\b",
+    "config v1, ROLLED_BACK, refused: v2 (with config v2: dr_init failed)": (
+        r"config v1, ROLLED_BACK, refused: v2\s+config error: with config v2: dr_init failed"
+    ),
     "... completed: 1 committed": r"completed: 1 committed",
     "dev-2 ... 1.2.0  2  COMMITTED": r"dev-2 .*thermostat\s+1\.2\.0\s+2\s+COMMITTED",
 }

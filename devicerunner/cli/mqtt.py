@@ -236,12 +236,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         elif e in ("paused", "incomplete"):
             head = "PAUSED" if e == "paused" else "INCOMPLETE"
             print(f"{head} at {ev['step']}%: {ev['reason']}", flush=True)
-            print(f"  {counts(ev)}", flush=True)
             for why, n in sorted(ev["failed_by"].items()):
                 print(f"    {n} x {why}", flush=True)
+            print(f"  {counts(ev)}", flush=True)
         elif e == "completed":
             n, of = ev["committed"], ev["eligible"]
-            print(f"completed: {n} of {of} eligible device(s) committed", flush=True)
+            print(f"completed: {n} committed, every one of the {of} eligible device(s)", flush=True)
 
     ctl = RolloutController(
         _settings(args),

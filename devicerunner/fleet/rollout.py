@@ -335,8 +335,9 @@ class RolloutController:
             )
         bad = c["failed"] + c["timed_out"]
         if decide(c["eligible"], bad, pol) == "abort":
+            what = "failed or timed out" if c["timed_out"] else "failed"
             why = (
-                f"{bad} of {c['eligible']} devices failed or timed out "
+                f"{bad} of {c['eligible']} devices {what} "
                 f"({100 * bad / c['eligible']:.0f}% > {pol.abort_failure_pct:g}%)"
             )
             if c["refused_document"]:
