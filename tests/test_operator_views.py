@@ -113,7 +113,9 @@ def test_hostile_device_statuses_do_not_crash_fleet_status(mosq: Mosquitto) -> N
             assert r.stderr.count(f"device bad-{name}") == 1, (name, r.stderr)
             assert f"bad-{name}" not in r.stdout
         if extra:
-            assert json.loads(r.stdout)["good-1"]["apps"]["app"]["version"] == "1.0.0"
+            doc = json.loads(r.stdout)
+            assert doc["devices"]["good-1"]["apps"]["app"]["version"] == "1.0.0"
+            assert doc["summary"]["devices"] == 1  # the hostile ones are not counted
 
 
 def test_a_device_repeating_its_status_cannot_stall_fleet_status(mosq: Mosquitto) -> None:
@@ -451,3 +453,32 @@ def test_a_last_will_does_not_erase_what_the_watcher_knows_about_a_devices_apps(
             sess.publish_many([(topics.status(P, "dev-1"), will)], retain=True)
         assert until(lambda: w.count(lambda _d, st: not st.get("online")) == 1)
         assert w.app_of("dev-1").get("sequence") == 4
+
+
+# -- fleet status at fleet size (issue #19) ---------------------------------------------
+
+
+def test_fleet_status_of_a_large_fleet_is_a_summary_and_lists_devices_on_request(mosq: Mosquitto) -> None:
+    """Past 20 devices the default is counts by app/version/phase and hardware,
+    not thousands of rows; --devices lists them all."""
+    n = 30
+    items = [
+        (topics.status(P, f"d{i:03d}"), _good_status(f"d{i:03d}", online=i % 3 != 0, sequence=i % 2))
+        for i in range(n)
+    ]
+    with operator.Session(parse_url(mosq.url)) as sess:
+        sess.publish_many(items, retain=True)
+    r = run_cli("fleet", "status", "--broker", mosq.url, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"{n} device(s): 20 online, 10 offline" in r.stdout, r.stdout
+    assert "hardware: rpi4 30" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("app ")]
+    assert sorted(rows) == [
+        ["app", "1.0.0", "0", "COMMITTED", "15"],
+        ["app", "1.0.0", "1", "COMMITTED", "15"],
+    ]
+    assert "d007" not in r.stdout and "--devices lists each of the 30 devices" in r.stdout
+    listed = run_cli("fleet", "status", "--broker", mosq.url, "--devices", timeout=60)
+    assert all(f"d{i:03d}" in listed.stdout for i in range(n)), listed.stdout
+    doc = json.loads(run_cli("fleet", "status", "--broker", mosq.url, "--json", timeout=60).stdout)
+    assert doc["summary"]["devices"] == n and "devices" not in doc

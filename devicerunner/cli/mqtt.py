@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +76,64 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+SMALL_FLEET = 20
+"""Up to this many devices, ``fleet status`` lists them under the summary."""
+
+
 def cmd_fleet_status(args: argparse.Namespace) -> int:
     fleet = operator.fleet_status(_settings(args), args.prefix, quiet_s=args.wait)
     if args.json:
-        print(json.dumps({d: st.as_dict() for d, st in fleet.items()}, indent=2, sort_keys=True))
+        doc: dict[str, Any] = {"summary": fleet_summary(fleet)}
+        if args.devices or len(fleet) <= SMALL_FLEET:
+            doc["devices"] = {d: st.as_dict() for d, st in fleet.items()}
+        print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     if not fleet:
         print("no device has reported status yet")
         return 0
+    _print_summary(fleet_summary(fleet))
+    if args.devices or len(fleet) <= SMALL_FLEET:
+        print()
+        _print_devices(fleet)
+    else:
+        print(f"\n(--devices lists each of the {len(fleet)} devices)")
+    return 0
+
+
+def fleet_summary(fleet: dict[str, reports.DeviceStatus]) -> dict[str, Any]:
+    """Counts a fleet operator reads first: online, and devices per hardware
+    and per (app, version, sequence, phase)."""
+    hardware: Counter[str] = Counter()
+    apps: Counter[tuple[str, str, int, str]] = Counter()
+    for st in fleet.values():
+        hardware[st.hardware] += 1
+        for name, a in st.apps.items():
+            apps[(name, a.version or "-", a.sequence, a.phase)] += 1
+    return {
+        "devices": len(fleet),
+        "online": sum(1 for st in fleet.values() if st.online),
+        "hardware": dict(sorted(hardware.items())),
+        "apps": [
+            {"app": app, "version": ver, "sequence": seq, "phase": phase, "devices": n}
+            for (app, ver, seq, phase), n in sorted(apps.items())
+        ],
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print(f"{s['devices']} device(s): {s['online']} online, {s['devices'] - s['online']} offline")
+    print("hardware: " + ", ".join(f"{hw} {n}" for hw, n in s["hardware"].items()))
+    rows = [(a["app"], a["version"], str(a["sequence"]), a["phase"], str(a["devices"])) for a in s["apps"]]
+    _table(("APP", "VERSION", "SEQ", "PHASE", "DEVICES"), rows)
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _print_devices(fleet: dict[str, reports.DeviceStatus]) -> None:
     rows = []
     for dev in sorted(fleet):
         d = fleet[dev]
@@ -108,10 +160,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         "CONFIG",
         "LAST ERROR",
     )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
+    _table(head, rows)
 
 
 def _app_columns(a: reports.AppReport) -> tuple[str, str, str, str, str, str]:
@@ -180,8 +229,17 @@ def register(sub: Any, trust_sub: Any) -> None:
 
     f = sub.add_parser("fleet", help="the fleet as the broker sees it")
     fsub = f.add_subparsers(dest="fleet_cmd", required=True)
-    fs = fsub.add_parser("status", help="every device's retained status")
-    fs.add_argument("--json", action="store_true", help="print every device's status as JSON")
+    fs = fsub.add_parser(
+        "status", help="the fleet's retained statuses: a summary, and each device's for small fleets"
+    )
+    fs.add_argument(
+        "--devices",
+        action="store_true",
+        help=f"list every device under the summary (done anyway up to {SMALL_FLEET} devices)",
+    )
+    fs.add_argument(
+        "--json", action="store_true", help="print the summary (and, with --devices, every status) as JSON"
+    )
     fs.add_argument("--wait", type=float, default=0.5, help="seconds of quiet that end the listing")
     _broker_opts(fs)
     fs.set_defaults(func=cmd_fleet_status)
