@@ -22,11 +22,13 @@ failed on CONFIG_REJECTED / CONFIG_ROLLED_BACK / CONFIG_FAILED.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -144,8 +146,15 @@ class RolloutController:
         key: Ed25519PrivateKey,
         policy: Policy,
         emit: Callable[[dict[str, Any]], None],
+        *,
+        retain: bool = True,
+        artifact_dir: Path | None = None,
     ) -> None:
+        """``retain=False``: a broker without retained messages; ``artifact_dir``:
+        also keep the release and rollout documents where serve-artifacts reads them."""
         self.s, self.p, self.key, self.policy, self.emit = s, prefix, key, policy, emit
+        self.retain = retain
+        self.artifact_dir = artifact_dir
         self.data = data
         self.t = target_of(data)
         if self.t.default_percent > policy.steps[0]:
@@ -206,7 +215,11 @@ class RolloutController:
         )
         doc = manifest.sign_envelope(signed, [self.key])
         topic = (topics.rollout if t.kind == "release" else topics.config_rollout)(self.p, t.app, t.channel)
-        sess.publish_many([(topic, doc)], retain=True)
+        if self.artifact_dir is not None and t.kind == "release":
+            from devicerunner.fleet.artifacts import ArtifactDir
+
+            ArtifactDir(self.artifact_dir).put_document(f"rollouts/{t.app}/{t.channel}", doc)
+        sess.publish_many([(topic, doc)], retain=self.retain)
 
     def _counts(self, now: float) -> dict[str, Any]:
         with self.fleet.lock:
@@ -232,13 +245,23 @@ class RolloutController:
         t, pol = self.t, self.policy
         with operator.Session(self.s) as sess:
             sess.client.on_message = lambda _c, _u, msg: self._on_message(msg.topic, bytes(msg.payload))
-            sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
-            time.sleep(discover_s)  # retained statuses: who is out there
+            info = sess.client.subscribe(
+                [(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)]
+            )
+            sess.wait_subscribed(info)
+            # retained statuses, and answers to a status request where a broker
+            # never delivers retained messages on a wildcard (RabbitMQ, AWS IoT Core)
+            operator.request_status(sess, self.p, spread_s=discover_s)
+            time.sleep(discover_s + 0.5)
             self._publish_doc(sess, pol.steps[0], paused=False)
             if t.kind == "release":
-                operator.publish_bundle(self.s, self.data, self.p)
+                if self.artifact_dir is not None:
+                    from devicerunner.fleet.artifacts import ArtifactDir
+
+                    ArtifactDir(self.artifact_dir).add_bundle_file(io.BytesIO(self.data))
+                operator.publish_bundle(self.s, self.data, self.p, retain=self.retain)
             else:
-                sess.publish_many([(topics.config(self.p, t.app, t.channel), self.data)], retain=True)
+                sess.publish_many([(topics.config(self.p, t.app, t.channel), self.data)], retain=self.retain)
             self.emit(
                 {
                     "event": "published",

@@ -4,11 +4,14 @@ read the fleet's status. Short-lived single clients (paho's own loop thread)."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, TextIO
 
 import paho.mqtt.client as paho
 
@@ -17,7 +20,6 @@ from devicerunner.transport import topics
 from devicerunner.transport.mqtt import make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
-from devicerunner.trust import verify as trust
 
 WINDOW = 20
 """QoS 1 publishes in flight at once: a flat-out publisher overruns a broker's
@@ -46,6 +48,9 @@ class Session:
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self.client.on_log = self._on_log
+        self.client.on_subscribe = self._on_subscribe
+        self._subacks = threading.Condition()
+        self._acked: set[int] = set()
 
     def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         no_delay(c)
@@ -61,6 +66,11 @@ class Session:
         if not self._connected.is_set():
             self._closed = self._socket_error or str(rc)
             self._connected.set()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._subacks:
+            self._acked.add(mid)
+            self._subacks.notify_all()
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
@@ -99,14 +109,19 @@ class Session:
 
     def publish_many(
         self,
-        items: list[tuple[str, bytes]],
+        items: Iterable[tuple[str, bytes]],
         *,
         retain: bool,
         progress: Callable[[int, int], None] | None = None,
+        total: int | None = None,
     ) -> None:
-        """Publish with at most WINDOW unacknowledged messages; raises on failure."""
+        """Publish with at most WINDOW unacknowledged messages; raises on failure.
+        ``items`` may be a generator: only WINDOW payloads are held at once."""
         inflight: list[paho.MQTTMessageInfo] = []
         done = 0
+        if total is None:
+            items = list(items)
+            total = len(items)
         for topic, payload in items:
             info = self.client.publish(topic, payload, qos=1, retain=retain)
             if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -116,12 +131,12 @@ class Session:
                 self._wait(inflight.pop(0), topic)
                 done += 1
                 if progress:
-                    progress(done, len(items))
+                    progress(done, total)
         for info in inflight:
             self._wait(info, "")
             done += 1
             if progress:
-                progress(done, len(items))
+                progress(done, total)
 
     def _wait(self, info: paho.MQTTMessageInfo, topic: str) -> None:
         try:
@@ -131,18 +146,39 @@ class Session:
         if not info.is_published():
             raise TransportError(f"broker did not acknowledge a publish within {self.timeout_s:.0f} s")
 
-    def collect(self, filters: list[str], quiet_s: float = 0.5, max_s: float = 5.0) -> dict[str, bytes]:
-        """Retained messages under ``filters``: until none arrived for ``quiet_s``."""
+    def collect(
+        self,
+        filters: list[str],
+        quiet_s: float = 0.5,
+        max_s: float = 5.0,
+        min_s: float = 0.0,
+        then: Callable[[], None] | None = None,
+    ) -> dict[str, bytes]:
+        """Messages under ``filters`` (retained, and live ones after ``then``
+        ran): until none arrived for ``quiet_s``, and for ``min_s`` at least."""
         start = time.monotonic()
         with self._lock:
             self.messages = {}  # only what arrives for these filters
         self.last_message = start
-        self.client.subscribe([(f, 1) for f in filters])
-        while time.monotonic() - start < max_s and time.monotonic() - self.last_message < quiet_s:
+        info = self.client.subscribe([(f, 1) for f in filters])
+        if then is not None:
+            self.wait_subscribed(info)
+            then()
+        while time.monotonic() - start < max_s and (
+            time.monotonic() - self.last_message < quiet_s or time.monotonic() - start < min_s
+        ):
             time.sleep(0.05)
         self.client.unsubscribe(filters)
         with self._lock:
             return dict(self.messages)
+
+    def wait_subscribed(self, info: tuple[int, int | None]) -> None:
+        """Wait (bounded) until the broker acknowledged a SUBSCRIBE."""
+        rc, mid = info
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"subscribe failed: {paho.error_string(rc)}")
+        with self._subacks:
+            self._subacks.wait_for(lambda: mid in self._acked, self.timeout_s)
 
 
 def progress_bar(out: TextIO = sys.stderr, label: str = "chunks") -> Callable[[int, int], None]:
@@ -171,30 +207,43 @@ def publish_bundle(
     prefix: str,
     channel: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    retain: bool = True,
 ) -> manifest.Manifest:
     """Chunks first (retained), then the manifest: no device ever sees a release
-    whose chunks are missing."""
-    man, module = bundle.unpack(data)
+    whose chunks are missing. ``retain=False`` (a broker without retained
+    messages): the release only, live; the artifact servers hold the rest."""
+    return publish_bundle_file(s, io.BytesIO(data), prefix, channel, progress, retain)
+
+
+def publish_bundle_file(
+    s: BrokerSettings,
+    f: BinaryIO,
+    prefix: str,
+    channel: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    retain: bool = True,
+) -> manifest.Manifest:
+    """``publish_bundle`` from an open bundle file, one chunk in memory at a time."""
+    man, module_offset = bundle.read_header(f)
     m = manifest.parse_manifest(man)
     if channel is not None and channel != m.channel:
         raise OperatorError(f"the bundle is signed for channel {m.channel!r}, not {channel!r} (re-sign it)")
-    trust.verify_artifact(m, module)  # never publish a corrupt bundle
-    cs = m.artifact.chunk_size
-    chunks = [
-        (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
-        for i in range(len(m.artifact.chunks))
-    ]
+    chunks = (
+        (topics.chunk(prefix, m.artifact.sha256, i), data)
+        for i, data in bundle.iter_chunks(f, m, module_offset)
+    )
     with Session(s) as sess:
-        sess.publish_many(chunks, retain=True, progress=progress)
-        sess.publish_many([(topics.release(prefix, m.app, m.channel), man)], retain=True)
+        if retain:
+            sess.publish_many(chunks, retain=True, progress=progress, total=len(m.artifact.chunks))
+        sess.publish_many([(topics.release(prefix, m.app, m.channel), man)], retain=retain)
     return m
 
 
-def publish_root(s: BrokerSettings, data: bytes, prefix: str) -> manifest.Root:
+def publish_root(s: BrokerSettings, data: bytes, prefix: str, retain: bool = True) -> manifest.Root:
     root = manifest.parse_root(data)
     with Session(s) as sess:
         sess.publish_many(
-            [(topics.root_version(prefix, root.version), data), (topics.root(prefix), data)], retain=True
+            [(topics.root_version(prefix, root.version), data), (topics.root(prefix), data)], retain=retain
         )
     return root
 
@@ -221,9 +270,27 @@ def gc(s: BrokerSettings, prefix: str, dry_run: bool = False) -> tuple[int, int]
     return len(held) - len(stale), len(stale)
 
 
-def fleet_status(s: BrokerSettings, prefix: str, quiet_s: float = 0.5) -> dict[str, dict[str, Any]]:
+def request_status(sess: Session, prefix: str, spread_s: float) -> None:
+    """Ask every device for its status (brokers that never deliver retained
+    statuses on a wildcard, e.g. RabbitMQ, AWS IoT Core): each answers after
+    a random delay in [0, spread_s], so N devices send N/spread_s a second."""
+    body = json.dumps({"spread_s": spread_s, "nonce": os.urandom(8).hex()}).encode()
+    sess.publish_many([(topics.status_request(prefix), body)], retain=False)
+
+
+def fleet_status(
+    s: BrokerSettings, prefix: str, quiet_s: float = 0.5, spread_s: float = 2.0
+) -> dict[str, dict[str, Any]]:
+    """Retained statuses, and the replies to a status request within ``spread_s``
+    (``spread_s=0``: retained ones only; ~1 s per 1,000 devices keeps it gentle)."""
     with Session(s) as sess:
-        msgs = sess.collect([f"{prefix}/devices/+/status"], quiet_s=quiet_s, max_s=30)
+        msgs = sess.collect(
+            [f"{prefix}/devices/+/status"],
+            quiet_s=quiet_s,
+            max_s=30 + spread_s,
+            min_s=spread_s + quiet_s if spread_s > 0 else 0.0,
+            then=(lambda: request_status(sess, prefix, spread_s)) if spread_s > 0 else None,
+        )
     out: dict[str, dict[str, Any]] = {}
     for topic, payload in msgs.items():
         msg = topics.parse_device_message(prefix, topic, payload)
