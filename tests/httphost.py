@@ -4,20 +4,37 @@ with Range requests — and the ways a hostile or broken mirror misbehaves."""
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-MODES = ("good", "corrupt", "slow", "swap", "redirect_loop", "no_range", "oversize", "down", "throttled")
+MODES = (
+    "redirect_elsewhere",
+    "good",
+    "corrupt",
+    "slow",
+    "swap",
+    "redirect_loop",
+    "no_range",
+    "oversize",
+    "down",
+    "throttled",
+)
 
 
 class HttpHost:
-    def __init__(self, root: Path, mode: str = "good") -> None:
+    def __init__(
+        self, root: Path, mode: str = "good", tls: tuple[Path, Path] | None = None, elsewhere: str = ""
+    ) -> None:
+        """``tls``: (certificate, key) to serve https; ``elsewhere``: where
+        ``redirect_elsewhere`` sends every request (same path)."""
         assert mode in MODES
         self.root = root
         self.mode = mode
+        self.elsewhere = elsewhere
         self.requests: list[str] = []
         host = self
 
@@ -34,11 +51,17 @@ class HttpHost:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self) -> HttpHost:
         self.thread.start()
@@ -51,6 +74,12 @@ class HttpHost:
     def serve(self, h: BaseHTTPRequestHandler) -> None:
         if self.mode == "down":
             h.send_error(503)
+            return
+        if self.mode == "redirect_elsewhere":
+            h.send_response(302)
+            h.send_header("Location", self.elsewhere + h.path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
             return
         if self.mode == "redirect_loop":
             h.send_response(302)

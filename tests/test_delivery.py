@@ -32,7 +32,7 @@ from tests.brokers import Mosquitto
 from tests.conftest import ROOT, until
 from tests.devicekit import Events, Kit, counter_module
 from tests.httphost import HttpHost
-from tests.test_mqtt import Listener, _publish, mqtt_kit
+from tests.test_mqtt import Listener, _make_pki, _publish, mqtt_kit
 
 
 def padded(step: int, seed: int, n: int) -> bytes:
@@ -299,3 +299,21 @@ def test_bad_artifact_source_config_is_refused_naming_the_key(
     doc = {"device": {"id": "d", "hardware": "h", "state_dir": "s"}, "artifacts": table}
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.parse(doc, tmp_path, tmp_path / "device.toml")
+
+
+def test_https_mirror_is_verified_and_never_downgraded_to_plain_http(mirror: Any, tmp_path: Path) -> None:
+    d, m, _ = mirror
+    pki = _make_pki(tmp_path)
+    tls = (pki["server"], pki["server_key"])
+    good = HttpHost(d.root, "good", tls=tls).start()
+    plain = HttpHost(d.root, "good").start()
+    downgrade = HttpHost(d.root, "redirect_elsewhere", tls=tls, elsewhere=plain.url).start()
+    try:
+        assert fetch(HttpSource(good.url, ca_file=pki["ca"]), m, MemorySink(m)) is None
+        err = fetch(HttpSource(good.url), m, MemorySink(m))  # a CA the system store does not know
+        assert err is not None and err.reason == "source_unavailable" and "CERTIFICATE" in str(err).upper()
+        err = fetch(HttpSource(downgrade.url, ca_file=pki["ca"]), m, MemorySink(m))
+        assert err is not None and err.reason == "tls_downgrade", err
+    finally:
+        for h in (good, plain, downgrade):
+            h.stop()

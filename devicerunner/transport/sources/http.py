@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, MaxRetryError
+from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError
 
 from devicerunner.transport.sources.base import ArtifactSource, ChunkRef, FetchJob, SourceError, wanted
 
@@ -117,10 +117,20 @@ class HttpSource(ArtifactSource):
                 headers={"Range": f"bytes={ref.offset}-{last}", "Accept-Encoding": "identity"},
                 preload_content=False,
                 redirect=True,
-                retries=urllib3.Retry(total=None, connect=0, read=0, redirect=self.max_redirects, status=0),
+                # follow redirects, retry nothing else (the next source is the retry)
+                retries=urllib3.Retry(
+                    total=self.max_redirects,
+                    connect=0,
+                    read=0,
+                    other=0,
+                    status=0,
+                    redirect=self.max_redirects,
+                ),
             )
         except MaxRetryError as e:
-            raise SourceError("too_many_redirects", f"http: {e.reason}") from e
+            if isinstance(e.reason, ResponseError):  # "too many redirects"
+                raise SourceError("too_many_redirects", f"http: {e.reason}") from e
+            raise SourceError("source_unavailable", f"http: {e.reason}") from e
         try:
             final = resp.geturl() or ""
             if self.https and final.startswith("http://"):
