@@ -4,6 +4,7 @@ between sources, and deltas for free (content-defined chunks reused by hash)."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
 import signal
@@ -19,7 +20,7 @@ import pytest
 from devicerunner.device import config
 from devicerunner.device.daemon import Daemon
 from devicerunner.errors import ConfigError
-from devicerunner.fleet.artifacts import ArtifactDir
+from devicerunner.fleet.artifacts import ArtifactDir, ArtifactServer
 from devicerunner.transport import operator, topics
 from devicerunner.transport.channel import STATUS_REPLY_BURST
 from devicerunner.transport.settings import parse_url
@@ -317,3 +318,32 @@ def test_https_mirror_is_verified_and_never_downgraded_to_plain_http(mirror: Any
     finally:
         for h in (good, plain, downgrade):
             h.stop()
+
+
+def test_request_response_download_asks_within_its_window_and_never_twice(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    art = tmp_path / "artifacts"
+    kit = mqtt_kit(tmp_path, broker.url, extra='\n[artifacts]\nsources = ["mqtt"]\nwindow = 4\n')
+    data = cdc_bundle(kit, padded(3, 12, 300_000), 1)
+    (tmp_path / "b.bundle").write_bytes(data)
+    m = ArtifactDir(art).add_bundle(tmp_path / "b.bundle")
+    requests = Listener(broker.url, topics.artifact_request("dr/v1", "dev-1"))
+    server = ArtifactServer(parse_url(broker.url), "dr/v1", art).start()
+    d = Daemon(kit.cfg)
+    ev = Events(d)
+    d.start()
+    try:
+        assert d.channel.wait_connected(10)
+        _publish(broker.url, data)  # the release (and retained chunks this device never asks for)
+        done = ev.wait("DOWNLOADED", 1, timeout_s=30)
+        ev.wait("COMMITTED", 1)
+    finally:
+        d.stop()
+        server.stop()
+        requests.close()
+    asked = [json.loads(p)["chunks"] for _, p in requests.messages]
+    assert all(len(a) <= 4 for a in asked), asked
+    flat = [i for a in asked for i in a]
+    assert sorted(flat) == list(range(len(m.artifact.chunks)))  # every chunk, once
+    assert done["sources"] == ["mqtt"] and done["chunks_fetched"] == len(m.artifact.chunks)
