@@ -146,6 +146,9 @@ class ArtifactSource(ABC):
             job.sink.refused(ref, e)
             self._bad_chunk(job, e)
             return False
+        except OSError as e:  # the device's disk, not the source: reported as such
+            self._finish(job, SourceError("io_error", f"{self.name}: cannot store chunk {ref.index}: {e}"))
+            return False
         if took:
             self.stats["chunks"] += 1
             self.stats["bytes"] += len(data)
