@@ -216,10 +216,10 @@ def tampered(ctx: Ctx) -> dict[str, Any]:
     data = ctx.fleet.keys.bundle(apps.good(f"t{seq}") + b"", seq, f"1.{seq}.0", percent=100)
     man, module = bundle.unpack(data)
     m = manifest.parse_manifest(man)
-    cs = m.artifact.chunk_size
+    a = m.artifact
     chunks = [
-        (topics.chunk(P, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
-        for i in range(len(m.artifact.chunks))
+        (topics.chunk(P, a.sha256, i), module[a.offsets[i] : a.offsets[i] + a.sizes[i]])
+        for i in range(len(a.chunks))
     ]
     chunks[0] = (chunks[0][0], b"\0" * len(chunks[0][1]))  # someone on the broker swapped a chunk
     with operator.Session(ctx.s) as sess:

@@ -165,4 +165,80 @@ class DeployedMosquitto:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+CONSTRAINED = "retain_available false\nmax_packet_size 65536\nmessage_size_limit 65536\n"
+"""Mosquitto made to behave like a constrained managed broker (Azure IoT Hub:
+no RETAIN; Event Grid: 64 KB messages): retained publishes are refused."""
+
+RABBITMQ_HOME = Path("/usr/lib/rabbitmq/lib")
+EPMD = shutil.which("epmd") or "/usr/bin/epmd"
+
+
+def rabbitmq_server() -> Path | None:
+    """The rabbitmq-server script of the Debian package, if installed."""
+    found = sorted(RABBITMQ_HOME.glob("rabbitmq_server-*/sbin/rabbitmq-server"))
+    return found[-1] if found else None
+
+
+class RabbitMQ:
+    """RabbitMQ with its MQTT plugin on free loopback ports, everything in
+    ``workdir`` (its own Erlang port mapper too, so nothing is left behind).
+    Starting takes ~5-10 s: one per test module."""
+
+    def __init__(self, workdir: Path) -> None:
+        server = rabbitmq_server()
+        if server is None:
+            raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        self.server = server
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port, amqp, self.epmd_port, dist = (free_port() for _ in range(4))
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "mqtt.allow_anonymous = true\nlog.console = false\nlog.file.level = warning\n"
+        )
+        self.env = {
+            **os.environ,
+            "HOME": str(self.dir),
+            "RABBITMQ_NODENAME": f"dr{self.port}@localhost",
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.epmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> RabbitMQ:
+        self.log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        # our own port mapper, in the foreground, so stop() can end exactly it
+        self.epmd = subprocess.Popen([EPMD, "-port", str(self.epmd_port)], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([str(self.server)], env=self.env, stdout=self.log, stderr=self.log)
+        try:
+            wait_port(self.port, timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for p in (self.proc, self.epmd):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        self.proc = self.epmd = None
         self.log.close()

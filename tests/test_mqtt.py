@@ -211,7 +211,7 @@ def test_broker_restart_mid_download_resumes_without_fetching_a_chunk_twice(
         done = ev.wait("DOWNLOADED", 1, timeout_s=30)
         ev.wait("COMMITTED", 1)
         assert done["chunks_fetched"] == n
-        assert d.delivery.stats["chunk_messages"] == n  # not one chunk delivered twice
+        assert d.channel.stats["chunk_messages"] == n  # not one chunk delivered twice
         assert len(d.channel.connections()) >= 2
     finally:
         d.stop()
@@ -288,6 +288,8 @@ def test_device_cannot_publish_a_release_or_another_devices_status(tmp_path: Pat
 topic readwrite {P}/#
 
 pattern write {P}/devices/%u/#
+pattern read {P}/devices/%u/#
+pattern read {P}/fleet/status-request
 pattern read {P}/releases/#
 pattern read {P}/rollouts/#
 pattern read {P}/artifacts/#

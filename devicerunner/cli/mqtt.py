@@ -1,4 +1,4 @@
-"""MQTT commands: publish, trust publish, gc, fleet status, broker."""
+"""MQTT commands: publish, trust publish, serve-artifacts, gc, fleet status, broker."""
 
 from __future__ import annotations
 
@@ -28,12 +28,22 @@ def _settings(args: argparse.Namespace) -> BrokerSettings:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    data = Path(args.bundle).read_bytes()
-    s = _settings(args)
+    if not args.broker and not args.dir:
+        raise operator.OperatorError("publish: give --broker URL, --dir DIR or both")
     t0 = time.monotonic()
-    bar = None if args.json else operator.progress_bar(sys.stderr)
-    m = operator.publish_bundle(s, data, args.prefix, args.channel, progress=bar)
+    if args.dir:  # the artifact servers' and HTTP hosts' copy first: devices may ask at once
+        from devicerunner.fleet.artifacts import ArtifactDir
+
+        m = ArtifactDir(Path(args.dir)).add_bundle(Path(args.bundle), args.channel)
+    if args.broker:
+        s = _settings(args)
+        bar = None if args.json else operator.progress_bar(sys.stderr)
+        with open(args.bundle, "rb") as f:
+            m = operator.publish_bundle_file(
+                s, f, args.prefix, args.channel, progress=bar, retain=not args.no_retain
+            )
     dt = time.monotonic() - t0
+    where = " and ".join(x for x in (args.broker and _settings(args).url, args.dir) if x)
     if args.json:
         print(
             json.dumps(
@@ -50,15 +60,23 @@ def cmd_publish(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"published {m.app} {m.version} (sequence {m.sequence}) to {s.url} on channel {m.channel}: "
+            f"published {m.app} {m.version} (sequence {m.sequence}) to {where} on channel {m.channel}: "
             f"{len(m.artifact.chunks)} chunk(s), {m.artifact.size} bytes in {dt:.2f} s"
         )
     return 0
 
 
 def cmd_trust_publish(args: argparse.Namespace) -> int:
+    data = Path(args.root).read_bytes()
+    if args.dir:
+        from devicerunner.fleet.artifacts import ArtifactDir
+        from devicerunner.trust import manifest
+
+        version = manifest.parse_root(data).version
+        ArtifactDir(Path(args.dir)).put_document(f"trust/roots/{version}", data)
+        ArtifactDir(Path(args.dir)).put_document("trust/root", data)
     s = _settings(args)
-    root = operator.publish_root(s, Path(args.root).read_bytes(), args.prefix)
+    root = operator.publish_root(s, data, args.prefix, retain=not args.no_retain)
     if args.json:
         print(json.dumps({"published": "root", "version": root.version, "broker": s.url}))
     else:
@@ -81,7 +99,7 @@ SMALL_FLEET = 20
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
-    fleet = operator.fleet_status(_settings(args), args.prefix, quiet_s=args.wait)
+    fleet = operator.fleet_status(_settings(args), args.prefix, quiet_s=args.wait, spread_s=args.spread)
     if args.json:
         doc: dict[str, Any] = {"summary": fleet_summary(fleet)}
         if args.devices or len(fleet) <= SMALL_FLEET:
@@ -191,10 +209,32 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _broker_opts(p: argparse.ArgumentParser) -> None:
+def cmd_serve_artifacts(args: argparse.Namespace) -> int:
+    from devicerunner.fleet.artifacts import ArtifactServer
+
+    srv = ArtifactServer(_settings(args), args.prefix, Path(args.dir), share=not args.no_share).start()
+    print(f"serving artifacts from {args.dir} on {srv.s.url} ({srv.filter()}); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait(args.for_s)
+    srv.stop()
+    print(json.dumps(srv.stats), flush=True)
+    return 0
+
+
+def _retain_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help="also write it into this artifact directory (serve-artifacts, HTTP hosts)")
+    p.add_argument(
+        "--no-retain", action="store_true", help="the broker has no retained messages: publish live only"
+    )
+
+
+def _broker_opts(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--broker",
-        required=True,
+        required=required,
         metavar="URL",
         help="mqtt://host:port or mqtts://host:port (user name and password: DR_MQTT_USERNAME, "
         "DR_MQTT_PASSWORD)",
@@ -212,14 +252,29 @@ def register(sub: Any, trust_sub: Any) -> None:
         "--channel", help="must match the channel the bundle was signed for (default: the bundle's)"
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    _broker_opts(p)
+    _broker_opts(p, required=False)
+    _retain_opts(p)
     p.set_defaults(func=cmd_publish)
 
     t = trust_sub.add_parser("publish", help="publish a trust root (devices rotate to it)")
     t.add_argument("root", help="a root from devicerunner trust init/rotate")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _broker_opts(t)
+    _retain_opts(t)
     t.set_defaults(func=cmd_trust_publish)
+
+    a = sub.add_parser(
+        "serve-artifacts", help="answer devices' chunk and document requests over MQTT from an artifact dir"
+    )
+    a.add_argument("--dir", required=True, help="written by publish --dir / trust publish --dir")
+    a.add_argument(
+        "--no-share",
+        action="store_true",
+        help="plain subscription, one server (brokers without shared subscriptions, e.g. RabbitMQ 3.x)",
+    )
+    a.add_argument("--for", dest="for_s", type=float, default=None, help=argparse.SUPPRESS)
+    _broker_opts(a)
+    a.set_defaults(func=cmd_serve_artifacts)
 
     g = sub.add_parser("gc", help="remove retained chunks no current release references")
     g.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
@@ -241,6 +296,13 @@ def register(sub: Any, trust_sub: Any) -> None:
         "--json", action="store_true", help="print the summary (and, with --devices, every status) as JSON"
     )
     fs.add_argument("--wait", type=float, default=0.5, help="seconds of quiet that end the listing")
+    fs.add_argument(
+        "--spread",
+        type=float,
+        default=2.0,
+        help="ask every device for its status; they answer within this many seconds "
+        "(brokers without retained wildcard delivery; ~1 s per 1,000 devices; 0: retained only)",
+    )
     _broker_opts(fs)
     fs.set_defaults(func=cmd_fleet_status)
 
@@ -308,6 +370,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         keys.load_private(Path(args.key), keys.passphrase(getattr(args, "passphrase_file", None))),
         policy,
         emit,
+        retain=not args.no_retain,
+        artifact_dir=Path(args.dir) if args.dir else None,
     )
     try:
         result = ctl.run()
@@ -391,6 +455,7 @@ def register_rollout(sub: Any) -> None:
         help="halt: publish a paused rollout document at the first --steps percent and exit",
     )
     _broker_opts(r)
+    _retain_opts(r)
     r.set_defaults(func=cmd_rollout)
     r.add_argument(
         "--passphrase-file",

@@ -8,6 +8,7 @@ is refused with the reason), and writes files atomically.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from devicerunner.device.config import parse_capabilities
 from devicerunner.errors import ConfigError, DeviceRunnerError, VerificationError
 from devicerunner.runtime.fsutil import atomic_write
-from devicerunner.trust import bundle, keys, manifest
+from devicerunner.trust import bundle, chunking, keys, manifest
 from devicerunner.trust import verify as trust
 
 DAY = 86_400
@@ -202,6 +203,12 @@ def cmd_sign(args: argparse.Namespace) -> int:
     finally:
         sb.close()
     now = _now(args)
+    kind = args.chunking or ("fixed" if args.chunk_size else "fastcdc")
+    how = (
+        chunking.Chunking("fixed", fixed_bytes=args.chunk_size or manifest.DEFAULT_CHUNK)
+        if kind == "fixed"
+        else chunking.for_size(len(module))
+    )
     signed = manifest.manifest_signed(
         app=args.app,
         version=args.version,
@@ -214,7 +221,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         expires=now + args.expires_days * DAY,
         channel=args.channel,
         rollout_percent=args.rollout_percent,
-        chunk_size=args.chunk_size,
+        artifact=chunking.artifact_of(io.BytesIO(module), how),
         memory_bytes=args.memory_limit,
         tick_budget_ms=args.tick_budget_ms,
         tick_interval_ms=args.tick_interval_ms,
@@ -428,7 +435,12 @@ def register(sub: Any) -> Any:
         default=100,
         help="devices that may take it before any rollout document",
     )
-    s.add_argument("--chunk-size", type=int, default=manifest.DEFAULT_CHUNK, help="artifact chunk bytes")
+    s.add_argument(
+        "--chunking",
+        choices=("fastcdc", "fixed"),
+        help="content-defined chunks (default: deltas fetch only what changed) or fixed-size",
+    )
+    s.add_argument("--chunk-size", type=int, help="bytes per chunk with --chunking fixed (default 65536)")
     s.add_argument("--memory-limit", type=int, default=16 * 1024 * 1024, help="app memory limit, bytes")
     s.add_argument("--tick-budget-ms", type=int, default=10, help="CPU budget per tick")
     s.add_argument("--tick-interval-ms", type=int, default=100, help="time between ticks")

@@ -89,6 +89,31 @@ class BrokerConfig:
     download_stall_s: float = 30.0
     protocol: str = "3.1.1"
     max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES
+    retain: bool = True
+    """False on brokers without retained messages (Azure IoT Hub, Mosquitto with
+    retain_available false): status and last will are then published live."""
+
+
+ARTIFACT_SOURCES = ("retained", "mqtt", "http")
+
+
+@dataclass(frozen=True)
+class ArtifactsConfig:
+    """``[artifacts]``: where chunks come from, tried in this order (docs/operations.md)."""
+
+    sources: tuple[str, ...] = ("retained",)
+    http_url: str | None = None
+    ca_file: Path | None = None
+    window: int = 8
+    """MQTT request/response: chunks requested and not yet received, at most."""
+    max_redirects: int = 3
+    min_bytes_per_s: int = 16 * 1024
+    """HTTP: a chunk slower than this (plus 20 s) fails the source (slow-loris)."""
+    request_documents: bool = False
+    """Ask the artifact servers for the current root/releases/rollouts on every
+    connect (brokers without retained messages). Default: on with the mqtt source."""
+    status_requests: bool = True
+    """Answer fleet-wide status requests (brokers without retained wildcard delivery)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,7 @@ class DeviceConfig:
     sensors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     actuators: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     broker: BrokerConfig | None = None
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     log_format: str = "text"
     trial_attempts: int = 2
     """Trials a pending update may start; a crash or power cut during one counts.
@@ -211,6 +237,7 @@ def _broker(t: _Table, base: Path) -> BrokerConfig:
         max_packet_bytes=t.integer(
             "max_packet_bytes", DEFAULT_MAX_PACKET_BYTES, MIN_PACKET_BYTES_CFG, MAX_PACKET_BYTES_CFG
         ),
+        retain=_flag(t, "retain", True),
     )
     t.done()
     if cfg.reconnect_max_s < cfg.reconnect_min_s:
@@ -218,6 +245,43 @@ def _broker(t: _Table, base: Path) -> BrokerConfig:
             f"{t.key('reconnect_max_s')}: must be >= reconnect_min_s ({cfg.reconnect_min_s}), "
             f"got {cfg.reconnect_max_s}"
         )
+    return cfg
+
+
+def _flag(t: _Table, k: str, default: bool) -> bool:
+    v = t.get(k)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{t.key(k)}: must be true or false")
+    return v
+
+
+def _artifacts(t: _Table, base: Path) -> ArtifactsConfig:
+    sources = t.str_list("sources") or ("retained",)
+    for name in sources:
+        if name not in ARTIFACT_SOURCES:
+            raise ConfigError(
+                f"{t.key('sources')}: unknown source {name!r} (known: {', '.join(ARTIFACT_SOURCES)})"
+            )
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"{t.key('sources')}: a source is listed twice")
+    http_url = t.opt_text("http_url")
+    if http_url is not None and not re.match(r"^https?://[^/\s]+", http_url):
+        raise ConfigError(f"{t.key('http_url')}: must be an http:// or https:// URL, got {http_url!r}")
+    if "http" in sources and http_url is None:
+        raise ConfigError(f"{t.key('http_url')}: is required with the http source")
+    cfg = ArtifactsConfig(
+        sources=sources,
+        http_url=http_url,
+        ca_file=t.path_("ca_file", base),
+        window=t.integer("window", 8, 1, 64),
+        max_redirects=t.integer("max_redirects", 3, 0, 10),
+        min_bytes_per_s=t.integer("min_bytes_per_s", 16 * 1024, 1, 2**40),
+        request_documents=_flag(t, "request_documents", "mqtt" in sources),
+        status_requests=_flag(t, "status_requests", True),
+    )
+    t.done()
     return cfg
 
 
@@ -269,6 +333,10 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         apps[name] = app
     broker_raw = root.get("broker")
     broker = None if broker_raw is None else _broker(_Table("broker", broker_raw), base)
+    artifacts_raw = root.get("artifacts")
+    artifacts = (
+        ArtifactsConfig() if artifacts_raw is None else _artifacts(_Table("artifacts", artifacts_raw), base)
+    )
     root.done()
     return DeviceConfig(
         id=device_id,
@@ -278,6 +346,7 @@ def parse(doc: Mapping[str, Any], base: Path, source: Path | None = None) -> Dev
         sensors=sensors,
         actuators=actuators,
         broker=broker,
+        artifacts=artifacts,
         log_format=log_format,
         trial_attempts=trial_attempts,
         compile_memory_bytes=compile_memory_bytes,

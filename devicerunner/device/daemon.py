@@ -32,6 +32,7 @@ from devicerunner.runtime.process import Runtime
 from devicerunner.sandbox.engine import AppInstance, CompileLimits, Limits, Sandbox, load_module_bytes
 from devicerunner.transport.channel import DeviceChannel, Subscription
 from devicerunner.transport.settings import parse_url
+from devicerunner.transport.sources.base import ArtifactSource
 from devicerunner.trust.manifest import Manifest
 from devicerunner.trust.store import TrustStore
 from devicerunner.trust.verify import DeviceIdentity
@@ -177,6 +178,7 @@ class Daemon:
 
     def _build_channel(self, b: BrokerConfig) -> None:
         lane = self.runtime.work.lane(f"{self.cfg.id}/transport", paused=True)
+        art = self.cfg.artifacts
         settings = parse_url(
             b.url,
             ca_file=b.ca_file,
@@ -201,16 +203,44 @@ class Daemon:
             backoff_min_s=b.reconnect_min_s,
             backoff_max_s=b.reconnect_max_s,
             messages=self.deliver_message,
+            retain=b.retain,
+            request_chunks="mqtt" in art.sources,
+            request_window=art.window,
+            request_documents=art.request_documents,
+            status_requests=art.status_requests,
         )
         self.delivery = Delivery(
             state_dir=self.cfg.state_dir,
             updater=self.updater,
             trust_store=self.trust,
             rollouts=self.rollouts,
+            sources=self._artifact_sources(self.channel),
             fetcher=self.channel,
             lane=lane,
             stall_s=b.download_stall_s,
         )
+
+    def _artifact_sources(self, channel: DeviceChannel) -> list[ArtifactSource]:
+        """``[artifacts] sources`` in order: the channel's MQTT sources, or HTTP."""
+        art = self.cfg.artifacts
+        out: list[ArtifactSource] = []
+        for name in art.sources:
+            if name == "retained":
+                out.append(channel.retained)
+            elif name == "mqtt":
+                out.append(channel.requests)
+            elif name == "http" and art.http_url is not None:
+                from devicerunner.transport.sources.http import HttpSource  # urllib3 only when used
+
+                out.append(
+                    HttpSource(
+                        art.http_url,
+                        ca_file=art.ca_file,
+                        max_redirects=art.max_redirects,
+                        min_bytes_per_s=art.min_bytes_per_s,
+                    )
+                )
+        return out
 
     # -- events ------------------------------------------------------------------
 
@@ -352,7 +382,7 @@ class Daemon:
                 entry.update(live.status(now_s))
             else:
                 entry.update(running=False, last_error=self.failed.get(name))
-            downloading = self.delivery.active.get(name) if self.delivery is not None else None
+            downloading = self.delivery.downloads.active.get(name) if self.delivery is not None else None
             entry.update(releases(st, entry.get("version"), getattr(downloading, "m", None)))
             apps[name] = entry
         return {

@@ -32,12 +32,14 @@ failed on CONFIG_REJECTED / CONFIG_ROLLED_BACK / CONFIG_FAILED.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -175,8 +177,15 @@ class RolloutController:
         key: Ed25519PrivateKey,
         policy: Policy,
         emit: Callable[[dict[str, Any]], None],
+        *,
+        retain: bool = True,
+        artifact_dir: Path | None = None,
     ) -> None:
+        """``retain=False``: a broker without retained messages; ``artifact_dir``:
+        also keep the release and rollout documents where serve-artifacts reads them."""
         self.s, self.p, self.key, self.policy, self._emit = s, prefix, key, policy, emit
+        self.retain = retain
+        self.artifact_dir = artifact_dir
         self.data = data
         self.t = target_of(data)
         if self.t.default_percent > policy.steps[0]:
@@ -280,8 +289,13 @@ class RolloutController:
         doc = manifest.sign_envelope(signed, [self.key])
         topic = (topics.rollout if t.kind == "release" else topics.config_rollout)(self.p, t.app, t.channel)
         self.versions.add(self.version)
-        sess.publish_many([(topic, doc)], retain=True)
-        sess.check_stored({topic: doc}, [topic], "the rollout document")
+        if self.artifact_dir is not None and t.kind == "release":
+            from devicerunner.fleet.artifacts import ArtifactDir
+
+            ArtifactDir(self.artifact_dir).put_document(f"rollouts/{t.app}/{t.channel}", doc)
+        sess.publish_many([(topic, doc)], retain=self.retain)
+        if self.retain:
+            sess.check_stored({topic: doc}, [topic], "the rollout document")
         self.published_percent, self.paused = percent, paused
 
     def _counts(self, now: float) -> dict[str, Any]:
@@ -363,20 +377,31 @@ class RolloutController:
                 self._on_message(msg.topic, bytes(msg.payload))
 
             sess.client.on_message = on_message
-            sess.client.subscribe([(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)])
-            time.sleep(discover_s)  # retained statuses: who is out there
+            info = sess.client.subscribe(
+                [(f"{self.p}/devices/+/status", 1), (f"{self.p}/devices/+/events", 1)]
+            )
+            sess.wait_subscribed(info)
+            # retained statuses, and answers to a status request where a broker
+            # never delivers retained messages on a wildcard (RabbitMQ, AWS IoT Core)
+            operator.request_status(sess, self.p, spread_s=discover_s)
+            time.sleep(discover_s + 0.5)
             # An operator may have published the release already (the rollout
             # controller's identity need not write releases or artifacts).
             if t.kind == "release":
-                stored = operator.release_stored(self.s, self.data, self.p)
+                if self.artifact_dir is not None:
+                    from devicerunner.fleet.artifacts import ArtifactDir
+
+                    ArtifactDir(self.artifact_dir).add_bundle_file(io.BytesIO(self.data))
+                stored = self.retain and operator.release_stored(self.s, self.data, self.p)
                 if not stored:
-                    operator.publish_bundle(self.s, self.data, self.p)  # reads every chunk back
+                    operator.publish_bundle(self.s, self.data, self.p, retain=self.retain)  # read back
             else:
                 topic = topics.config(self.p, t.app, t.channel)
-                stored = not sess.read_back({topic: self.data}, [topic], max_s=1.0)
+                stored = self.retain and not sess.read_back({topic: self.data}, [topic], max_s=1.0)
                 if not stored:
-                    sess.publish_many([(topic, self.data)], retain=True)
-                    sess.check_stored({topic: self.data}, [topic], "the config")
+                    sess.publish_many([(topic, self.data)], retain=self.retain)
+                    if self.retain:
+                        sess.check_stored({topic: self.data}, [topic], "the config")
             self.emit(
                 {
                     "event": "published",

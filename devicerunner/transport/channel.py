@@ -19,12 +19,25 @@ garbage under other versions is never even delivered. A document topic
 whose waiting message was replaced is subscribed again once the flood has
 drained, so the broker re-sends the genuine retained copy. Log lines about
 refused input are rate-limited with a count of what was held back.
+
+Chunk messages go to the MQTT artifact sources it owns (``retained``,
+``requests``: transport/sources), which hand them to the download that asked
+(update.downloads). On brokers without retained messages it asks the artifact
+servers for the current documents on every connect (``request_documents``);
+the replies arrive on the device's own topics (``{p}/devices/{id}/artifacts/``
+and ``documents/``, parsed strictly here: the broker's wildcard matching is
+not trusted) and take the same mailbox and ``Inbound`` as retained ones. It
+answers fleet-wide status requests after a random delay within the asked
+spread, from a small token bucket (``STATUS_REPLY_BURST`` at once, then one
+per ``STATUS_REPLY_EVERY_S``), so a flood of requests cannot make the fleet
+flood the broker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +50,8 @@ from devicerunner.transport import topics
 from devicerunner.transport.mailbox import Mailbox
 from devicerunner.transport.mqtt import Connection
 from devicerunner.transport.settings import BrokerSettings
+from devicerunner.transport.sources.reqresp import DEFAULT_WINDOW, RequestSource
+from devicerunner.transport.sources.retained import RetainedSource
 from hostfuncs.telemetry import Outbox
 
 log = logging.getLogger(__name__)
@@ -48,6 +63,12 @@ STATUS_COALESCE_S = 0.2
 MAILBOX_MAX_TOPICS = 4096
 """Topics with a message waiting for the lane (each holds only its newest)."""
 REFRESH_AFTER_DROPS_S = 30.0
+STATUS_REPLY_BURST = 3
+STATUS_REPLY_EVERY_S = 10.0
+"""Fleet-wide status requests answered: a few back to back (an operator's
+`fleet status` then `rollout`), then one per 10 s, so a flood of requests
+makes a 10,000-device fleet send at most ~1,000 statuses a second."""
+MAX_STATUS_SPREAD_S = 120.0
 """A document topic whose waiting message was replaced is subscribed again
 (the broker re-sends its retained copy) at most this often."""
 
@@ -61,8 +82,6 @@ class Inbound(Protocol):
         """A release delivered on the topic of (``app``, ``channel``)."""
 
     def on_rollout(self, app: str, payload: bytes) -> None: ...
-
-    def on_chunk(self, sha256: str, index: int, payload: bytes) -> None: ...
 
 
 class ConfigInbound(Protocol):
@@ -104,9 +123,24 @@ class DeviceChannel:
         backoff_min_s: float,
         backoff_max_s: float,
         messages: MessageSink | None = None,
+        retain: bool = True,
+        request_chunks: bool = False,
+        request_window: int = DEFAULT_WINDOW,
+        request_documents: bool = False,
+        status_requests: bool = True,
     ) -> None:
         """``status(online)``: the device's status document, built on demand.
-        ``messages``: where operators' messages to apps go."""
+        ``messages``: where operators' messages to apps go. ``retain``: the
+        broker keeps retained messages (status and last will are retained);
+        ``request_chunks``: subscribe to the replies of the ``requests``
+        source; ``request_documents``: ask for the current documents on every
+        connect; ``status_requests``: answer them."""
+        self.retain = retain
+        self.request_chunks = request_chunks
+        self.request_documents = request_documents
+        self.status_requests = status_requests
+        self._reply_tokens = float(STATUS_REPLY_BURST)
+        self._reply_tokens_at = time.monotonic()
         self.p = prefix
         self.id = device_id
         self._apps = tuple(apps)
@@ -122,7 +156,13 @@ class DeviceChannel:
         self._max_packet_bytes = settings.max_packet_bytes
         self._next_root: str | None = None
         """The exact topic of the trust root version asked for (subscribed)."""
-        self.stats = {"unexpected_topics": 0, "oversize_packets": 0}
+        self.stats = {
+            "unexpected_topics": 0,
+            "oversize_packets": 0,
+            "chunk_messages": 0,
+            "status_requests": 0,
+            "status_replies": 0,
+        }
         self.mailbox = Mailbox(lane.post, self._handle, max_keys=MAILBOX_MAX_TOPICS)
         self._refused = RateLimitedLog(log, rate_per_s=0.5, burst=10)
         self._refreshed: dict[str, float] = {}
@@ -134,13 +174,15 @@ class DeviceChannel:
             f"dr-{device_id}",
             on_message=self._arrived,
             on_connect=self._on_connect,
-            will=(topics.status(prefix, device_id), offline, 1, True),
+            will=(topics.status(prefix, device_id), offline, 1, retain),
             backoff_min_s=backoff_min_s,
             backoff_max_s=backoff_max_s,
             runtime=runtime,
             on_oversize=self._oversize,
         )
         outbox.on_first = self._telemetry_waiting
+        self.retained = RetainedSource(self.conn, prefix)
+        self.requests = RequestSource(self.conn, prefix, device_id, request_window)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -157,6 +199,12 @@ class DeviceChannel:
             if s.messages and self._messages is not None:
                 subs.append(topics.app_inbox(self.p, s.app, self.id) + "/#")
                 subs.append(topics.app_inbox(self.p, s.app) + "/#")
+        if self.request_chunks:
+            subs.append(self.requests.subscription())
+        if self.request_documents:
+            subs.append(topics.document_response(self.p, self.id, "#"))
+        if self.status_requests:
+            subs.append(topics.status_request(self.p))
         self.conn.subscribe(subs)
         self._lane.every(HEARTBEAT_S, self.publish_status)
         self._lane.resume()
@@ -166,7 +214,9 @@ class DeviceChannel:
         self._lane.close(5)
         if self.conn.connected.is_set():
             try:  # a clean stop says so; a crash leaves it to the last will
-                info = self.conn.publish(topics.status(self.p, self.id), self._status_payload(False), 1, True)
+                info = self.conn.publish(
+                    topics.status(self.p, self.id), self._status_payload(False), 1, self.retain
+                )
                 info.wait_for_publish(2)
             except (RuntimeError, ValueError):
                 pass
@@ -196,13 +246,7 @@ class DeviceChannel:
 
         self._lane.post(run)
 
-    # -- ChunkFetcher (update.delivery) -------------------------------------------------
-
-    def want(self, sha256: str, indices: list[int]) -> None:
-        self.conn.subscribe([topics.chunk(self.p, sha256, i) for i in indices])
-
-    def drop(self, sha256: str, indices: list[int]) -> None:
-        self.conn.unsubscribe([topics.chunk(self.p, sha256, i) for i in indices])
+    # -- RootFetcher (update.delivery) -------------------------------------------------
 
     def online(self) -> bool:
         return self.conn.connected.is_set()
@@ -223,6 +267,16 @@ class DeviceChannel:
     def _arrived(self, topic: str, payload: bytes, retained: bool) -> None:
         """I/O loop: app messages to their (bounded) inboxes; documents and chunks
         only on topics subscribed to, newest per topic, bounded."""
+        own = topics.parse_response(self.p, self.id, topic)
+        if own is not None:  # an artifact server's reply to this device (strictly parsed)
+            wanted = self.request_chunks if own[0] == "artifacts" else self.request_documents
+            if not wanted:
+                self.stats["unexpected_topics"] += 1
+            elif not self.mailbox.put(topic, payload):
+                self._refused.log(
+                    logging.WARNING, time.monotonic(), "dropped a message on %s: too many waiting", topic
+                )
+            return
         if topic.startswith((f"{self.p}/apps/", f"{self.p}/devices/")):
             # a message for an app: queued at once (bounded, never waits), no lane hop
             self._app_message(topic, payload, retained)
@@ -301,6 +355,8 @@ class DeviceChannel:
     def _on_connect(self) -> None:
         self.post(self.publish_status)
         self.post(self._drain_telemetry)
+        if self.request_documents:
+            self.post(self._ask_for_documents)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         inbound, p = self.inbound, self.p
@@ -313,9 +369,8 @@ class DeviceChannel:
             if len(parts) == 3:
                 inbound.on_release(parts[1], parts[2], payload)
         elif topic.startswith(f"{p}/artifacts/"):
-            parsed = topics.parse_chunk(p, topic)
-            if parsed is not None:
-                inbound.on_chunk(parsed[0], parsed[1], payload)
+            self.stats["chunk_messages"] += 1
+            self.retained.on_message(topic, payload)
         elif topic.startswith(f"{p}/rollouts/"):
             parts = topic[len(p) + 1 :].split("/")
             if len(parts) == 3:
@@ -326,6 +381,51 @@ class DeviceChannel:
             parts = topic[len(p) + 1 :].split("/")
             if len(parts) == 3:
                 self.configs.on_config(parts[1], payload)
+        elif topic == topics.status_request(p):
+            self._on_status_request(payload)
+        elif (own := topics.parse_response(p, self.id, topic)) is not None:
+            kind, rest = own
+            if kind == "artifacts" and len(rest) == 2:
+                self.stats["chunk_messages"] += 1
+                self.requests.on_message(rest[0], rest[1], payload)
+            elif kind == "documents" and rest == ["root"]:
+                inbound.on_root(payload)
+            elif kind == "documents" and len(rest) == 3 and rest[0] == "releases":
+                inbound.on_release(rest[1], rest[2], payload)
+            elif kind == "documents" and len(rest) == 3 and rest[0] == "rollouts":
+                inbound.on_rollout(rest[1], payload)
+
+    # -- brokers without retained messages ---------------------------------------------
+
+    def _ask_for_documents(self) -> None:
+        body: dict[str, Any] = {"apps": [{"app": s.app, "channel": s.channel} for s in self._apps]}
+        version = self._root_version()
+        if version is not None:
+            body["root_version"] = version
+        self.conn.publish(topics.documents_request(self.p, self.id), json.dumps(body).encode(), qos=1)
+
+    def _root_version(self) -> int | None:
+        v = self._status(True).get("root_version")
+        return v if isinstance(v, int) else None
+
+    def _on_status_request(self, payload: bytes) -> None:
+        """Answer after a random delay within the asked spread, while tokens last."""
+        self.stats["status_requests"] += 1
+        now = time.monotonic()
+        refill = (now - self._reply_tokens_at) / STATUS_REPLY_EVERY_S
+        self._reply_tokens = min(float(STATUS_REPLY_BURST), self._reply_tokens + refill)
+        self._reply_tokens_at = now
+        if self._reply_tokens < 1.0:
+            return
+        try:
+            spread = float(json.loads(payload[:256]).get("spread_s", 1.0))
+        except (ValueError, AttributeError, TypeError):
+            return
+        if not 0.0 <= spread <= MAX_STATUS_SPREAD_S:  # also refuses nan
+            spread = MAX_STATUS_SPREAD_S
+        self._reply_tokens -= 1.0
+        self.stats["status_replies"] += 1
+        self._lane.call_later(random.uniform(0.0, spread), self.publish_status)
 
     # -- outbound ------------------------------------------------------------------------
 
@@ -341,7 +441,9 @@ class DeviceChannel:
     def publish_status(self) -> None:
         self._status_due = False
         if self.conn.connected.is_set():
-            self.conn.publish(topics.status(self.p, self.id), self._status_payload(True), qos=1, retain=True)
+            self.conn.publish(
+                topics.status(self.p, self.id), self._status_payload(True), qos=1, retain=self.retain
+            )
 
     def _status_payload(self, online: bool) -> bytes:
         return json.dumps(self._status(online), default=str).encode()

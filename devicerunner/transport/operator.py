@@ -4,11 +4,15 @@ read the fleet's status. Short-lived single clients (paho's own loop thread)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, TextIO
 
 import paho.mqtt.client as paho
 
@@ -17,7 +21,6 @@ from devicerunner.transport import reports, topics
 from devicerunner.transport.mqtt import make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
-from devicerunner.trust import verify as trust
 
 WINDOW = 20
 """QoS 1 publishes in flight at once: a flat-out publisher overruns a broker's
@@ -53,6 +56,10 @@ class Session:
         # A callback that raises must not end paho's network thread (every later
         # publish would then time out): paho logs it and carries on.
         self.client.suppress_exceptions = True
+        self._digests = False
+        self.client.on_subscribe = self._on_subscribe
+        self._subacks = threading.Condition()
+        self._acked: set[int] = set()
 
     def _on_connect(self, c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         no_delay(c)
@@ -69,13 +76,20 @@ class Session:
             self._closed = self._socket_error or str(rc)
             self._connected.set()
 
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._subacks:
+            self._acked.add(mid)
+            self._subacks.notify_all()
+
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
             if msg.topic not in self.messages:
                 # Only a topic not seen yet extends ``collect``: a device repeating
                 # its own message cannot keep a listing open.
                 self.last_message = time.monotonic()
-            self.messages[msg.topic] = bytes(msg.payload)
+            payload = bytes(msg.payload)
+            # a read-back of chunks keeps digests, never the module
+            self.messages[msg.topic] = hashlib.sha256(payload).digest() if self._digests else payload
 
     def __enter__(self) -> Session:
         try:
@@ -109,14 +123,19 @@ class Session:
 
     def publish_many(
         self,
-        items: list[tuple[str, bytes]],
+        items: Iterable[tuple[str, bytes]],
         *,
         retain: bool,
         progress: Callable[[int, int], None] | None = None,
+        total: int | None = None,
     ) -> None:
-        """Publish with at most WINDOW unacknowledged messages; raises on failure."""
+        """Publish with at most WINDOW unacknowledged messages; raises on failure.
+        ``items`` may be a generator: only WINDOW payloads are held at once."""
         inflight: list[paho.MQTTMessageInfo] = []
         done = 0
+        if total is None:
+            items = list(items)
+            total = len(items)
         for topic, payload in items:
             info = self.client.publish(topic, payload, qos=1, retain=retain)
             if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -126,12 +145,12 @@ class Session:
                 self._wait(inflight.pop(0), topic)
                 done += 1
                 if progress:
-                    progress(done, len(items))
+                    progress(done, total)
         for info in inflight:
             self._wait(info, "")
             done += 1
             if progress:
-                progress(done, len(items))
+                progress(done, total)
 
     def _wait(self, info: paho.MQTTMessageInfo, topic: str) -> None:
         try:
@@ -141,14 +160,18 @@ class Session:
         if not info.is_published():
             raise TransportError(f"broker did not acknowledge a publish within {self.timeout_s:.0f} s")
 
-    def read_back(self, expected: dict[str, bytes], filters: list[str], max_s: float = 5.0) -> list[str]:
+    def read_back(
+        self, expected: dict[str, bytes], filters: list[str], max_s: float = 5.0, digests: bool = False
+    ) -> list[str]:
         """The topics of ``expected`` whose retained message the broker does not
         hold as published (missing or other bytes), read back by subscribing
         to ``filters``. A broker that refuses a publish may still acknowledge
         it (Mosquitto drops a publish its ACL denies, silently, on MQTT 3.1.1):
-        only reading it back shows it was stored."""
+        only reading it back shows it was stored. ``digests``: ``expected``
+        holds each payload's SHA-256, and only digests are kept."""
         with self._lock:
             self.messages = {}
+            self._digests = digests
         self.client.subscribe([(f, 1) for f in filters])
         end = time.monotonic() + max_s
         bad = list(expected)
@@ -159,12 +182,18 @@ class Session:
                 break
             time.sleep(0.05)
         self.client.unsubscribe(filters)
+        with self._lock:
+            self._digests = False
         return bad
 
-    def check_stored(self, expected: dict[str, bytes], filters: list[str], what: str) -> None:
-        """Raise ``NotStoredError`` naming the first topic the broker does not hold."""
-        size = sum(len(p) for p in expected.values())
-        bad = self.read_back(expected, filters, max_s=5.0 + size / 500_000)
+    def check_stored(
+        self, expected: dict[str, bytes], filters: list[str], what: str, size: int | None = None
+    ) -> None:
+        """Raise ``NotStoredError`` naming the first topic the broker does not hold.
+        ``size``: the bytes to read back when ``expected`` holds digests."""
+        digests = size is not None
+        size = size if size is not None else sum(len(p) for p in expected.values())
+        bad = self.read_back(expected, filters, max_s=5.0 + size / 500_000, digests=digests)
         if not bad:
             return
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -176,18 +205,39 @@ class Session:
             "(Mosquitto drops a denied publish without telling the client; docs/operations.md)"
         )
 
-    def collect(self, filters: list[str], quiet_s: float = 0.5, max_s: float = 5.0) -> dict[str, bytes]:
-        """Retained messages under ``filters``: until none arrived for ``quiet_s``."""
+    def collect(
+        self,
+        filters: list[str],
+        quiet_s: float = 0.5,
+        max_s: float = 5.0,
+        min_s: float = 0.0,
+        then: Callable[[], None] | None = None,
+    ) -> dict[str, bytes]:
+        """Messages under ``filters`` (retained, and live ones after ``then``
+        ran): until none arrived for ``quiet_s``, and for ``min_s`` at least."""
         start = time.monotonic()
         with self._lock:
             self.messages = {}  # only what arrives for these filters
         self.last_message = start
-        self.client.subscribe([(f, 1) for f in filters])
-        while time.monotonic() - start < max_s and time.monotonic() - self.last_message < quiet_s:
+        info = self.client.subscribe([(f, 1) for f in filters])
+        if then is not None:
+            self.wait_subscribed(info)
+            then()
+        while time.monotonic() - start < max_s and (
+            time.monotonic() - self.last_message < quiet_s or time.monotonic() - start < min_s
+        ):
             time.sleep(0.05)
         self.client.unsubscribe(filters)
         with self._lock:
             return dict(self.messages)
+
+    def wait_subscribed(self, info: tuple[int, int | None]) -> None:
+        """Wait (bounded) until the broker acknowledged a SUBSCRIBE."""
+        rc, mid = info
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"subscribe failed: {paho.error_string(rc)}")
+        with self._subacks:
+            self._subacks.wait_for(lambda: mid in self._acked, self.timeout_s)
 
 
 def progress_bar(out: TextIO = sys.stderr, label: str = "chunks") -> Callable[[int, int], None]:
@@ -217,56 +267,80 @@ def publish_bundle(
     channel: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     verify: bool = True,
+    retain: bool = True,
 ) -> manifest.Manifest:
     """Chunks first (retained), then the manifest: no device ever sees a release
     whose chunks are missing. ``verify``: then read every one back from the
-    broker (``NotStoredError`` names the first it does not hold)."""
-    man, module = bundle.unpack(data)
+    broker (``NotStoredError`` names the first it does not hold). ``retain=False``
+    (a broker without retained messages): the release only, live; the artifact
+    servers hold the rest."""
+    return publish_bundle_file(s, io.BytesIO(data), prefix, channel, progress, retain, verify)
+
+
+def publish_bundle_file(
+    s: BrokerSettings,
+    f: BinaryIO,
+    prefix: str,
+    channel: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    retain: bool = True,
+    verify: bool = True,
+) -> manifest.Manifest:
+    """``publish_bundle`` from an open bundle file, one chunk in memory at a time
+    (the read-back compares chunk digests, never holds the module)."""
+    man, module_offset = bundle.read_header(f)
     m = manifest.parse_manifest(man)
     if channel is not None and channel != m.channel:
         raise OperatorError(f"the bundle is signed for channel {m.channel!r}, not {channel!r} (re-sign it)")
-    trust.verify_artifact(m, module)  # never publish a corrupt bundle
-    chunks = _chunks(prefix, m, module)
+    chunks = (
+        (topics.chunk(prefix, m.artifact.sha256, i), data)
+        for i, data in bundle.iter_chunks(f, m, module_offset)
+    )
     release_topic = topics.release(prefix, m.app, m.channel)
     with Session(s) as sess:
-        sess.publish_many(chunks, retain=True, progress=progress)
-        sess.publish_many([(release_topic, man)], retain=True)
-        if verify:
-            sess.check_stored(dict(chunks), [topics.chunk(prefix, m.artifact.sha256, "+")], "a chunk")
+        if retain:
+            sess.publish_many(chunks, retain=True, progress=progress, total=len(m.artifact.chunks))
+        sess.publish_many([(release_topic, man)], retain=retain)
+        if verify and retain:
+            chunk_filter = [topics.chunk(prefix, m.artifact.sha256, "+")]
+            sess.check_stored(_chunk_digests(prefix, m), chunk_filter, "a chunk", size=m.artifact.size)
             sess.check_stored({release_topic: man}, [release_topic], "the release")
     return m
 
 
-def _chunks(prefix: str, m: manifest.Manifest, module: bytes) -> list[tuple[str, bytes]]:
-    cs = m.artifact.chunk_size
-    return [
-        (topics.chunk(prefix, m.artifact.sha256, i), module[i * cs : (i + 1) * cs])
-        for i in range(len(m.artifact.chunks))
-    ]
+def _chunk_digests(prefix: str, m: manifest.Manifest) -> dict[str, bytes]:
+    """Every chunk topic -> the sha256 (raw digest) its retained message must have."""
+    return {
+        topics.chunk(prefix, m.artifact.sha256, i): bytes.fromhex(h) for i, h in enumerate(m.artifact.chunks)
+    }
 
 
 def release_stored(s: BrokerSettings, data: bytes, prefix: str) -> bool:
     """Does the broker already hold exactly this release and every chunk of it
     (read back)? Then a rollout needs no write access to releases or artifacts:
     an operator published it (``devicerunner publish``)."""
-    man, module = bundle.unpack(data)
+    man, _module = bundle.unpack(data)
     m = manifest.parse_manifest(man)
     release_topic = topics.release(prefix, m.app, m.channel)
     with Session(s) as sess:
         if sess.read_back({release_topic: man}, [release_topic], max_s=1.0):
             return False
-        chunks = dict(_chunks(prefix, m, module))
-        size = sum(len(p) for p in chunks.values())
-        missing = sess.read_back(chunks, [topics.chunk(prefix, m.artifact.sha256, "+")], 2.0 + size / 500_000)
+        missing = sess.read_back(
+            _chunk_digests(prefix, m),
+            [topics.chunk(prefix, m.artifact.sha256, "+")],
+            2.0 + m.artifact.size / 500_000,
+            digests=True,
+        )
         return not missing
 
 
-def publish_root(s: BrokerSettings, data: bytes, prefix: str) -> manifest.Root:
+def publish_root(s: BrokerSettings, data: bytes, prefix: str, retain: bool = True) -> manifest.Root:
     root = manifest.parse_root(data)
     items = {topics.root_version(prefix, root.version): data, topics.root(prefix): data}
     with Session(s) as sess:
-        sess.publish_many(list(items.items()), retain=True)
-        sess.check_stored(items, list(items), "the trust root")
+        sess.publish_many(list(items.items()), retain=retain)
+        if retain:
+            sess.check_stored(items, list(items), "the trust root")
     return root
 
 
@@ -292,13 +366,33 @@ def gc(s: BrokerSettings, prefix: str, dry_run: bool = False) -> tuple[int, int]
     return len(held) - len(stale), len(stale)
 
 
+def request_status(sess: Session, prefix: str, spread_s: float) -> None:
+    """Ask every device for its status (brokers that never deliver retained
+    statuses on a wildcard, e.g. RabbitMQ, AWS IoT Core): each answers after
+    a random delay in [0, spread_s], so N devices send N/spread_s a second."""
+    body = json.dumps({"spread_s": spread_s, "nonce": os.urandom(8).hex()}).encode()
+    sess.publish_many([(topics.status_request(prefix), body)], retain=False)
+
+
 def fleet_status(
-    s: BrokerSettings, prefix: str, quiet_s: float = 0.5, reader: reports.Reader | None = None
+    s: BrokerSettings,
+    prefix: str,
+    quiet_s: float = 0.5,
+    spread_s: float = 2.0,
+    reader: reports.Reader | None = None,
 ) -> dict[str, reports.DeviceStatus]:
-    """Every device's retained status; a malformed one is skipped (``reader`` warns once)."""
+    """Retained statuses, and the replies to a status request within ``spread_s``
+    (``spread_s=0``: retained ones only; ~1 s per 1,000 devices keeps it gentle).
+    A malformed status is skipped (``reader`` warns once per device)."""
     reader = reader or reports.Reader(prefix)
     with Session(s) as sess:
-        msgs = sess.collect([f"{prefix}/devices/+/status"], quiet_s=quiet_s, max_s=30)
+        msgs = sess.collect(
+            [f"{prefix}/devices/+/status"],
+            quiet_s=quiet_s,
+            max_s=30 + spread_s,
+            min_s=spread_s + quiet_s if spread_s > 0 else 0.0,
+            then=(lambda: request_status(sess, prefix, spread_s)) if spread_s > 0 else None,
+        )
     out: dict[str, reports.DeviceStatus] = {}
     for topic, payload in msgs.items():
         st = reader.read(topic, payload)

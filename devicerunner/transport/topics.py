@@ -87,3 +87,57 @@ def parse_device_topic(p: str, topic: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != "devices" or not parts[1] or parts[2] not in ("status", "events"):
         return None
     return parts[1], parts[2]
+
+
+# -- request/response (brokers without usable retained messages; docs/mqtt.md) --
+
+SERVER_GROUP = "dr-artifacts"
+"""The shared-subscription group artifact servers join (``$share/{group}/...``)."""
+
+
+def artifact_request(p: str, device: str) -> str:
+    """Where a device asks for chunks (inside its own ACL namespace)."""
+    return f"{p}/devices/{device}/requests/artifacts"
+
+
+def documents_request(p: str, device: str) -> str:
+    """Where a device asks for the current root, releases and rollouts."""
+    return f"{p}/devices/{device}/requests/documents"
+
+
+def artifact_response(p: str, device: str, sha256: str, index: int | str) -> str:
+    return f"{p}/devices/{device}/artifacts/{sha256}/{index}"
+
+
+def document_response(p: str, device: str, kind: str) -> str:
+    """``kind``: ``root``, ``releases/{app}/{channel}`` or ``rollouts/{app}/{channel}``."""
+    return f"{p}/devices/{device}/documents/{kind}"
+
+
+def status_request(p: str) -> str:
+    """Fleet-wide: every device answers with its status, after a random delay."""
+    return f"{p}/fleet/status-request"
+
+
+def parse_request(p: str, topic: str) -> tuple[str, str] | None:
+    """``(device, "artifacts" | "documents")`` for a request topic, else None."""
+    parts = topic[len(p) + 1 :].split("/") if topic.startswith(p + "/") else []
+    if (
+        len(parts) == 4
+        and parts[0] == "devices"
+        and parts[2] == "requests"
+        and parts[3] in ("artifacts", "documents")
+    ):
+        return parts[1], parts[3]
+    return None
+
+
+def parse_response(p: str, device: str, topic: str) -> tuple[str, list[str]] | None:
+    """``("artifacts", [sha, index])`` or ``("documents", [kind...])`` under a device's own topics."""
+    base = f"{p}/devices/{device}/"
+    if not topic.startswith(base):
+        return None
+    parts = topic[len(base) :].split("/")
+    if parts[0] in ("artifacts", "documents") and len(parts) >= 2:
+        return parts[0], parts[1:]
+    return None

@@ -329,10 +329,29 @@ def root_signed(
 
 @dataclass(frozen=True)
 class Artifact:
+    """The module a release pins: its size and sha256 and every chunk's hash.
+
+    Two encodings, one reader: fixed-size chunks (``chunk_size``; every chunk
+    but the last is that long) or content-defined chunks (``sizes``: each
+    chunk's length, as a FastCDC chunker cut it). ``sizes`` and ``offsets``
+    are filled in for both, so nothing downstream cares which one it was.
+    """
+
     sha256: str
     size: int
     chunk_size: int
+    """The fixed chunk size, or 0 when the boundaries are content-defined."""
     chunks: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
+
+    @property
+    def content_defined(self) -> bool:
+        return self.chunk_size == 0
+
+    def span(self, index: int) -> tuple[int, int]:
+        """(offset, size) of chunk ``index``."""
+        return self.offsets[index], self.sizes[index]
 
 
 @dataclass(frozen=True)
@@ -411,18 +430,7 @@ def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
     abi = f.integer("abi", 0, 2**16)
     if abi != ABI_VERSION:
         raise UnsupportedError(f"manifest.abi: ABI v{abi} (this device runs v{ABI_VERSION})")
-    af = _Fields(f.get("artifact"), "manifest.artifact", ("sha256", "size", "chunk_size", "chunks"))
-    size = af.integer("size", 1, MAX_ARTIFACT_BYTES)
-    chunk_size = af.integer("chunk_size", MIN_CHUNK, MAX_CHUNK)
-    n_chunks = -(-size // chunk_size)
-    raw_chunks = af.get("chunks")
-    if not isinstance(raw_chunks, list) or len(raw_chunks) != n_chunks:
-        raise MalformedError(f"manifest.artifact.chunks: expected {n_chunks} chunk hashes for {size} bytes")
-    # identical chunks (e.g. zero padding) legitimately repeat a hash
-    if not all(isinstance(h, str) and HEX64_RE.fullmatch(h) for h in raw_chunks):
-        raise MalformedError("manifest.artifact.chunks: every entry must be 64 hex digits")
-    chunks = tuple(raw_chunks)
-    artifact = Artifact(af.text("sha256", HEX64_RE), size, chunk_size, chunks)
+    artifact = parse_artifact(f.get("artifact"))
     caps = _Fields({"c": f.get("capabilities")}, "manifest", ("c",))
     cap_list = caps.text_list("c", re.compile("^(" + "|".join(CAPABILITIES) + ")$"), len(CAPABILITIES))
     lf = _Fields(
@@ -485,6 +493,55 @@ def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
     )
 
 
+def parse_artifact(obj: Any) -> Artifact:
+    """``artifact`` of a release: fixed-size (``chunk_size``) or content-defined (``sizes``)."""
+    af = _Fields(obj, "manifest.artifact", ("sha256", "size", "chunks"), ("chunk_size", "sizes"))
+    size = af.integer("size", 1, MAX_ARTIFACT_BYTES)
+    raw_chunks = af.get("chunks")
+    if not isinstance(raw_chunks, list) or len(raw_chunks) > MAX_ARTIFACT_BYTES // MIN_CHUNK + 1:
+        raise MalformedError("manifest.artifact.chunks: must be a list of chunk hashes")
+    # identical chunks (e.g. zero padding) legitimately repeat a hash
+    if not all(isinstance(h, str) and HEX64_RE.fullmatch(h) for h in raw_chunks):
+        raise MalformedError("manifest.artifact.chunks: every entry must be 64 hex digits")
+    has_fixed, has_sizes = af.get("chunk_size") is not None, af.get("sizes") is not None
+    if has_fixed == has_sizes:
+        raise MalformedError("manifest.artifact: exactly one of chunk_size and sizes")
+    if has_fixed:
+        chunk_size = af.integer("chunk_size", MIN_CHUNK, MAX_CHUNK)
+        n_chunks = -(-size // chunk_size)
+        if len(raw_chunks) != n_chunks:
+            raise MalformedError(
+                f"manifest.artifact.chunks: expected {n_chunks} chunk hashes for {size} bytes"
+            )
+        sizes = tuple(min(chunk_size, size - i * chunk_size) for i in range(n_chunks))
+    else:
+        chunk_size = 0
+        raw_sizes = af.get("sizes")
+        if not isinstance(raw_sizes, list) or len(raw_sizes) != len(raw_chunks):
+            raise MalformedError("manifest.artifact.sizes: one size per chunk hash")
+        if not all(type(n) is int and 1 <= n <= MAX_CHUNK for n in raw_sizes):
+            raise MalformedError(f"manifest.artifact.sizes: every size must be an integer in 1..{MAX_CHUNK}")
+        if sum(raw_sizes) != size:
+            raise MalformedError(f"manifest.artifact.sizes: they add up to {sum(raw_sizes)}, not {size}")
+        sizes = tuple(raw_sizes)
+    offsets, pos = [], 0
+    for n in sizes:
+        offsets.append(pos)
+        pos += n
+    return Artifact(af.text("sha256", HEX64_RE), size, chunk_size, tuple(raw_chunks), sizes, tuple(offsets))
+
+
+def artifact_fields(sha256: str, size: int, chunks: Sequence[tuple[int, str]]) -> dict[str, Any]:
+    """The ``artifact`` of a release whose boundaries a content-defined chunker
+    chose: ``chunks`` is ``(size, sha256)`` per chunk, in order."""
+    return {
+        "sha256": sha256,
+        "size": size,
+        "sizes": [n for n, _ in chunks],
+        "chunks": [h for _, h in chunks],
+    }
+
+
 def chunk_hashes(module: bytes, chunk_size: int) -> list[str]:
     return [hashlib.sha256(module[i : i + chunk_size]).hexdigest() for i in range(0, len(module), chunk_size)]
 
@@ -504,6 +561,7 @@ def manifest_signed(
     rollout_percent: int = 100,
     rollout_salt: str = "",
     chunk_size: int = DEFAULT_CHUNK,
+    artifact: Mapping[str, Any] | None = None,
     memory_bytes: int = 16 * 1024 * 1024,
     tick_budget_ms: int = 10,
     tick_interval_ms: int = 100,
@@ -538,7 +596,9 @@ def manifest_signed(
         "sequence": sequence,
         "abi": ABI_VERSION,
         "channel": channel,
-        "artifact": {
+        "artifact": dict(artifact)
+        if artifact is not None
+        else {
             "sha256": hashlib.sha256(module).hexdigest(),
             "size": len(module),
             "chunk_size": chunk_size,

@@ -308,7 +308,7 @@ def verify_chunk(m: Manifest, index: int, data: bytes) -> None:
     a = m.artifact
     if not 0 <= index < len(a.chunks):
         raise ArtifactMismatchError(f"chunk index {index} outside 0..{len(a.chunks) - 1}")
-    expect_len = min(a.chunk_size, a.size - index * a.chunk_size)
+    expect_len = a.sizes[index]
     if len(data) != expect_len:
         raise ArtifactMismatchError(f"chunk {index}: {len(data)} bytes, manifest pins {expect_len}")
     if hashlib.sha256(data).hexdigest() != a.chunks[index]:
@@ -321,8 +321,8 @@ def verify_artifact(m: Manifest, data: bytes) -> None:
         raise ArtifactMismatchError(f"module is {len(data)} bytes, manifest pins {a.size}")
     if hashlib.sha256(data).hexdigest() != a.sha256:
         raise ArtifactMismatchError("module sha256 differs from the manifest")
-    for i in range(len(a.chunks)):
-        verify_chunk(m, i, data[i * a.chunk_size : (i + 1) * a.chunk_size])
+    for i, (off, n) in enumerate(zip(a.offsets, a.sizes, strict=True)):
+        verify_chunk(m, i, data[off : off + n])
 
 
 def in_rollout(device_id: str, salt: str, percent: int) -> bool:

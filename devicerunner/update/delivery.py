@@ -2,23 +2,19 @@
 verify, download the artifact chunk by chunk, hand a complete release to the
 updater (which stages it exactly like a local install).
 
-Runs on the device channel's lane: the transport hands over what arrives
-(``Inbound``) and fetches chunks on request (``ChunkFetcher``); this module
-decides what to fetch and what to keep. Nothing here runs Wasm or touches
-app slots.
-
-Downloads ask for each *missing* chunk only, so a chunk held on disk
-(update.downloads) is never fetched again after a reconnect or a power cut.
-A download with no progress for ``stall_s`` while connected is asked again
-up to ``STALL_RETRIES`` times, then reported FAILED; the next delivery of
-its release (e.g. after a reconnect) resumes it.
+Runs on the device channel's lane: the transport hands over the documents
+that arrive (``Inbound``); the artifact bytes come from the transport's
+artifact sources (transport/sources), and which chunks are fetched, reused
+or resumed, from which source and in what order, is update.downloads'
+business. Nothing here runs Wasm or touches app slots.
 
 Whoever can publish on the broker reaches this module (docs/threat-model.md):
 a root is kept only if it verifies against the current root on arrival, the
 next version is asked for by exact topic (``want_root``), nothing unsigned
 is kept; a release must arrive on the topic of the (app, channel) it was
-signed for; a chunk that does not match is dropped and the download keeps
-waiting for the genuine one. A refusal is reported once per document (the
+signed for; a retained chunk that does not match is dropped and the download
+keeps waiting for the genuine one (a mirror or server that sends one is
+dropped for that download instead: update.downloads). A refusal is reported once per document (the
 updater's refusal memory) and never blocks a later delivery.
 """
 
@@ -26,19 +22,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from devicerunner.errors import RollbackError, VerificationError, WrongTargetError
-from devicerunner.runtime.lanes import Lane, Timer
+from devicerunner.runtime.lanes import Lane
 from devicerunner.runtime.ratelimit import RateLimitedLog
+from devicerunner.transport.sources.base import ArtifactSource
 from devicerunner.trust import manifest
 from devicerunner.trust.manifest import Manifest
 from devicerunner.trust.store import TrustStore
-from devicerunner.update.downloads import DownloadStore
+from devicerunner.update.downloads import DONE_KINDS, Downloads, DownloadStore
 from devicerunner.update.events import Event, Kind, Reason
-from devicerunner.update.rejections import digest
 from devicerunner.update.rollouts import RolloutGate
 from devicerunner.update.updater import Updater
 
@@ -46,35 +42,15 @@ log = logging.getLogger(__name__)
 
 STAGE_RETRY_MIN_S = 1.0
 STAGE_RETRY_MAX_S = 60.0
-STALL_RETRIES = 3
-DONE_KINDS = frozenset({Kind.STAGED, Kind.COMMITTED, Kind.ROLLED_BACK})
-"""After one of these, a download of that sequence (or an older one) is no longer
-needed. Not REJECTED: a refusal may be about another document with the same
-sequence (a replayed beta manifest) while the genuine one downloads."""
 
 
-class ChunkFetcher(Protocol):
-    """How chunks are asked for; they arrive through ``Delivery.on_chunk``."""
-
-    def want(self, sha256: str, indices: list[int]) -> None: ...
-
-    def drop(self, sha256: str, indices: list[int]) -> None: ...
+class RootFetcher(Protocol):
+    """How the next trust root is asked for (the channel)."""
 
     def online(self) -> bool: ...
 
     def want_root(self, version: int) -> None:
         """Ask for trust root ``version`` (by its exact topic), instead of the one asked for before."""
-
-
-@dataclass
-class Download:
-    m: Manifest
-    missing: set[int]
-    resumed: int
-    fetched: int = 0
-    retries: int = 0
-    started: float = field(default_factory=time.monotonic)
-    last_progress: float = field(default_factory=time.monotonic)
 
 
 class Delivery:
@@ -85,40 +61,28 @@ class Delivery:
         updater: Updater,
         trust_store: TrustStore,
         rollouts: RolloutGate,
-        fetcher: ChunkFetcher,
+        fetcher: RootFetcher,
+        sources: Sequence[ArtifactSource],
         lane: Lane,
         stall_s: float,
     ) -> None:
+        """``sources``: where chunks come from, tried in this order."""
         self._updater = updater
         self._verifier = updater.verifier
         self._trust = trust_store
         self._rollouts = rollouts
         self._fetcher = fetcher
         self._lane = lane
-        self.stall_s = stall_s
-        self.store = DownloadStore(state_dir)
-        self.active: dict[str, Download] = {}
-        self._by_sha: dict[str, str] = {}
+        self.downloads = Downloads(
+            DownloadStore(state_dir), sources, lane, updater, stall_s=stall_s, connected=fetcher.online
+        )
+        self.store = self.downloads.store
         self._refused = RateLimitedLog(log, rate_per_s=0.5, burst=10)
         """Log lines (and root REJECTED events) about refused broker input."""
-        self._offered: dict[str, int] = {}
-        self._offered_digest: dict[str, str] = {}
-        """app -> the digest of that manifest (a refusal of *another* document with
-        the same sequence, e.g. a replayed beta manifest, must not clear it)."""
-        """app -> the highest sequence handed to the updater (not fetched again)."""
         self._stage_retry_s: dict[str, float] = {}
         """app -> the last delay before offering a release whose staging failed again."""
-        self._stall_timer: Timer | None = None
-        """Armed while a download is active (idle devices do not wake up for it)."""
-        self.stats = {
-            "chunks_fetched": 0,
-            "chunks_resumed": 0,
-            "releases_seen": 0,
-            "chunk_messages": 0,
-            "chunks_refused": 0,
-            "roots_refused": 0,
-            "roots_ahead": 0,
-        }
+        self.stats = self.downloads.stats
+        self.stats.update(releases_seen=0, roots_refused=0, roots_ahead=0)
 
     def start(self) -> None:
         """On the lane, before the first connection: ask for the next root, resume downloads."""
@@ -208,137 +172,32 @@ class Delivery:
         self.start_download(m)
 
     def start_download(self, m: Manifest) -> None:
-        if m.sequence <= self._offered.get(m.app, 0):
-            return  # handed to the updater already; redelivered (reconnect) before it settled
-        cur = self.active.get(m.app)
-        if cur is not None:
-            if cur.m.sequence >= m.sequence:
-                return
-            self._abandon(cur)  # superseded by a newer release
-        try:
-            held = self.store.begin(m)
-        except OSError as e:
-            self._failed(m, Reason.IO_ERROR, f"cannot start download: {e}")
-            return
-        dl = Download(m, set(range(len(m.artifact.chunks))) - held, resumed=len(held))
-        self.active[m.app] = dl
-        if self._stall_timer is None:
-            self._stall_timer = self._lane.every(1.0, lambda: self._check_stalls(time.monotonic()))
-        self._by_sha[m.artifact.sha256] = m.app
-        self.stats["chunks_resumed"] += dl.resumed
-        self._updater.note_downloading(m, resumed=dl.resumed)
-        if not dl.missing:
-            self._complete(dl)
-        else:
-            self._fetcher.want(m.artifact.sha256, sorted(dl.missing))
-
-    def _abandon(self, dl: Download) -> None:
-        self._fetcher.drop(dl.m.artifact.sha256, sorted(dl.missing))
-        self.active.pop(dl.m.app, None)
-        self._by_sha.pop(dl.m.artifact.sha256, None)
-
-    def on_chunk(self, sha: str, index: int, payload: bytes) -> None:
-        self.stats["chunk_messages"] += 1
-        app = self._by_sha.get(sha)
-        dl = self.active.get(app) if app else None
-        if dl is None or index not in dl.missing or not payload:
-            return  # not ours, a duplicate delivery, or cleared (or cut for its size)
-        try:
-            self.store.put(dl.m, index, payload)
-        except VerificationError as e:
-            # Tampered or mixed in by whoever can publish: dropped, and the download
-            # keeps waiting for the genuine chunk (a republish, or the stall retry).
-            self.stats["chunks_refused"] += 1
-            self._updater.reject(dl.m.raw, e, "mqtt")
-            return
-        except OSError as e:
-            self._abandon(dl)
-            self._failed(dl.m, Reason.IO_ERROR, f"cannot store chunk {index}: {e}")
-            return
-        dl.missing.discard(index)
-        dl.fetched += 1
-        dl.last_progress = time.monotonic()
-        self.stats["chunks_fetched"] += 1
-        self._fetcher.drop(sha, [index])
-        if not dl.missing:
-            self._complete(dl)
-
-    def _complete(self, dl: Download) -> None:
-        self._abandon(dl)
-        try:
-            module = self.store.assemble(dl.m)
-        except VerificationError as e:
-            self.store.remove(dl.m.artifact.sha256)
-            self._updater.reject(dl.m.raw, e, "mqtt")
-            return
-        self._updater.emit(
-            dl.m.app,
-            Kind.DOWNLOADED,
-            sequence=dl.m.sequence,
-            version=dl.m.version,
-            chunks_fetched=dl.fetched,
-            chunks_resumed=dl.resumed,
-            seconds=round(time.monotonic() - dl.started, 3),
-        )
-        self._offered[dl.m.app] = dl.m.sequence
-        self._offered_digest[dl.m.app] = digest(dl.m.raw)
-        self._updater.offer(dl.m.raw, module, "mqtt")
-
-    def _failed(self, m: Manifest, reason: str, text: str) -> None:
-        self._updater.note_failure(m, reason, text, "mqtt")
-        self._updater.emit(m.app, Kind.FAILED, sequence=m.sequence, reason=reason, reason_text=text)
-
-    def _check_stalls(self, now: float) -> None:
-        if not self.active and self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-            return
-        if not self._fetcher.online():
-            for dl in self.active.values():
-                dl.last_progress = now  # no progress is possible offline: not a stall
-            return
-        for dl in list(self.active.values()):
-            if now - dl.last_progress < self.stall_s:
-                continue
-            missing = sorted(dl.missing)
-            if dl.retries < STALL_RETRIES:
-                dl.retries += 1
-                dl.last_progress = now
-                log.warning("download %s %d stalled; retry %d", dl.m.app, dl.m.sequence, dl.retries)
-                self._fetcher.drop(dl.m.artifact.sha256, missing)
-                self._fetcher.want(dl.m.artifact.sha256, missing)
-            else:
-                self._abandon(dl)
-                self._failed(
-                    dl.m,
-                    Reason.DOWNLOAD_STALLED,
-                    f"no progress for {self.stall_s:.0f} s after {STALL_RETRIES} "
-                    f"retries; {len(dl.missing)} chunk(s) missing (kept for resume)",
-                )
+        self.downloads.start(m)
 
     def resume_downloads(self) -> None:
-        for m in self.store.pending():
+        def still_valid(m: Manifest) -> bool:
             try:
                 self._verifier.release(m.raw)
             except VerificationError:
-                self.store.remove(m.artifact.sha256)  # superseded, committed or no longer valid
-                continue
-            log.info("resuming download of %s %s (sequence %d)", m.app, m.version, m.sequence)
-            self.start_download(m)
+                return False
+            return True
+
+        self.downloads.resume_pending(still_valid)
 
     # -- what the updater decided --------------------------------------------------------
 
     def on_update_event(self, ev: Event) -> None:
         """Forget downloads the updater no longer needs (on this lane)."""
         seq = ev.get("sequence")
-        offered = seq is not None and seq == self._offered.get(ev.app)
-        if offered and ev.kind is Kind.REJECTED and ev.get("digest") != self._offered_digest.get(ev.app):
+        dls = self.downloads
+        offered = seq is not None and seq == dls.offered.get(ev.app)
+        if offered and ev.kind is Kind.REJECTED and ev.get("digest") != dls.offered_digest.get(ev.app):
             offered = False  # another document with the same sequence was refused
         if offered and ev.kind in (Kind.FAILED, Kind.REJECTED):
             # Not staged (disk full, expired by the clock...): take it again when
             # redelivered; its chunks are kept.
-            del self._offered[ev.app]
-            self._offered_digest.pop(ev.app, None)
+            del dls.offered[ev.app]
+            dls.offered_digest.pop(ev.app, None)
             if ev.kind is Kind.FAILED and ev.get("reason") == Reason.IO_ERROR and isinstance(seq, int):
                 self._retry_staging_later(ev.app, seq)
         if ev.kind in (Kind.STAGED, Kind.REJECTED):
@@ -361,7 +220,7 @@ class Delivery:
         self._lane.call_later(delay, lambda: self._retry_staging(held[0]))
 
     def _retry_staging(self, m: Manifest) -> None:
-        if m.sequence <= self._offered.get(m.app, 0):
+        if m.sequence <= self.downloads.offered.get(m.app, 0):
             return  # offered again meanwhile (redelivered)
         try:
             self._verifier.release(m.raw)  # still valid, still the newest for this app?

@@ -38,6 +38,8 @@ class Kind(enum.StrEnum):
     REJECTED = "REJECTED"
     ROLLED_BACK = "ROLLED_BACK"
     DOWNLOADED = "DOWNLOADED"
+    SOURCE_FAILED = "SOURCE_FAILED"
+    """One artifact source failed for one download; the next one is tried."""
     FAILED = "FAILED"
     ROOT_ROTATED = "ROOT_ROTATED"
     # A signed app configuration's way (update.config_updates); its events carry
@@ -63,6 +65,7 @@ class Reason(enum.StrEnum):
     """A stored config document does not match the sha256 its state pins."""
     STATE_CORRUPT = "state_corrupt"
     """A config state file is unreadable: the app starts without a config."""
+    DOWNLOAD_FAILED = "download_failed"
 
 
 WARNING_KINDS = frozenset(
