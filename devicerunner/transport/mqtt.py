@@ -53,6 +53,9 @@ STABLE_S = 10.0
 """A connection that lasted this long was a working one: the back-off starts over."""
 
 MAX_CONNECTS_KEPT = 64
+FILTERS_PER_PACKET = 8
+"""Topic filters per SUBSCRIBE/UNSUBSCRIBE packet: AWS IoT Core refuses more
+than 8 in one packet; other brokers take any number, so 8 costs little."""
 
 MessageHandler = Callable[[str, bytes, bool], None]
 """(topic, payload, retained)"""
@@ -163,8 +166,8 @@ class Connection:
             for t in new:
                 self._subs[t] = qos
         if new and self.connected.is_set():
-            for i in range(0, len(new), 100):
-                self.client.subscribe([(t, qos) for t in new[i : i + 100]])
+            for i in range(0, len(new), FILTERS_PER_PACKET):
+                self.client.subscribe([(t, qos) for t in new[i : i + FILTERS_PER_PACKET]])
 
     def wants(self, topic: str) -> bool:
         """Is ``topic`` one this connection subscribed to (exact topics only)?
@@ -183,8 +186,8 @@ class Connection:
         with self._lock:
             gone = [t for t in topics if self._subs.pop(t, None) is not None]
         if gone and self.connected.is_set():
-            for i in range(0, len(gone), 100):
-                self.client.unsubscribe(gone[i : i + 100])
+            for i in range(0, len(gone), FILTERS_PER_PACKET):
+                self.client.unsubscribe(gone[i : i + FILTERS_PER_PACKET])
 
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
@@ -204,8 +207,8 @@ class Connection:
         self.connects.append(time.time())
         with self._lock:
             subs = list(self._subs.items())
-        for i in range(0, len(subs), 100):
-            client.subscribe(subs[i : i + 100])
+        for i in range(0, len(subs), FILTERS_PER_PACKET):
+            client.subscribe(subs[i : i + FILTERS_PER_PACKET])
         log.info("connected to %s", self.settings.url)
         if self._user_on_connect is not None:
             self._user_on_connect()
