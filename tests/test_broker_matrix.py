@@ -125,8 +125,8 @@ def test_release_published_before_the_device_connects_commits_and_shows_in_fleet
         assert done["sources"] == [source]
         ev.wait("COMMITTED", 1, timeout_s=30)
         fleet = operator.fleet_status(s, p, quiet_s=0.3, spread_s=1.0)
-        app = fleet["dev-1"]["apps"]["app"]
-        assert (app["sequence"], app["phase"]) == (1, "COMMITTED"), fleet
+        app = fleet["dev-1"].apps["app"]
+        assert (app.sequence, app.phase) == (1, "COMMITTED"), fleet
     finally:
         d.stop()
         if server is not None:

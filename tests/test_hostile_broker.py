@@ -469,7 +469,8 @@ def test_sequence_burnt_by_a_refusal_in_an_older_version_is_taken_again(
     app_dir = kit.state_dir / "apps" / "app"
     app_dir.mkdir(parents=True)
     bad = {"1": "artifact_mismatch: chunk 2: sha256 differs from the manifest", "7": "dr_init failed"}
-    legacy = dataclasses.asdict(AppState(bad_sequences=bad))  # as an older version wrote it: unsealed
+    legacy = dataclasses.asdict(AppState(bad_sequences=bad))  # as an older version wrote it: unsealed,
+    legacy.pop("last_error_sequence")  # and without the fields that came with the seal
     (app_dir / "state.json").write_text(json.dumps({**legacy, "phase": "REJECTED"}))
     d = Daemon(kit.cfg)
     ev = Events(d)

@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 
 from devicerunner.errors import DeviceRunnerError, TransportError
 from devicerunner.transport import reports, topics
-from devicerunner.transport.mqtt import make_client, no_delay
+from devicerunner.transport.mqtt import FILTERS_PER_PACKET, make_client, no_delay
 from devicerunner.transport.settings import BrokerSettings
 from devicerunner.trust import bundle, manifest
 
@@ -165,25 +165,43 @@ class Session:
     ) -> list[str]:
         """The topics of ``expected`` whose retained message the broker does not
         hold as published (missing or other bytes), read back by subscribing
-        to ``filters``. A broker that refuses a publish may still acknowledge
-        it (Mosquitto drops a publish its ACL denies, silently, on MQTT 3.1.1):
-        only reading it back shows it was stored. ``digests``: ``expected``
-        holds each payload's SHA-256, and only digests are kept."""
+        to ``filters``, then to each topic still missing by its exact name (RabbitMQ
+        and AWS IoT Core deliver retained messages on exact subscriptions only).
+        A broker that refuses a publish may still acknowledge it (Mosquitto drops
+        a publish its ACL denies, silently, on MQTT 3.1.1): only reading it back
+        shows it was stored. ``digests``: ``expected`` holds each payload's
+        SHA-256, and only digests are kept."""
         with self._lock:
             self.messages = {}
             self._digests = digests
+        try:
+            bad = self._await(expected, filters, min(max_s, 2.0) if len(filters) < len(expected) else max_s)
+            end = time.monotonic() + max_s
+            for i in range(0, len(bad), FILTERS_PER_PACKET):
+                if time.monotonic() >= end:
+                    break
+                batch = bad[i : i + FILTERS_PER_PACKET]
+                self._await(
+                    {t: expected[t] for t in batch}, batch, max(0.5, min(2.0, end - time.monotonic()))
+                )
+            with self._lock:
+                return [t for t, p in expected.items() if self.messages.get(t) != p]
+        finally:
+            with self._lock:
+                self._digests = False
+
+    def _await(self, expected: dict[str, bytes], filters: list[str], max_s: float) -> list[str]:
+        """Subscribe to ``filters`` until every topic of ``expected`` arrived as
+        expected (or ``max_s``); the topics still missing."""
         self.client.subscribe([(f, 1) for f in filters])
         end = time.monotonic() + max_s
-        bad = list(expected)
         while True:
             with self._lock:
                 bad = [t for t, p in expected.items() if self.messages.get(t) != p]
             if not bad or time.monotonic() >= end:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         self.client.unsubscribe(filters)
-        with self._lock:
-            self._digests = False
         return bad
 
     def check_stored(
