@@ -49,6 +49,7 @@ from devicerunner.trust.manifest import (
     _schema,
     format_time,
     parse_envelope,
+    parse_health,
     parse_time,
 )
 from devicerunner.trust.verify import DeviceIdentity, check_issued, check_threshold, effective_time
@@ -130,19 +131,7 @@ def config_from_envelope(env: Envelope, raw: bytes) -> ConfigDoc:
     )
     health = None
     if f.get("health") is not None:
-        hf = _Fields(
-            f.get("health"),
-            "config.health",
-            ("trial_ticks", "trial_seconds", "max_traps", "max_overruns"),
-            ("max_broker_loss_s",),
-        )
-        health = Health(
-            hf.integer("trial_ticks", 0, 10_000_000),
-            hf.integer("trial_seconds", 0, 86_400),
-            hf.integer("max_traps", 0, 10_000_000),
-            hf.integer("max_overruns", 0, 10_000_000),
-            hf.integer("max_broker_loss_s", 0, 86_400, default=60),
-        )
+        health = parse_health(f.get("health"), "config.health")
     issued = parse_time(f.get("issued"), "config.issued")
     expires = parse_time(f.get("expires"), "config.expires")
     if expires <= issued:

@@ -400,6 +400,20 @@ class Manifest:
     raw: bytes = field(repr=False, compare=False, default=b"")
 
 
+def parse_health(obj: Any, where: str) -> Health:
+    """A trial's rules (release manifests and config documents share them)."""
+    hf = _Fields(
+        obj, where, ("trial_ticks", "trial_seconds", "max_traps", "max_overruns"), ("max_broker_loss_s",)
+    )
+    return Health(
+        hf.integer("trial_ticks", 0, 10_000_000),
+        hf.integer("trial_seconds", 0, 86_400),
+        hf.integer("max_traps", 0, 10_000_000),
+        hf.integer("max_overruns", 0, 10_000_000),
+        hf.integer("max_broker_loss_s", 0, 86_400, default=60),
+    )
+
+
 def parse_manifest(data: bytes) -> Manifest:
     """Parse without checking signatures (trust.verify_release checks them first)."""
     return manifest_from_envelope(parse_envelope(data, MAX_MANIFEST_BYTES, "manifest"), bytes(data))
@@ -446,19 +460,7 @@ def manifest_from_envelope(env: Envelope, raw: bytes = b"") -> Manifest:
         None if lf.get("kv_quota_bytes") is None else lf.integer("kv_quota_bytes", 0, 1024**3),
         None if lf.get("telemetry_rate_per_s") is None else lf.integer("telemetry_rate_per_s", 0, 100_000),
     )
-    hf = _Fields(
-        f.get("health"),
-        "manifest.health",
-        ("trial_ticks", "trial_seconds", "max_traps", "max_overruns"),
-        ("max_broker_loss_s",),
-    )
-    health = Health(
-        hf.integer("trial_ticks", 0, 10_000_000),
-        hf.integer("trial_seconds", 0, 86_400),
-        hf.integer("max_traps", 0, 10_000_000),
-        hf.integer("max_overruns", 0, 10_000_000),
-        hf.integer("max_broker_loss_s", 0, 86_400, default=60),
-    )
+    health = parse_health(f.get("health"), "manifest.health")
     tf = _Fields(f.get("targets"), "manifest.targets", ("hardware",), ("devices", "rollout"))
     hardware = tf.text_list("hardware", ID_RE)
     if not hardware:
