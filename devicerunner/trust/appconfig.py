@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from devicerunner.errors import ExpiredError, MalformedError, RollbackError, WrongTargetError
+from devicerunner.errors import MalformedError, RollbackError
 from devicerunner.trust.canonical import NotCanonicalError, canonical
 from devicerunner.trust.manifest import (
     ID_RE,
@@ -52,7 +52,7 @@ from devicerunner.trust.manifest import (
     parse_health,
     parse_time,
 )
-from devicerunner.trust.verify import DeviceIdentity, check_issued, check_threshold, effective_time
+from devicerunner.trust.verify import DeviceIdentity, check_target, check_threshold, check_times
 
 MAX_CONFIG_BYTES = 16 * 1024
 """The whole envelope; checked before it is parsed."""
@@ -218,25 +218,9 @@ def verify_config(
     env = parse_envelope(data, MAX_CONFIG_BYTES, "config")
     check_threshold(env, root, ROLE, "config document")
     doc = config_from_envelope(env, bytes(data))
-    check_issued(doc.issued, f"config {doc.app} v{doc.version}", now=now, time_floor=time_floor, root=root)
-    t = effective_time(now, time_floor)
-    if root.expires <= t:
-        raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
-    if doc.expires <= t:
-        raise ExpiredError(
-            f"config {doc.app} v{doc.version} expired at {format_time(doc.expires)}"
-            + (" (judged by the trusted-time floor)" if time_floor > now else "")
-        )
-    if doc.app not in device.policy:
-        raise WrongTargetError(f"app {doc.app!r} is not configured on this device")
-    if channel is not None and doc.channel != channel:
-        raise WrongTargetError(f"config is for channel {doc.channel!r}, this device follows {channel!r}")
-    if device.hardware not in doc.targets.hardware:
-        raise WrongTargetError(
-            f"config targets hardware {', '.join(doc.targets.hardware)}; this device is {device.hardware!r}"
-        )
-    if doc.targets.devices and device.device_id not in doc.targets.devices:
-        raise WrongTargetError(f"config names {len(doc.targets.devices)} devices, not {device.device_id!r}")
+    what = f"config {doc.app} v{doc.version}"
+    check_times(what, doc.issued, doc.expires, root=root, now=now, time_floor=time_floor)
+    check_target("config", doc.app, doc.channel, doc.targets, device=device, channel=channel)
     if doc.version in history.bad_versions:
         raise RollbackError(f"config v{doc.version} of {doc.app} failed its trial here and was rolled back")
     if doc.version <= history.highest_version:

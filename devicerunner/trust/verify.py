@@ -60,6 +60,7 @@ from devicerunner.trust.manifest import (
     Manifest,
     RolloutDoc,
     Root,
+    Targets,
     format_time,
     manifest_from_envelope,
     parse_envelope,
@@ -253,6 +254,37 @@ def authenticate_release(data: bytes, root: Root) -> Manifest:
     return manifest_from_envelope(env, bytes(data))
 
 
+def check_times(what: str, issued: int, expires: int, *, root: Root, now: int, time_floor: int) -> None:
+    """A signed document's dates (a release, a config): not issued beyond what the
+    device can vouch for, the root and the document unexpired."""
+    check_issued(issued, what, now=now, time_floor=time_floor, root=root)
+    t = effective_time(now, time_floor)
+    if root.expires <= t:
+        raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
+    if expires <= t:
+        raise ExpiredError(
+            f"{what} expired at {format_time(expires)}"
+            + (" (judged by the trusted-time floor)" if time_floor > now else "")
+        )
+
+
+def check_target(
+    kind: str, app: str, doc_channel: str, targets: Targets, *, device: DeviceIdentity, channel: str | None
+) -> None:
+    """Is a document (``kind``: release, config) for an app this device runs, its
+    channel, its hardware and (when it names devices) this device?"""
+    if app not in device.policy:
+        raise WrongTargetError(f"app {app!r} is not configured on this device")
+    if channel is not None and doc_channel != channel:
+        raise WrongTargetError(f"{kind} is for channel {doc_channel!r}, this device follows {channel!r}")
+    if device.hardware not in targets.hardware:
+        raise WrongTargetError(
+            f"{kind} targets hardware {', '.join(targets.hardware)}; this device is {device.hardware!r}"
+        )
+    if targets.devices and device.device_id not in targets.devices:
+        raise WrongTargetError(f"{kind} names {len(targets.devices)} devices, not {device.device_id!r}")
+
+
 def check_release(
     m: Manifest,
     *,
@@ -266,26 +298,9 @@ def check_release(
     """The checks after authentication: time (``issued``, expiry), target,
     capabilities, history."""
     what = f"manifest {m.app} {m.version} (sequence {m.sequence})"
-    check_issued(m.issued, what, now=now, time_floor=time_floor, root=root)
-    t = effective_time(now, time_floor)
-    if root.expires <= t:
-        raise ExpiredError(f"trust root v{root.version} expired at {format_time(root.expires)}")
-    if m.expires <= t:
-        raise ExpiredError(
-            f"manifest {m.app} {m.version} (sequence {m.sequence}) expired at {format_time(m.expires)}"
-            + (" (judged by the trusted-time floor)" if time_floor > now else "")
-        )
-    policy = device.policy.get(m.app)
-    if policy is None:
-        raise WrongTargetError(f"app {m.app!r} is not configured on this device")
-    if channel is not None and m.channel != channel:
-        raise WrongTargetError(f"release is for channel {m.channel!r}, this device follows {channel!r}")
-    if device.hardware not in m.targets.hardware:
-        raise WrongTargetError(
-            f"release targets hardware {', '.join(m.targets.hardware)}; this device is {device.hardware!r}"
-        )
-    if m.targets.devices and device.device_id not in m.targets.devices:
-        raise WrongTargetError(f"release names {len(m.targets.devices)} devices, not {device.device_id!r}")
+    check_times(what, m.issued, m.expires, root=root, now=now, time_floor=time_floor)
+    check_target("release", m.app, m.channel, m.targets, device=device, channel=channel)
+    policy = device.policy[m.app]
     extra = m.capabilities - policy
     if extra:
         raise CapabilityEscalationError(
