@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import time
 import weakref
 from pathlib import Path
 
@@ -34,9 +35,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True, sync_dir: bool = True
+) -> None:
     """``durable=False`` skips the fsyncs: still atomic (never torn), but may be
-    lost in a power cut; for informational files rewritten often (status)."""
+    lost in a power cut; for informational files rewritten often (status), or
+    files that are verified again whenever they are read (downloaded chunks).
+    ``sync_dir=False`` leaves the directory's fsync to the caller, who writes
+    several files into it and then calls ``fsync_dir`` once: none of them is
+    durable before that."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -55,7 +62,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if durable:
+    if durable and sync_dir:
         fsync_dir(path.parent)
 
 
@@ -106,6 +113,45 @@ def makedirs(path: Path, mode: int = 0o755) -> None:
         with contextlib.suppress(FileExistsError):
             os.mkdir(d, mode)
         fsync_dir(d.parent)
+
+
+class DirListing:
+    """The names in one directory, listed again only when the directory changed.
+
+    An inbox is polled several times a second and after every update step,
+    and is nearly always empty or unchanged: a ``stat`` costs a fraction of
+    ``open`` + ``getdents`` + ``close``. Adding, removing or renaming an entry
+    moves the directory's mtime, but the kernel's file times are coarse (one
+    clock tick), so a change made in the same tick as the listing could leave
+    the mtime where it was: a listing is reused only when the directory was
+    last changed more than ``RACY_S`` before it was taken (the "racy" case
+    is listed again every time). A missing directory lists as empty."""
+
+    RACY_S = 1.0
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self._key: tuple[int, int, int] | None = None
+        self._names: list[str] = []
+
+    def names(self) -> list[str]:
+        """Sorted entry names (a copy); raises OSError as ``os.listdir`` would, but
+        not for a missing directory."""
+        try:
+            st = os.stat(self.dir)
+        except FileNotFoundError:
+            self._key = None
+            return []
+        key = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key != self._key:
+            names = sorted(os.listdir(self.dir))
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_S * 1e9
+            self._key = key if settled else None
+            self._names = names
+        return list(self._names)
+
+    def paths(self, suffix: str) -> list[Path]:
+        return [self.dir / n for n in self.names() if n.endswith(suffix) and n != suffix]
 
 
 class DirLock:

@@ -63,7 +63,7 @@ from devicerunner.errors import (
     TooLargeError,
     VerificationError,
 )
-from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.fsutil import DirListing, atomic_write, makedirs
 from devicerunner.runtime.statefile import StateFileError, read_bounded
 from devicerunner.trust.appconfig import (
     MAX_CONFIG_BYTES,
@@ -228,6 +228,7 @@ class ConfigUpdates:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._trials: dict[str, ConfigDoc] = {}
         self.inbox = settings.state_dir / "inbox"
+        self._listing = DirListing(self.inbox)
         updater.listeners.append(self._on_update_event)
         updater.inbox_scanners.append(self._scan_inbox)
         updater.inbox_suffixes.add(INBOX_SUFFIX)
@@ -442,7 +443,7 @@ class ConfigUpdates:
         like a message on the config topic, then removed; one whose app is on
         trial now stays for a later scan (so a stop loses nothing)."""
         try:
-            entries = sorted(p for p in self.inbox.iterdir() if p.suffix == INBOX_SUFFIX)
+            entries = self._listing.paths(INBOX_SUFFIX)
         except OSError:
             return
         for path in entries:
