@@ -12,7 +12,8 @@ Layout under ``<state_dir>/apps/<app>/``::
     slots/{a,b}/committed   marker: "this slot was committed at sequence N"
 
 Invariants:
-- Every write is temp file + fsync + rename + fsync(dir) (fsutil.atomic_write).
+- Every write is temp file + fsync + rename + fsync(dir) (fsutil.atomic_write;
+  a slot's two files share one fsync of their directory).
 - ``state.json.active`` changes only at commit. While an update is staged or
   on trial it lives in the *other* slot (``pending``), so at every instant
   the active slot holds a verified, runnable version (or the device is on
@@ -124,6 +125,13 @@ class AppSlots:
         atomic_write(self.state_path, st.to_json())
         self._known = st
 
+    def note(self, st: AppState) -> None:
+        """Show ``st`` (``load`` returns it) without writing it: for a phase
+        that a power cut may lose because it is rebuilt from elsewhere
+        (DOWNLOADING: the download store holds the release and resumes it).
+        The next ``save`` writes whatever is noted by then."""
+        self._known = st
+
     # -- slots --------------------------------------------------------------
 
     def committed_sequence(self, slot: str) -> int | None:
@@ -160,8 +168,11 @@ class AppSlots:
         if marker.exists():
             os.unlink(marker)
             fsync_dir(d)
-        atomic_write(d / MODULE, module)
-        atomic_write(d / MANIFEST, manifest)
+        # both files fsynced, then their directory once: neither counts before
+        # state.json names this slot (written after this returns)
+        atomic_write(d / MODULE, module, sync_dir=False)
+        atomic_write(d / MANIFEST, manifest, sync_dir=False)
+        fsync_dir(d)
 
     def mark_committed(self, slot: str, sequence: int) -> None:
         atomic_write(self.slot_dir(slot) / MARKER, f"{sequence}\n".encode())

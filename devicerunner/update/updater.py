@@ -59,7 +59,7 @@ from devicerunner.errors import (
     TooLargeError,
     VerificationError,
 )
-from devicerunner.runtime.fsutil import atomic_write, makedirs
+from devicerunner.runtime.fsutil import DirListing, atomic_write, makedirs
 from devicerunner.runtime.lanes import Lane
 from devicerunner.runtime.ratelimit import RateLimitedLog
 from devicerunner.trust import bundle
@@ -133,6 +133,7 @@ class Updater:
         self.clock = clock
         self.device_id = settings.identity.device_id
         self.inbox = settings.state_dir / "inbox"
+        self._listing = DirListing(self.inbox)
         self.slots = {name: AppSlots(settings.state_dir, name) for name in settings.channels}
         self.verifier = Verifier(settings, trust_store, self.slots, clock)
         self._lane = lane
@@ -290,7 +291,8 @@ class Updater:
             st, _ = s.load()
             if st.phase != Phase.TRIAL and st.pending is None:
                 cleared = replace(st, last_error=None, last_reason=None, last_error_sequence=None)
-                s.save(replace(cleared, phase=Phase.DOWNLOADING))
+                # not written: after a power cut the download store resumes the download
+                s.note(replace(cleared, phase=Phase.DOWNLOADING))
             self.emit(
                 m.app,
                 Kind.DOWNLOADING,
@@ -321,7 +323,8 @@ class Updater:
             return True
         try:
             return any(
-                p.suffix in self.inbox_suffixes and not self._still_refused(p) for p in self.inbox.iterdir()
+                p.suffix in self.inbox_suffixes and not self._still_refused(p)
+                for p in map(self.inbox.joinpath, self._listing.names())
             )
         except OSError:
             return False
@@ -332,7 +335,7 @@ class Updater:
         for scan in self.inbox_scanners:
             scan()
         try:
-            entries = sorted(p for p in self.inbox.iterdir() if p.suffix == ".bundle")
+            entries = self._listing.paths(".bundle")
         except OSError:
             return
         now = time.monotonic()
@@ -527,12 +530,15 @@ class Updater:
         slot = st.other_slot()
         s.write_slot(slot, rel.module, rel.manifest)
         self.trust.raise_floor(m.issued, now=self.verifier.now())
-        st = plan_stage(st, slot, m)
+        # STAGED and the trial's first attempt are one write: the trial starts at
+        # once, and a power cut before any of its code ran counts as an attempt
+        # all the same (there are ``trial_attempts``, 2 by default).
+        st = plan_trial(plan_stage(st, slot, m))
         s.save(st)
         # Announced only once written: whoever holds the release's bytes (the
         # downloaded chunks, update.delivery) lets go of them on this event.
         self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
-        self._start_trial(m, rel.module, st)
+        self._start_trial(m, rel.module, st, persisted=True)
 
     def _retrial(self, app: str) -> None:
         s = self.slots[app]
@@ -562,10 +568,12 @@ class Updater:
             return
         self._start_trial(m, content.module, st)
 
-    def _start_trial(self, m: Manifest, module: bytes, st: AppState) -> None:
+    def _start_trial(self, m: Manifest, module: bytes, st: AppState, *, persisted: bool = False) -> None:
+        """``persisted``: ``st`` is the trial's state, written already."""
         s = self.slots[m.app]
-        st = plan_trial(st)
-        s.save(st)  # persisted before any of the new code is compiled or run
+        if not persisted:
+            st = plan_trial(st)
+            s.save(st)  # persisted before any of the new code is compiled or run
         # Make: compile, instantiate and run dr_init here, on the updater lane,
         # while the old version keeps ticking on the scheduler lane.
         try:
