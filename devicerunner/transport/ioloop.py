@@ -36,8 +36,12 @@ import paho.mqtt.client as paho
 
 log = logging.getLogger(__name__)
 
-MISC_EVERY_S = 1.0
-"""How often keepalive (PINGREQ, dead-peer detection) is checked for every client."""
+MISC_MAX_S = 5.0
+MISC_MIN_S = 0.25
+"""Keepalive (PINGREQ, dead-peer detection) is checked for every client each
+tenth of the shortest keepalive registered, within these bounds: a PINGREQ
+then goes out at most 10% late (brokers allow 50%), and a thousand idle
+clients with a 30 s keepalive cost a sweep every 3 s, not every second."""
 
 
 class IoOwner(Protocol):
@@ -59,7 +63,14 @@ class IoLoop:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._cmds: deque[Callable[[], None]] = deque()
+        self._woken = False
+        """A wake-up byte is on its way and the loop has not taken the commands
+        yet: another command needs no byte of its own (under ``_lock``)."""
+        self._writing: set[int] = set()
+        """Descriptors watched for EVENT_WRITE (loop thread): no ``epoll_ctl`` to
+        set what is set already."""
         self._stopping = False
+        self._misc_every = MISC_MAX_S
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -80,7 +91,12 @@ class IoLoop:
         c.on_socket_close = closing
 
         def writing(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
-            self._call(lambda: self._want_write(sock, owner, True))
+            if threading.current_thread() is self._thread:
+                # queued while the loop serves this client (a PUBACK during a
+                # read): wait for the socket, never write from inside a read
+                self._want_write(sock, owner, True)
+            else:
+                self._call(lambda: self._flush(sock, owner))
 
         def written(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
             self._call(lambda: self._want_write(sock, owner, False))
@@ -122,7 +138,9 @@ class IoLoop:
 
         with self._lock:
             self._cmds.append(run)
-        self._wake()
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
         return done.wait(timeout_s) if done is not None else True
 
     def _wake(self) -> None:
@@ -136,21 +154,47 @@ class IoLoop:
         stale = self._sel.get_map().get(fd)
         if stale is not None:  # a descriptor reused before its old socket was let go
             self._sel.unregister(stale.fileobj)
+            self._writing.discard(fd)
         self._sel.register(sock, selectors.EVENT_READ, owner)
+        self._writing.discard(fd)
+        keepalive = getattr(owner.client, "keepalive", 0) or MISC_MAX_S * 10
+        self._misc_every = min(self._misc_every, max(MISC_MIN_S, keepalive / 10))
 
     def _unregister(self, sock: paho.SocketLike) -> None:
         with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(sock)
+            key = self._sel.unregister(sock)
+            self._writing.discard(key.fd)
 
     def _want_write(self, sock: paho.SocketLike, owner: IoOwner, on: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.modify(sock, events, owner)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            fd = sock.fileno()
+            if (fd in self._writing) == on:
+                return
+            self._sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0), owner)
+            if on:
+                self._writing.add(fd)
+            else:
+                self._writing.discard(fd)
+
+    def _flush(self, sock: paho.SocketLike, owner: IoOwner) -> None:
+        """Write what another thread queued now: the socket can nearly always take
+        it, and waiting for EVENT_WRITE costs two ``epoll_ctl`` and a wake-up."""
+        try:
+            key = self._sel.get_key(sock)
+        except (KeyError, ValueError):
+            return  # closed meanwhile
+        if key.data is not owner:
+            return
+        c = owner.client
+        rc = c.loop_write()
+        if rc == paho.MQTT_ERR_SUCCESS and c.want_write():
+            self._want_write(sock, owner, True)  # the socket is full: wait for it
+        self._check(owner, rc)
 
     # -- the loop thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_misc = time.monotonic() + MISC_EVERY_S
+        next_misc = time.monotonic() + self._misc_every
         while not self._stopping:
             try:
                 events = self._sel.select(max(0.0, next_misc - time.monotonic()))
@@ -166,13 +210,24 @@ class IoLoop:
                 self._serve(owner, mask)
             self._run_commands()
             if time.monotonic() >= next_misc:
-                next_misc = time.monotonic() + MISC_EVERY_S
+                next_misc = time.monotonic() + self._misc_every
                 for key in list(self._sel.get_map().values()):
-                    if key.data is not None:
-                        self._check(key.data, key.data.client.loop_misc())
+                    owner = key.data
+                    if owner is None:
+                        continue
+                    c = owner.client
+                    rc = c.loop_misc()
+                    if rc == paho.MQTT_ERR_SUCCESS and key.fd not in self._writing and c.want_write():
+                        # paho's "want write" flag and its queue are not updated under
+                        # one lock: a packet queued just as the queue ran empty can
+                        # miss its callback; it goes out here at the latest
+                        rc = c.loop_write()
+                    self._check(owner, rc)
         self._run_commands()
 
     def _run_commands(self) -> None:
+        with self._lock:
+            self._woken = False  # commands queued from now on wake the loop again
         while True:
             with self._lock:
                 if not self._cmds:
