@@ -245,22 +245,25 @@ class App:
             self.counters.last_error = f"unhealthy: {r.message}"
         return r
 
+    def trial_status(self, now_s: float) -> dict[str, Any] | None:
+        """How far the trial has come (None when none runs)."""
+        if self.trial is None:
+            return None
+        h = self.trial.health
+        return {
+            "ticks": self.counters.ticks - self.trial.base.ticks,
+            "of_ticks": h.trial_ticks,
+            "seconds": round(self.trial.elapsed(now_s), 1),
+            "of_seconds": h.trial_seconds,
+        }
+
     def status(self, now_s: float) -> dict[str, Any]:
-        trial = None
-        if self.trial is not None:
-            h = self.trial.health
-            trial = {
-                "ticks": self.counters.ticks - self.trial.base.ticks,
-                "of_ticks": h.trial_ticks,
-                "seconds": round(self.trial.elapsed(now_s), 1),
-                "of_seconds": h.trial_seconds,
-            }
         return {
             "app": self.name,
             "version": self.spec.version,
             "sequence": self.spec.sequence,
             "running": self.running,
-            "trial": trial,
+            "trial": self.trial_status(now_s),
             "memory_bytes": self.instance.memory_bytes(),
             **self.counters.summary(),
         }

@@ -407,38 +407,49 @@ class Daemon:
         return out
 
     def broker_status(self, online: bool) -> dict[str, Any]:
-        """The status document the device publishes (docs/mqtt.md)."""
-        full = self.status()
-        apps = {}
-        for name, a in full["apps"].items():
-            st = a["state"]
-            cand = a.get("candidate") or {}
-            apps[name] = {  # version/sequence: the active release; pending_*: the candidate
-                "version": a["active"]["version"],
-                "sequence": st["active_sequence"],
-                "phase": st["phase"],
+        """The status document the device publishes (docs/mqtt.md). Built from
+        the parts it shows, not from ``status()``: the tick percentiles, the
+        input counters and the recent events it never sent were most of the
+        cost of a heartbeat, and a fleet of 10,000 sends 333 a second."""
+        apps: dict[str, Any] = {}
+        now_s = self.clock.monotonic_s()
+        for name in self.cfg.apps:
+            st, _ = self.updater.slots[name].load()
+            live = self.scheduler.apps.get(name)
+            downloading = self.delivery.downloads.active.get(name) if self.delivery is not None else None
+            running = live.spec.version if live is not None else None
+            rel = releases(st, running, getattr(downloading, "m", None))
+            cand = rel["candidate"] or {}
+            cfg = self.config_updates.status(name)
+            entry: dict[str, Any] = {  # version/sequence: the active release; pending_*: the candidate
+                "version": rel["active"]["version"],
+                "sequence": st.active_sequence,
+                "phase": st.phase,
                 "pending_sequence": cand.get("sequence"),
                 "pending_version": cand.get("version"),
-                "last_error": st.get("last_error") or a.get("last_error"),
-                "last_reason": st.get("last_reason"),
-                "last_error_sequence": st.get("last_error_sequence"),
-                "running": a.get("running", False),
-                "trial": a.get("trial"),
-                "config_version": a["config"]["version"],
-                "config_phase": a["config"]["phase"],
-                "config_on_trial": a["config"]["on_trial"],
-                "config_last_error": a["config"]["last_error"],
+                "last_error": st.last_error
+                or (live.counters.last_error if live is not None else self.failed.get(name)),
+                "last_reason": st.last_reason,
+                "last_error_sequence": st.last_error_sequence,
+                "running": live.running if live is not None else False,
+                "trial": live.trial_status(now_s) if live is not None else None,
+                "config_version": cfg["version"],
+                "config_phase": cfg["phase"],
+                "config_on_trial": cfg["on_trial"],
+                "config_last_error": cfg["last_error"],
             }
-            if "messages" in a:
-                apps[name]["messages"] = a["messages"]
+            inbox = self.resources.inboxes.get(name)
+            if inbox is not None:
+                entry["messages"] = {"queued": len(inbox), **inbox.stats.as_dict()}
+            apps[name] = entry
         return {
             "device": self.cfg.id,
             "hardware": self.cfg.hardware,
             "online": online,
             "ts": round(time.time(), 3),
-            "root_version": full["root_version"],
+            "root_version": self.trust.root.version if self.trust.root else None,
             "apps": apps,
-            "rejections": full["rejections"][:5],
+            "rejections": self.updater.rejections.recent(5),
         }
 
     def write_status(self) -> None:
