@@ -117,7 +117,7 @@ class Lane:
     def post(self, fn: Task) -> bool:
         """Queue ``fn``; False (and nothing queued) if the lane is closed."""
         ex = self.executor
-        with ex._cond:
+        with ex._lock:
             if self._closed:
                 return False
             self._tasks.append(fn)
@@ -153,7 +153,7 @@ class Lane:
 
     def resume(self) -> None:
         ex = self.executor
-        with ex._cond:
+        with ex._lock:
             self._paused = False
             if self._tasks:
                 ex._make_ready(self)
@@ -162,7 +162,7 @@ class Lane:
         """Drop queued tasks and timers (their ``cancel()`` is not needed); a
         task already running finishes, and ``wait_s`` > 0 waits that long for
         it (unless called from the lane itself)."""
-        with self.executor._cond:
+        with self.executor._lock:
             self._closed = True
             dropped = list(self._tasks)
             self._tasks.clear()
@@ -179,7 +179,7 @@ class Lane:
             raise RuntimeError(f"lane {self.name} cannot wait for itself")
         ex = self.executor
         deadline = time.monotonic() + timeout_s
-        with ex._cond:
+        with ex._lock:
             self._drainers += 1
             try:
                 while self._running or (self._tasks and not self._paused):
@@ -205,8 +205,11 @@ class Executor:
             raise ValueError("an executor needs at least one thread")
         self.name = name
         self.slack_s = slack_s
-        self._cond = threading.Condition()
-        self._idle = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
+        self._lock = threading.Lock()
+        """Guards lanes, the ready queue and the heap. Taken directly in ``with``
+        (not through the Condition: a Python-level __enter__ per acquisition)."""
+        self._cond = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._ready: deque[Lane] = deque()
         self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -224,7 +227,7 @@ class Executor:
         return not self._stopping and all(t.is_alive() for t in self._threads)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        with self._cond:
+        with self._lock:
             self._stopping = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout_s
@@ -232,7 +235,7 @@ class Executor:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
 
-    # -- under self._cond --------------------------------------------------------------
+    # -- under self._lock --------------------------------------------------------------
 
     def _make_ready(self, lane: Lane) -> None:
         if lane._ready or lane._running or lane._paused or lane._closed:
@@ -242,7 +245,7 @@ class Executor:
         self._cond.notify()
 
     def _add_timer(self, timer: Timer) -> Timer:
-        with self._cond:
+        with self._lock:
             if timer.lane._closed:
                 timer.cancelled = True
                 return timer
@@ -276,7 +279,7 @@ class Executor:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while True:
                     if self._stopping:
                         return
@@ -288,27 +291,41 @@ class Executor:
                         if lane._closed or lane._paused or not lane._tasks:
                             continue
                         lane._running = True
+                        fn = lane._tasks.popleft()  # taken here: one lock round trip less per run
                         break
                     self._cond.wait(self._heap[0][0] - now + self.slack_s if self._heap else None)
-            self._run(lane)
+            self._run(lane, fn)
 
-    def _run(self, lane: Lane) -> None:
+    def _run(self, lane: Lane, fn: Task) -> None:
+        """Run ``fn`` and up to BATCH - 1 more of ``lane``'s tasks; each next task
+        is taken in the same critical section that would otherwise end the run."""
         _local.lane = lane
+        released = False
         try:
-            for _ in range(BATCH):
-                with self._cond:
-                    if lane._closed or lane._paused or not lane._tasks:
-                        break
-                    fn = lane._tasks.popleft()
+            ran = 0
+            while True:
                 try:
                     fn()
                 except BaseException:
                     log.exception("task on lane %s failed", lane.name)
+                ran += 1
+                with self._lock:
+                    if ran < BATCH and not lane._closed and not lane._paused and lane._tasks:
+                        fn = lane._tasks.popleft()
+                        continue
+                    self._release(lane)
+                    released = True
+                    return
         finally:
             _local.lane = None
-            with self._cond:
-                lane._running = False
-                if lane._tasks:
-                    self._make_ready(lane)
-                if lane._drainers:
-                    self._idle.notify_all()
+            if not released:
+                with self._lock:
+                    self._release(lane)
+
+    def _release(self, lane: Lane) -> None:
+        """Under the lock: ``lane`` no longer runs; back in the queue if it has work."""
+        lane._running = False
+        if lane._tasks:
+            self._make_ready(lane)
+        if lane._drainers:
+            self._idle.notify_all()
