@@ -86,7 +86,7 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
             runtime=runtime,
             clock=SkewedClock(spec["clock_offset_s"]),
             status_file=False,
-            inbox_scan_s=5.0,  # simulated devices take releases over MQTT only
+            inbox_scan_s=30.0,  # simulated devices take releases over MQTT only
         )
         d.start()
         daemons.append(d)
