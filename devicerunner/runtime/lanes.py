@@ -237,12 +237,16 @@ class Executor:
 
     # -- under self._lock --------------------------------------------------------------
 
-    def _make_ready(self, lane: Lane) -> None:
+    def _make_ready(self, lane: Lane, wake: bool = True) -> bool:
+        """Queue ``lane`` to run; True if it was queued now. ``wake=False``: the
+        caller wakes pool threads itself (``_fire_due``, once per batch)."""
         if lane._ready or lane._running or lane._paused or lane._closed:
-            return
+            return False
         lane._ready = True
         self._ready.append(lane)
-        self._cond.notify()
+        if wake:
+            self._cond.notify()
+        return True
 
     def _add_timer(self, timer: Timer) -> Timer:
         with self._lock:
@@ -256,7 +260,11 @@ class Executor:
         return timer
 
     def _fire_due(self, now: float) -> None:
+        """Called by a pool thread about to look for a lane: it takes one of the
+        lanes made ready here itself, so only the others need a thread woken
+        (one ``notify`` per batch instead of one per timer)."""
         heap = self._heap
+        queued = 0
         while heap and heap[0][0] <= now:
             _, _, timer = heapq.heappop(heap)
             lane = timer.lane
@@ -267,13 +275,15 @@ class Executor:
             elif not timer.queued:  # still waiting in a busy lane: this period is skipped
                 timer.queued = True
                 lane._tasks.append(timer._run_periodic)
-            self._make_ready(lane)
+            queued += self._make_ready(lane, wake=False)
             if timer.period is not None:
                 nxt = timer.when + timer.period
                 if nxt <= now:  # skip missed periods instead of bursting
                     nxt += ((now - nxt) // timer.period + 1) * timer.period
                 timer.when = nxt
                 heapq.heappush(heap, (nxt, next(self._seq), timer))
+        if queued > 1:
+            self._cond.notify(queued - 1)
 
     # -- pool threads ------------------------------------------------------------------
 
