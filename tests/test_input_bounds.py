@@ -65,3 +65,47 @@ def test_mailbox_survives_a_handler_that_raises() -> None:
     posted.pop()()
     box.put("a", b"good")  # still scheduled afresh
     assert len(posted) == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 60_000,
+        b'{"signed": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b', "signatures": []}',
+    ],
+    ids=["bracket-flood", "nested-objects"],
+)
+def test_deeply_nested_document_is_refused_before_the_json_decoder_recurses(
+    payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document nested thousands deep made json.loads recurse to Python's
+    limit; code that ran at that depth (a finalizer the garbage collector
+    called) failed with RecursionError of its own. Depth is judged first."""
+    import json
+
+    from devicerunner.errors import MalformedError
+    from devicerunner.transport import reports
+    from devicerunner.trust.manifest import parse_envelope
+
+    decoded: list[object] = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda s: decoded.append(s) or real(s))
+    with pytest.raises(MalformedError, match="nested deeper than 32"):
+        parse_envelope(payload, 1 << 20, "manifest")
+    with pytest.raises(reports.MalformedReport, match="nested deeper than 32"):
+        reports.read_status("dev-1", payload)
+    assert decoded == []  # refused before the decoder ran
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    import json
+
+    from devicerunner.runtime.strict import too_deep
+    from devicerunner.trust.manifest import parse_envelope
+
+    # escaped quotes and backslashes inside strings must not end them early
+    x = "[{" * 5000 + '\\"[' + "\\"
+    text = json.dumps({"signed": {"x": x, "y": '"{'}, "signatures": []}).encode()
+    assert not too_deep(text, 32)
+    assert parse_envelope(text, 1 << 20, "manifest").signed["x"] == x
+    assert too_deep(b"[" * 33, 32) and not too_deep(b"[" * 32 + b"]" * 32, 32)

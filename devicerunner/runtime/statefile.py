@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from devicerunner.runtime.strict import too_deep
+
 SEAL_KEY = "sha256"
 
 
@@ -49,35 +51,9 @@ def read_bounded(path: Path, max_bytes: int) -> bytes | None:
     return data
 
 
-def json_depth(data: bytes, limit: int) -> int:
-    """Nesting depth of JSON text (strings skipped), or ``limit + 1`` as soon
-    as it is exceeded. Linear, no recursion."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for b in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif b == 0x5C:  # backslash
-                escaped = True
-            elif b == 0x22:  # quote
-                in_string = False
-        elif b == 0x22:
-            in_string = True
-        elif b in (0x7B, 0x5B):  # { [
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        elif b in (0x7D, 0x5D):  # } ]
-            depth -= 1
-    return deepest
-
-
 def loads_bounded(data: bytes, max_depth: int) -> Any:
     """``json.loads`` after a nesting check; StateFileError for anything wrong."""
-    if json_depth(data, max_depth) > max_depth:
+    if too_deep(data, max_depth):
         raise StateFileError(f"nested deeper than {max_depth}")
     try:
         return json.loads(data.decode("utf-8"))

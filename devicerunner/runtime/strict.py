@@ -151,3 +151,40 @@ class Strict:
         unknown = sorted(set(self.obj) - self.used)
         if unknown:
             self.error(unknown[0], self._unknown)
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """Nesting depth of JSON text (strings skipped), or ``limit + 1`` as soon
+    as it is exceeded. Linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x7B, 0x5B):  # { [
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif b in (0x7D, 0x5D):  # } ]
+            depth -= 1
+    return deepest
+
+
+def too_deep(data: bytes, limit: int) -> bool:
+    """Is the JSON text ``data`` nested deeper than ``limit``? Decided before
+    ``json.loads``: its C decoder recurses once per level, and code that runs
+    at that depth (a finalizer the garbage collector calls) fails with
+    RecursionError of its own. Brackets are counted first (in C): a text with
+    at most ``limit`` of them cannot be deeper, and only the rest are scanned."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    return json_depth(data, limit) > limit

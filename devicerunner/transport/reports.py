@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devicerunner.errors import DeviceRunnerError
+from devicerunner.runtime.strict import too_deep
 from devicerunner.transport import topics
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_PAYLOAD = 64 * 1024
 """A status or event larger than this is not read (a real one is well under 4 KiB)."""
 MAX_APPS = 64
+MAX_DEPTH = 32
+"""Nesting a report may have (a real one has 5); checked before parsing."""
 MAX_TEXT = 1000
 """Longer strings (a last error, a reason) are cut here, visibly."""
 PHASES = frozenset(
@@ -186,6 +189,8 @@ class DeviceEvent:
 def _load(device: str, kind: str, payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD:
         raise MalformedReport(device, kind, f"{len(payload)} bytes, over the {MAX_PAYLOAD}-byte limit")
+    if too_deep(payload, MAX_DEPTH):
+        raise MalformedReport(device, kind, f"nested deeper than {MAX_DEPTH}")
     try:
         obj = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from devicerunner.errors import MalformedError, TooLargeError, UnsupportedError
-from devicerunner.runtime.strict import REQUIRED, Strict
+from devicerunner.runtime.strict import REQUIRED, Strict, too_deep
 from devicerunner.trust.canonical import NotCanonicalError, canonical
 from hostfuncs.registry import CAPABILITIES as ABI_CAPABILITIES
 
@@ -46,6 +46,8 @@ MAX_CHUNK = 120 * 1024
 """Under AWS IoT Core's 128 KiB message limit with room for the topic."""
 DEFAULT_CHUNK = 64 * 1024
 MAX_SIGNATURES = 32
+MAX_DEPTH = 32
+"""Nesting a signed document may have (a real one has 4); checked before parsing."""
 MAX_KEYS = 64
 ROLES = ("root", "release", "rollout", "config")
 REQUIRED_ROLES = ("root", "release", "rollout")
@@ -136,6 +138,8 @@ def parse_envelope(data: bytes, max_bytes: int, what: str) -> Envelope:
         raise MalformedError(f"{what}: expected bytes")
     if len(data) > max_bytes:
         raise TooLargeError(f"{what}: {len(data)} bytes, the limit is {max_bytes}")
+    if too_deep(bytes(data), MAX_DEPTH):
+        raise MalformedError(f"{what}: nested deeper than {MAX_DEPTH}")
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
