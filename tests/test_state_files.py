@@ -5,6 +5,7 @@ path (rebuild from the committed slots, logged), never a crash."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -291,3 +292,50 @@ def test_oversized_rollout_file_is_ignored_and_the_daemon_starts(kit: Kit) -> No
         assert "app" in d.scheduler.apps and "app" not in d.rollouts.documents
     finally:
         d.stop()
+
+
+def test_inbox_listing_is_reused_only_while_the_directory_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inbox is polled several times a second: a listing is reused while the
+    directory's times stand still, and every added or removed file is seen."""
+    from devicerunner.runtime import fsutil
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.bundle").write_bytes(b"x")
+    listings: list[str] = []
+    real_listdir = fsutil.os.listdir
+
+    def counting_listdir(path: Path) -> list[str]:
+        listings.append(str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(fsutil.os, "listdir", counting_listdir)
+    view = fsutil.DirListing(inbox)
+    assert view.names() == ["a.bundle"]
+    # A change in the same clock tick as the listing may not move the mtime:
+    # a listing taken that soon after a change is never reused.
+    assert view.names() == ["a.bundle"] and len(listings) == 2
+    # Time passes: the directory was last changed 10 s ago (set explicitly, so
+    # that the next change moves the mtime whatever the clock's granularity).
+    now = fsutil.time.time_ns()
+    os.utime(inbox, ns=(now - 10 * 10**9, now - 10 * 10**9))
+    monkeypatch.setattr(fsutil.time, "time_ns", lambda: now + 5 * 10**9)
+    assert view.names() == ["a.bundle"] and len(listings) == 3  # settled now: kept
+    assert view.names() == ["a.bundle"] and len(listings) == 3  # reused: a stat, no listing
+    (inbox / "b.config").write_bytes(b"y")
+    assert view.names() == ["a.bundle", "b.config"] and len(listings) == 4
+    assert view.paths(".bundle") == [inbox / "a.bundle"]
+    (inbox / "a.bundle").unlink()
+    assert view.names() == ["b.config"]
+
+
+def test_inbox_listing_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
+    from devicerunner.runtime.fsutil import DirListing
+
+    view = DirListing(tmp_path / "gone")
+    assert view.names() == []
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "x.bundle").write_bytes(b"")
+    assert view.paths(".bundle") == [tmp_path / "gone" / "x.bundle"]
