@@ -329,6 +329,12 @@ def test_inbox_listing_is_reused_only_while_the_directory_is_unchanged(
     assert view.paths(".bundle") == [inbox / "a.bundle"]
     (inbox / "a.bundle").unlink()
     assert view.names() == ["b.config"]
+    # whatever a file system does with its times, a listing is never older than max_age_s
+    always = fsutil.DirListing(inbox, max_age_s=0.0)
+    n = len(listings)
+    always.names()
+    always.names()
+    assert len(listings) == n + 2
 
 
 def test_inbox_listing_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
@@ -339,3 +345,38 @@ def test_inbox_listing_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
     (tmp_path / "gone").mkdir()
     (tmp_path / "gone" / "x.bundle").write_bytes(b"")
     assert view.paths(".bundle") == [tmp_path / "gone" / "x.bundle"]
+
+
+@pytest.mark.parametrize("earlier", ["refused", "clean"])
+def test_a_download_start_clears_an_earlier_refusal_on_disk_and_writes_nothing_else(
+    kit: Kit, earlier: str
+) -> None:
+    """DOWNLOADING is shown, not written (the download store resumes after a
+    power cut) -- but an error an earlier refusal left (REJECTED, its sequence)
+    is cleared on disk: a restart must not bring it back, or a rollout would
+    count the device as failed for the release it is taking."""
+    from dataclasses import replace
+
+    from devicerunner.trust import bundle as bundles
+    from devicerunner.trust.manifest import parse_manifest
+    from devicerunner.update.events import Phase
+
+    slots = AppSlots(kit.state_dir, "app")
+    st, _ = slots.load()
+    if earlier == "refused":
+        slots.save(replace(st, phase=Phase.REJECTED, last_error="expired", last_error_sequence=4))
+    before = _state_path(kit).read_bytes()
+    man, _module = bundles.unpack(kit.bundle(counter_module(4), 4))
+    d = Daemon(kit.cfg)
+    d.start()
+    try:
+        d.updater.note_downloading(parse_manifest(man), resumed=0)
+        assert d.updater.idle.wait(5) and d.updater.slots["app"].load()[0].phase == Phase.DOWNLOADING
+        on_disk, _ = AppSlots(kit.state_dir, "app").load()  # what a restart would read
+    finally:
+        d.stop()
+    if earlier == "refused":
+        assert on_disk.last_error is None and on_disk.last_error_sequence is None
+    else:
+        assert _state_path(kit).read_bytes() == before  # nothing to clear: no write
+        assert on_disk.phase == Phase.COMMITTED

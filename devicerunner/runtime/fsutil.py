@@ -121,32 +121,39 @@ class DirListing:
     An inbox is polled several times a second and after every update step,
     and is nearly always empty or unchanged: a ``stat`` costs a fraction of
     ``open`` + ``getdents`` + ``close``. Adding, removing or renaming an entry
-    moves the directory's mtime, but the kernel's file times are coarse (one
-    clock tick), so a change made in the same tick as the listing could leave
-    the mtime where it was: a listing is reused only when the directory was
-    last changed more than ``RACY_S`` before it was taken (the "racy" case
-    is listed again every time). A missing directory lists as empty."""
+    moves the directory's mtime, but file times are coarse (one clock tick;
+    two seconds on FAT), so a change made in the same tick as the listing
+    could leave them where they were: a listing is reused only when the
+    directory was last changed more than ``RACY_S`` before the listing began,
+    and never for longer than ``max_age_s`` (whatever the file system does
+    with its times, a change is seen within that). A missing directory lists
+    as empty."""
 
-    RACY_S = 1.0
+    RACY_S = 2.0
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_age_s: float = 1.0) -> None:
         self.dir = Path(directory)
+        self.max_age_s = max_age_s
         self._key: tuple[int, int, int] | None = None
+        self._listed_at = 0.0
         self._names: list[str] = []
 
     def names(self) -> list[str]:
         """Sorted entry names (a copy); raises OSError as ``os.listdir`` would, but
         not for a missing directory."""
+        now_ns = time.time_ns()  # before the stat: a change after it moves the times
         try:
             st = os.stat(self.dir)
         except FileNotFoundError:
             self._key = None
             return []
         key = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        if key != self._key:
+        fresh = time.monotonic() - self._listed_at < self.max_age_s
+        if key != self._key or not fresh:
             names = sorted(os.listdir(self.dir))
-            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_S * 1e9
+            settled = now_ns - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_S * 1e9
             self._key = key if settled else None
+            self._listed_at = time.monotonic()
             self._names = names
         return list(self._names)
 

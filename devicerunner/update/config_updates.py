@@ -228,7 +228,7 @@ class ConfigUpdates:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._trials: dict[str, ConfigDoc] = {}
         self.inbox = settings.state_dir / "inbox"
-        self._listing = DirListing(self.inbox)
+        self._listing = DirListing(self.inbox, max_age_s=settings.inbox_scan_s)
         updater.listeners.append(self._on_update_event)
         updater.inbox_scanners.append(self._scan_inbox)
         updater.inbox_suffixes.add(INBOX_SUFFIX)
@@ -451,6 +451,8 @@ class ConfigUpdates:
                 if path.stat().st_size > MAX_CONFIG_BYTES:
                     raise TooLargeError(f"{path.name}: larger than {MAX_CONFIG_BYTES} bytes")
                 data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # gone since it was listed: nothing to refuse
             except (OSError, TooLargeError) as e:
                 self._emit("unknown", REJECTED, None, getattr(e, "reason", "unreadable"), str(e))
                 with contextlib.suppress(OSError):

@@ -7,11 +7,15 @@ lane, and asks the device (an ``AppHost``) for anything that runs Wasm.
 
 Order of writes for one update (each a crash-safe write; see slots.py):
 
+0. (a download) DOWNLOADING is shown but not written; an error left by an
+   earlier refusal is cleared on disk first, so a restart cannot bring it back;
 1. clear a superseded ``pending`` (state.json), remove the target slot's
    ``committed`` marker, write module + manifest into the *inactive* slot;
-2. state.json: STAGED, pending = that slot;
-3. state.json: TRIAL, trial_attempts += 1  -- before the new code is
-   compiled, linked or run, so a crash there counts as an attempt;
+2.-3. state.json, one write: pending = that slot, TRIAL, trial_attempts = 1
+   -- before the new code is compiled, linked or run, so a crash from here
+   on counts as an attempt (STAGED is announced, not written: the trial
+   starts at once; with ``trial_attempts = 1`` a power cut anywhere from
+   here rolls the release back);
 4. compile, instantiate + ``dr_init`` the new version on the updater lane while the
    old one keeps ticking (separate Stores), then switch on the scheduler
    thread between two ticks, keeping the old one warm;
@@ -22,7 +26,8 @@ Order of writes for one update (each a crash-safe write; see slots.py):
 
 A power cut between any two steps leaves ``active`` on a verified slot;
 at boot a TRIAL with ``trial_attempts >= attempts`` reverts (the crash counts
-as a failed attempt), a STAGED slot is verified again before its trial.
+as a failed attempt), a STAGED slot (written by earlier versions, or a retrial
+after a superseded one) is verified again before its trial.
 
 A sequence is marked bad only by a rollback: this device ran the trial of
 that exact signed manifest and it failed (or a crash interrupted it). Every
@@ -133,7 +138,7 @@ class Updater:
         self.clock = clock
         self.device_id = settings.identity.device_id
         self.inbox = settings.state_dir / "inbox"
-        self._listing = DirListing(self.inbox)
+        self._listing = DirListing(self.inbox, max_age_s=settings.inbox_scan_s)
         self.slots = {name: AppSlots(settings.state_dir, name) for name in settings.channels}
         self.verifier = Verifier(settings, trust_store, self.slots, clock)
         self._lane = lane
@@ -291,8 +296,14 @@ class Updater:
             st, _ = s.load()
             if st.phase != Phase.TRIAL and st.pending is None:
                 cleared = replace(st, last_error=None, last_reason=None, last_error_sequence=None)
-                # not written: after a power cut the download store resumes the download
-                s.note(replace(cleared, phase=Phase.DOWNLOADING))
+                if cleared != st or st.phase not in (Phase.IDLE, Phase.COMMITTED, Phase.DOWNLOADING):
+                    # An earlier refusal (REJECTED with its sequence, ROLLED_BACK...) is
+                    # cleared on disk: a restart must not bring it back and let a
+                    # rollout count this device as failed for a release it takes.
+                    s.save(replace(cleared, phase=Phase.DOWNLOADING))
+                else:
+                    # nothing to clear: after a power cut the download store resumes the download
+                    s.note(replace(cleared, phase=Phase.DOWNLOADING))
             self.emit(
                 m.app,
                 Kind.DOWNLOADING,
@@ -345,6 +356,8 @@ class Updater:
             try:
                 data = read_bundle(path)  # the size is checked before a byte is read
                 man, module = bundle.unpack(data)
+            except FileNotFoundError:
+                continue  # gone since it was listed (taken or removed): nothing to refuse
             except (OSError, VerificationError) as e:
                 self.emit(
                     "unknown",
