@@ -19,7 +19,7 @@ from devicerunner.device.daemon import Daemon
 from devicerunner.fleet.artifacts import ArtifactDir, ArtifactServer
 from devicerunner.fleet.broker import EmbeddedBroker
 from devicerunner.fleet.rollout import Policy, RolloutController
-from devicerunner.transport import operator
+from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust import manifest
 from tests.brokers import CONSTRAINED, Mosquitto, RabbitMQ, free_port, rabbitmq_server
@@ -188,12 +188,15 @@ def test_staged_rollout_finds_the_device_and_completes(tmp_path: Path, brokers: 
             server.stop()
 
 
+@pytest.mark.parametrize("server", ["running", "started-after-the-device-asked"])
 def test_device_on_a_broker_without_retain_learns_root_rotations_it_missed(
-    tmp_path: Path, brokers: Brokers
+    tmp_path: Path, brokers: Brokers, server: str
 ) -> None:
     """Roots v2 and v3 were published (live, and into the artifact directory)
     while the device was away; on connecting it asks for the documents, gets
-    the chain and walks it, verifying each step like a retained root."""
+    the chain (each step on a topic of its own: v3 must not replace the v2 it
+    needs) and walks it, verifying each step like a retained root. A server
+    that starts after the device asked is asked again (no retained request)."""
     url = brokers.url("constrained")
     p = fresh_prefix()
     art = tmp_path / "artifacts"
@@ -214,13 +217,24 @@ def test_device_on_a_broker_without_retain_learns_root_rotations_it_missed(
         root = manifest.sign_envelope(signed, [kit.root_key])
         d_art.put_document(f"trust/roots/{version}", root)
         d_art.put_document("trust/root", root)
-    server = ArtifactServer(parse_url(url), p, art).start()
+    srv = ArtifactServer(parse_url(url), p, art)
+    if server == "running":
+        srv.start()
+    asked: list[bytes] = []
+    probe = operator.Session(parse_url(url))
+    probe.__enter__()
+    probe.client.on_message = lambda _c, _u, m: asked.append(bytes(m.payload))
+    probe.client.subscribe(topics.documents_request(p, "dev-1"), 1)
     d = Daemon(kit.cfg)
     ev = Events(d)
     d.start()
     try:
+        if server != "running":
+            assert until(lambda: len(asked) >= 1, 15)  # asked while nobody listened: gone
+            srv.start()
         ev.wait("ROOT_ROTATED", timeout_s=20)
         assert until(lambda: d.trust.root is not None and d.trust.root.version == 3, 20)
     finally:
         d.stop()
-        server.stop()
+        srv.stop()
+        probe.__exit__()

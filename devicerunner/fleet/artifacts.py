@@ -150,6 +150,7 @@ class ArtifactServer:
         self._connected = threading.Event()
         self.client = make_client(s, client_id or f"dr-artifacts-{os.getpid()}-{time.time_ns() % 10**6}")
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self._worker = threading.Thread(target=self._work, name="dr-artifact-server", daemon=True)
 
@@ -181,6 +182,11 @@ class ArtifactServer:
     def _on_connect(self, c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         no_delay(c)
         c.subscribe(self.filter(), 1)  # again after every reconnect (clean session)
+
+    def _on_subscribe(self, *_: Any) -> None:
+        # Ready once the broker confirmed the subscription: a request published
+        # before that (a device connecting at the same moment) would be lost on
+        # a broker without retained messages.
         self._connected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -272,7 +278,11 @@ class ArtifactServer:
         sources = [(k, "trust/root" if k == "root" else k) for k in kinds]
         rv = body.get("root_version")
         if type(rv) is int and rv >= 0:  # the rotations it has not seen, so it can walk the chain
-            sources[1:1] = [("root", f"trust/roots/{v}") for v in range(rv + 1, rv + 1 + MAX_ROOT_STEPS)]
+            # each on a topic of its own: the device keeps only the newest message
+            # per topic, and v3 must not replace the v2 it needs to verify v3
+            sources[1:1] = [
+                (f"roots/{v}", f"trust/roots/{v}") for v in range(rv + 1, rv + 1 + MAX_ROOT_STEPS)
+            ]
         for kind, path in sources:
             data = self.dir.document(path)
             if data is not None:

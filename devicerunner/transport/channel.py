@@ -57,6 +57,10 @@ from hostfuncs.telemetry import Outbox
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0
+DOCUMENTS_ASK_FIRST_S = 5.0
+DOCUMENTS_ASK_MAX_S = 300.0
+"""Without retained messages, the current documents are asked for on connect
+and again with these doubling delays until one comes back."""
 TELEMETRY_EVERY_S = 0.2
 TELEMETRY_MAX_PER_DRAIN = 200
 STATUS_COALESCE_S = 0.2
@@ -138,6 +142,9 @@ class DeviceChannel:
         self.retain = retain
         self.request_chunks = request_chunks
         self.request_documents = request_documents
+        self._asking = 0
+        """Connections that started asking for documents (a newer one ends the older's retries)."""
+        self._docs_answered = False
         self.status_requests = status_requests
         self._reply_tokens = float(STATUS_REPLY_BURST)
         self._reply_tokens_at = time.monotonic()
@@ -356,7 +363,7 @@ class DeviceChannel:
         self.post(self.publish_status)
         self.post(self._drain_telemetry)
         if self.request_documents:
-            self.post(self._ask_for_documents)
+            self.post(self._start_asking)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         inbound, p = self.inbound, self.p
@@ -388,14 +395,32 @@ class DeviceChannel:
             if kind == "artifacts" and len(rest) == 2:
                 self.stats["chunk_messages"] += 1
                 self.requests.on_message(rest[0], rest[1], payload)
-            elif kind == "documents" and rest == ["root"]:
-                inbound.on_root(payload)
+            if kind == "documents":
+                self._docs_answered = True
+            if kind == "documents" and (rest == ["root"] or (len(rest) == 2 and rest[0] == "roots")):
+                inbound.on_root(payload)  # the version is the signed document's, not the topic's
             elif kind == "documents" and len(rest) == 3 and rest[0] == "releases":
                 inbound.on_release(rest[1], rest[2], payload)
             elif kind == "documents" and len(rest) == 3 and rest[0] == "rollouts":
                 inbound.on_rollout(rest[1], payload)
 
     # -- brokers without retained messages ---------------------------------------------
+
+    def _start_asking(self) -> None:
+        """On the lane, after each connect: ask for the current documents, and
+        again after 5, 10, 20 ... (at most 300) s until a document comes back:
+        without retained messages a request that reached the broker before any
+        server subscribed (a server starting or restarting) is simply gone."""
+        self._asking += 1
+        self._docs_answered = False
+        self._ask_again(self._asking, DOCUMENTS_ASK_FIRST_S)
+
+    def _ask_again(self, round_: int, delay_s: float) -> None:
+        if round_ != self._asking or self._docs_answered or not self.conn.connected.is_set():
+            return  # answered, or a newer connection asks for itself
+        self._ask_for_documents()
+        nxt = min(DOCUMENTS_ASK_MAX_S, delay_s * 2)
+        self._lane.call_later(delay_s, lambda: self._ask_again(round_, nxt))
 
     def _ask_for_documents(self) -> None:
         body: dict[str, Any] = {"apps": [{"app": s.app, "channel": s.channel} for s in self._apps]}

@@ -110,7 +110,8 @@ def artifact_response(p: str, device: str, sha256: str, index: int | str) -> str
 
 
 def document_response(p: str, device: str, kind: str) -> str:
-    """``kind``: ``root``, ``releases/{app}/{channel}`` or ``rollouts/{app}/{channel}``."""
+    """``kind``: ``root`` (the current one), ``roots/{version}`` (a step of the
+    chain), ``releases/{app}/{channel}`` or ``rollouts/{app}/{channel}``."""
     return f"{p}/devices/{device}/documents/{kind}"
 
 
