@@ -117,6 +117,11 @@ def big(tmp: Path, size_mb: int, source: str, powercut: bool) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         kit = Kit(tmp / "dev", extra_config=device_cfg(b.url, source, http.url if http else None))
+        # the device policy ships modules up to 4 MiB by default (issue #14): this one is larger
+        toml = kit.config_path.read_text()
+        kit.config_path.write_text(
+            toml.replace("[apps.app]\n", f"[apps.app]\nmax_module_bytes = {(size_mb + 8) * 1_000_000}\n", 1)
+        )
         module = padded(1, 99, size_mb * 1_000_000)
         art_fields = chunking.artifact_of(io.BytesIO(module), chunking.for_size(len(module)))
         bundle_path = tmp / "big.bundle"

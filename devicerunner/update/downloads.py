@@ -162,12 +162,12 @@ class DownloadStore:
             with contextlib.suppress(OSError, ValueError, VerificationError):
                 yield d, parse_manifest(_read_bounded(d / MANIFEST, MAX_MANIFEST_BYTES))
 
-    def assemble(self, m: Manifest) -> bytes:
-        """The module, streamed from its chunks into one file (each chunk checked
-        again as it is read, then the whole sha256) and read back: never more
-        than one chunk plus the module in memory. Not fsynced: it is checked
-        again before staging and rebuilt from the chunks after a power cut.
-        Raises ArtifactMismatchError, OSError, ValueError (a chunk file too large)."""
+    def assemble(self, m: Manifest) -> Path:
+        """Stream the chunks into one file (each checked again as it is read,
+        then the whole sha256); returns its path. Not fsynced: the module is
+        checked again before staging and rebuilt from the chunks after a
+        power cut. Raises ArtifactMismatchError, OSError, ValueError (a chunk
+        file too large)."""
         d = self.dir(m)
         out = d / ASSEMBLED
         tmp = d / f".{ASSEMBLED}.tmp"
@@ -186,7 +186,7 @@ class DownloadStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return _read_bounded(out, m.artifact.size)
+        return out
 
     def remove(self, sha256: str) -> None:
         self._known.pop(sha256, None)
@@ -428,7 +428,7 @@ class Downloads:
             return
         self._stop(dl)
         try:
-            module = self.store.assemble(dl.m)
+            path = self.store.assemble(dl.m)
         except VerificationError as e:
             self.store.remove(dl.m.artifact.sha256)
             self.hooks.reject(dl.m.raw, e, "mqtt")
@@ -448,6 +448,11 @@ class Downloads:
             sources=dl.sources_used,
             seconds=round(time.monotonic() - dl.started, 3),
         )
+        try:
+            module = _read_bounded(path, dl.m.artifact.size)  # the updater stages and compiles from bytes
+        except (OSError, ValueError) as e:
+            self._failed(dl.m, Reason.IO_ERROR, f"cannot read the assembled module: {e}")
+            return
         self.offered[dl.m.app] = dl.m.sequence
         self.offered_digest[dl.m.app] = digest(dl.m.raw)
         self.hooks.offer(dl.m.raw, module, "mqtt")
