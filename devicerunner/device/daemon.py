@@ -374,9 +374,9 @@ class Daemon:
                 "state": dataclasses.asdict(st),
                 "config": self.config_updates.status(name),
             }
-            inbox = self.resources.inboxes.get(name)
-            if inbox is not None:
-                entry["messages"] = {"queued": len(inbox), **inbox.stats.as_dict()}
+            messages = self._messages_status(name)
+            if messages is not None:
+                entry["messages"] = messages
             live = self.scheduler.apps.get(name)
             if live is not None:
                 entry.update(live.status(now_s))
@@ -397,6 +397,10 @@ class Daemon:
             "rejections": self.updater.rejections.recent(10),
             "input": self.input_stats(),
         }
+
+    def _messages_status(self, app: str) -> dict[str, Any] | None:
+        inbox = self.resources.inboxes.get(app)
+        return None if inbox is None else {"queued": len(inbox), **inbox.stats.as_dict()}
 
     def input_stats(self) -> dict[str, Any]:
         """Counters of what was refused, dropped or replaced (every bound has one)."""
@@ -438,9 +442,9 @@ class Daemon:
                 "config_on_trial": cfg["on_trial"],
                 "config_last_error": cfg["last_error"],
             }
-            inbox = self.resources.inboxes.get(name)
-            if inbox is not None:
-                entry["messages"] = {"queued": len(inbox), **inbox.stats.as_dict()}
+            messages = self._messages_status(name)
+            if messages is not None:
+                entry["messages"] = messages
             apps[name] = entry
         return {
             "device": self.cfg.id,

@@ -395,14 +395,14 @@ class DeviceChannel:
             if kind == "artifacts" and len(rest) == 2:
                 self.stats["chunk_messages"] += 1
                 self.requests.on_message(rest[0], rest[1], payload)
-            if kind == "documents":
+            elif kind == "documents":
                 self._docs_answered = True
-            if kind == "documents" and (rest == ["root"] or (len(rest) == 2 and rest[0] == "roots")):
-                inbound.on_root(payload)  # the version is the signed document's, not the topic's
-            elif kind == "documents" and len(rest) == 3 and rest[0] == "releases":
-                inbound.on_release(rest[1], rest[2], payload)
-            elif kind == "documents" and len(rest) == 3 and rest[0] == "rollouts":
-                inbound.on_rollout(rest[1], payload)
+                if rest == ["root"] or (len(rest) == 2 and rest[0] == "roots"):
+                    inbound.on_root(payload)  # the version is the signed document's, not the topic's
+                elif len(rest) == 3 and rest[0] == "releases":
+                    inbound.on_release(rest[1], rest[2], payload)
+                elif len(rest) == 3 and rest[0] == "rollouts":
+                    inbound.on_rollout(rest[1], payload)
 
     # -- brokers without retained messages ---------------------------------------------
 

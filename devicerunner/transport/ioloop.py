@@ -154,7 +154,6 @@ class IoLoop:
         stale = self._sel.get_map().get(fd)
         if stale is not None:  # a descriptor reused before its old socket was let go
             self._sel.unregister(stale.fileobj)
-            self._writing.discard(fd)
         self._sel.register(sock, selectors.EVENT_READ, owner)
         self._writing.discard(fd)
         keepalive = getattr(owner.client, "keepalive", 0) or MISC_MAX_S * 10

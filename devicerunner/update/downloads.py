@@ -25,9 +25,10 @@ Nothing here is fsynced. Every file is written atomically (never torn) and
 verified again whenever it is read: a reopened download re-hashes its
 chunks and parses its manifest, and the assembled module is checked against
 the signed sha256 as it is built and again before the updater writes it,
-fsynced, into an app slot -- the durable copy. A power cut can therefore cost download progress (chunks
-the kernel had not written back yet are fetched again), never admit a wrong
-byte; and an update costs ~10 fewer flash flushes (docs/benchmarks.md).
+fsynced, into an app slot -- the durable copy. A power cut can therefore
+cost download progress (chunks the kernel had not written back yet are
+fetched again), never admit a wrong byte; and an update costs ~10 fewer
+flash flushes (docs/benchmarks.md).
 
 Never verifies signatures (the channel hands over verified manifests), never
 talks to the network itself (sources do), never writes app slots.

@@ -551,7 +551,7 @@ class Updater:
         # Announced only once written: whoever holds the release's bytes (the
         # downloaded chunks, update.delivery) lets go of them on this event.
         self.emit(m.app, Kind.STAGED, sequence=m.sequence, version=m.version, slot=slot, source=rel.source)
-        self._start_trial(m, rel.module, st, persisted=True)
+        self._start_trial(m, rel.module, st)
 
     def _retrial(self, app: str) -> None:
         s = self.slots[app]
@@ -579,14 +579,13 @@ class Updater:
             )
             s.save(new)  # not marked bad: it never ran; a genuine redelivery is taken afresh
             return
+        st = plan_trial(st)
+        s.save(st)  # persisted before any of the new code is compiled or run
         self._start_trial(m, content.module, st)
 
-    def _start_trial(self, m: Manifest, module: bytes, st: AppState, *, persisted: bool = False) -> None:
-        """``persisted``: ``st`` is the trial's state, written already."""
-        s = self.slots[m.app]
-        if not persisted:
-            st = plan_trial(st)
-            s.save(st)  # persisted before any of the new code is compiled or run
+    def _start_trial(self, m: Manifest, module: bytes, st: AppState) -> None:
+        """``st``: the trial's state (TRIAL, the attempt counted), written already
+        by the caller -- before any of the new code is compiled or run."""
         # Make: compile, instantiate and run dr_init here, on the updater lane,
         # while the old version keeps ticking on the scheduler lane.
         try:
