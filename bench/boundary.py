@@ -23,7 +23,7 @@ from tempfile import TemporaryDirectory
 
 import wasmtime
 
-from bench.common import Stat, from_samples, measure
+from bench.common import Stat, from_samples, measure, proc_kib
 from devicerunner.cli.main import DEFAULT_ACTUATORS, DEFAULT_SENSORS
 from devicerunner.device.apps import App, AppSpec, DeviceResources, Scheduler, start_instance
 from devicerunner.device.hardware import build_hardware
@@ -178,19 +178,13 @@ def long_tail(ticks: int = 100_000) -> Stat:
 def memory_per_app(n: int = 50) -> float:
     """KiB of RSS per additional thermostat instance."""
 
-    def rss_kib() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
     res = _res(RealClock())
     sb = Sandbox()
     spec = AppSpec("thermostat", THERMO.read_bytes(), ALL, Limits())
     keep = [start_instance(sb, spec, res, KvStore(4096))]
-    before = rss_kib()
+    before = proc_kib("self")
     keep += [start_instance(sb, spec, res, KvStore(4096)) for _ in range(n)]
-    after = rss_kib()
+    after = proc_kib("self")
     sb.close()
     return (after - before) / n
 

@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -38,3 +39,15 @@ def measure(name: str, fn: Callable[[], object], n: int, warmup: int = 200, scal
 
 def from_samples(name: str, xs: list[float], unit: str = "us") -> Stat:
     return Stat(name, statistics.median(xs), pctl(xs, 99), len(xs), unit)
+
+
+def proc_kib(pid: int | str, field: str = "VmRSS") -> int:
+    """A KiB figure from ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``...); 0 when
+    the process is gone or the field is missing. ``pid`` may be ``"self"``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import proc_kib
 from devicerunner.trust import bundle
 from devicerunner.update.slots import AppSlots
 from tests.devicekit import Kit
@@ -44,16 +45,6 @@ def _cgroup_base() -> Path | None:
     return None
 
 
-def _peak_rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def boot(cg: Path, kit: Kit, timeout_s: float) -> dict[str, object]:
     cmd = [sys.executable, "-m", "devicerunner.cli.main", "run", "--config", str(kit.config_path)]
     cmd += ["--once", "--for", str(timeout_s)]
@@ -64,7 +55,7 @@ def boot(cg: Path, kit: Kit, timeout_s: float) -> dict[str, object]:
     peak = 0
     end = t0 + timeout_s + 60
     while p.poll() is None and time.monotonic() < end:  # bounded: --for plus a margin
-        peak = max(peak, _peak_rss_kb(p.pid))
+        peak = max(peak, proc_kib(p.pid, "VmHWM"))
         time.sleep(0.05)
     if p.poll() is None:
         p.kill()

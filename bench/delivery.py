@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import proc_kib
 from devicerunner.device.daemon import Daemon
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
@@ -49,16 +50,6 @@ P = "dr/v1"
 CLI = [sys.executable, "-m", "devicerunner.cli.main"]
 
 
-def rss_kb(pid: int, field: str = "VmRSS") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 class RssSampler:
     """VmRSS of a process every 20 ms, with the wall time (to compare with the
     device's event timestamps), and the highest VmHWM seen (peak since exec)."""
@@ -70,8 +61,8 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.samples.append((time.time(), rss_kb(self.pid)))
-            self.hwm = max(self.hwm, rss_kb(self.pid, "VmHWM"))
+            self.samples.append((time.time(), proc_kib(self.pid)))
+            self.hwm = max(self.hwm, proc_kib(self.pid, "VmHWM"))
 
     def peak_between(self, t0: float, t1: float) -> int:
         return max((kb for t, kb in self.samples if t0 <= t <= t1), default=0)
@@ -164,7 +155,7 @@ def big(tmp: Path, size_mb: int, source: str, powercut: bool) -> dict[str, Any]:
             time.sleep(0.05)
         status.close()
         time.sleep(0.5)
-        out["device_rss_idle_mb"] = round(rss_kb(dev.pid) / 1024, 1)
+        out["device_rss_idle_mb"] = round(proc_kib(dev.pid) / 1024, 1)
         with RssSampler(dev.pid) as rs:
             with open(bundle_path, "rb") as f:  # the release, live: the device is connected and idle
                 operator.publish_bundle_file(parse_url(b.url), f, P, retain=False)
@@ -196,7 +187,7 @@ def big(tmp: Path, size_mb: int, source: str, powercut: bool) -> dict[str, Any]:
         )
         events.close()
         if server is not None:
-            out["server_rss_peak_mb"] = round(rss_kb(server.pid, "VmHWM") / 1024, 1)
+            out["server_rss_peak_mb"] = round(proc_kib(server.pid, "VmHWM") / 1024, 1)
         return out
     finally:
         for p in procs:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import pctl
+from bench.common import pctl, proc_kib
 from devicerunner.transport import operator
 from devicerunner.transport.settings import parse_url
 from sim import apps
@@ -59,13 +59,6 @@ def _sys(url: str) -> dict[str, int]:
     with operator.Session(parse_url(url)) as s:
         got = s.collect(SYS, quiet_s=1.2, max_s=3)
     return {k.rsplit("/", 2)[-2] + "_" + k.rsplit("/", 1)[-1]: int(v) for k, v in got.items() if v.isdigit()}
-
-
-def _hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _cpu_s(pid: int) -> float:
@@ -121,7 +114,7 @@ def run(n: int, workers: int, tick_ms: int = 1000) -> dict[str, Any]:
                         phases.setdefault(str(e.get("phase")), []).append(e["ts"] - t_pub)
                         lag.append(w.t0 + e["t"] - e["ts"])
                 after = _sys(b.url)
-                hwm = sum(_hwm_kib(p) for p in pids)
+                hwm = sum(proc_kib(p, "VmHWM") for p in pids)
                 threads = dict(fleet.threads)
         finally:
             fleet.stop()

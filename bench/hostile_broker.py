@@ -39,6 +39,7 @@ import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.common import proc_kib
 from devicerunner.transport import operator, topics
 from devicerunner.transport.settings import parse_url
 from devicerunner.trust import manifest
@@ -50,16 +51,6 @@ MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 PEAK_GOAL_MIB = 64
 AFTER_GOAL_MIB = 16
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class Sampler:
@@ -75,10 +66,10 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.peak = max(self.peak, rss_kib(self.pid))
+            self.peak = max(self.peak, proc_kib(self.pid))
 
     def reset(self) -> None:
-        self.peak = rss_kib(self.pid)
+        self.peak = proc_kib(self.pid)
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the daemon did not come online:\n{tail}", file=sys.stderr)
                 return 2
             time.sleep(3)  # settle: imports done, app ticking
-            baseline = rss_kib(proc.pid)
+            baseline = proc_kib(proc.pid)
             sampler.reset()
             print(f"daemon pid {proc.pid}, protocol {args.protocol}; baseline RSS {baseline / 1024:.1f} MiB")
 
@@ -223,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"4. genuine release: {verdict} {took:.1f} s after its publish")
             peak = sampler.peak
             time.sleep(5)
-            after = rss_kib(proc.pid)
-            hwm = rss_kib(proc.pid, "VmHWM")  # the kernel's peak (sampling may miss a spike)
+            after = proc_kib(proc.pid)
+            hwm = proc_kib(proc.pid, "VmHWM")  # the kernel's peak (sampling may miss a spike)
         finally:
             sampler.stop()
             proc.terminate()
