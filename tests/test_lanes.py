@@ -209,3 +209,102 @@ def test_closing_a_lane_fails_the_futures_of_queued_submits_instead_of_leaving_t
         assert first.result(timeout=5) == (None, True)  # the running task finishes
     finally:
         ex.shutdown()
+
+
+def test_timers_with_slack_fire_in_due_order_and_never_early() -> None:
+    ex = Executor(1, "slack", slack_s=0.05)
+    try:
+        lane = ex.lane("t")
+        fired: list[tuple[str, float, float]] = []
+        t0 = time.monotonic()
+        for name, delay in (("d", 0.047), ("a", 0.012), ("c", 0.031), ("b", 0.02), ("e", 0.12)):
+            due = t0 + delay
+            lane.call_at(due, lambda n=name, d=due: fired.append((n, d, time.monotonic())))  # type: ignore[misc]
+        assert until(lambda: len(fired) == 5, 5)
+        assert [n for n, _, _ in fired] == ["a", "b", "c", "d", "e"]
+        assert all(at >= due for _, due, at in fired), fired
+    finally:
+        ex.shutdown()
+
+
+@pytest.fixture
+def one() -> Iterator[Executor]:
+    e = Executor(1, "one")
+    yield e
+    e.shutdown()
+
+
+def test_call_to_a_lane_of_the_same_one_thread_executor_runs_in_the_caller_instead_of_deadlocking(
+    one: Executor,
+) -> None:
+    work, sched = one.lane("work"), one.lane("sched")
+    ran_on: list[bool] = []
+
+    def job() -> int:
+        ran_on.append(sched.current)
+        return 41
+
+    # submit().result() here would wait for the executor's only thread: this one
+    assert work.submit(lambda: sched.call(job, 5) + 1).result(5) == 42
+    assert ran_on == [True]
+
+
+def test_call_runs_the_lane_s_queued_tasks_first_and_the_lane_goes_on_after(one: Executor) -> None:
+    work, sched = one.lane("work"), one.lane("sched")
+    order: list[str] = []
+
+    def in_work() -> list[str]:
+        sched.post(lambda: order.append("queued 1"))
+        sched.post(lambda: order.append("queued 2"))
+        return sched.call(lambda: [*order, "call"], 5)
+
+    assert work.submit(in_work).result(5) == ["queued 1", "queued 2", "call"]
+    sched.post(lambda: order.append("after"))
+    assert sched.drain(5)
+    assert order == ["queued 1", "queued 2", "after"]
+
+
+def test_call_raises_the_task_s_exception_and_refuses_a_closed_lane(one: Executor) -> None:
+    from devicerunner.runtime.lanes import LaneClosedError
+
+    work, sched = one.lane("work"), one.lane("sched")
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        work.submit(lambda: sched.call(boom, 5)).result(5)
+    sched.close()
+    with pytest.raises(LaneClosedError):
+        work.submit(lambda: sched.call(lambda: 1, 5)).result(5)
+    with pytest.raises(LaneClosedError):
+        sched.call(lambda: 1, 5)  # from a thread of no executor: through submit
+
+
+def test_call_waits_for_a_lane_running_on_another_thread_instead_of_running_it_twice() -> None:
+    ex = Executor(2, "two")
+    try:
+        a, b = ex.lane("a"), ex.lane("b")
+        inside, gate = threading.Event(), threading.Event()
+        active, overlaps = [0], []
+
+        def busy() -> None:
+            active[0] += 1
+            inside.set()
+            gate.wait(5)
+            active[0] -= 1
+
+        def job() -> str:
+            if active[0]:
+                overlaps.append("b ran twice at once")
+            return "done"
+
+        b.post(busy)
+        assert inside.wait(5)
+        fut = a.submit(lambda: b.call(job, 5))
+        assert until(lambda: len(b._tasks) == 1, 5)  # queued behind b's running task
+        gate.set()
+        assert fut.result(5) == "done"
+        assert overlaps == []  # it waited for b's running task instead of running beside it
+    finally:
+        ex.shutdown()

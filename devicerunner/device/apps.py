@@ -309,6 +309,20 @@ class Scheduler:
 
         return self._lane.submit(job)
 
+    def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+        """Run ``fn`` on the scheduler lane between ticks and return its result
+        (lanes.Lane.call: from a lane of the same executor it runs in the caller)."""
+        if not self._started or self._lane.current:
+            return fn()
+
+        def job() -> Any:
+            try:
+                return fn()
+            finally:
+                self._arm()  # fn may have added or resumed an app
+
+        return self._lane.call(job, timeout_s)
+
     def start(self) -> None:
         self._started = True
         self._lane.post(self._arm)

@@ -82,10 +82,7 @@ class TrialHost:
 
     def begin_config_trial(self, app: str, health: Health, candidate: Candidate, on_verdict: Verdict) -> None:
         assert isinstance(candidate, Prepared)
-        fut = self._scheduler.submit(lambda: self._switch_in(app, health, candidate, on_verdict))
-        err = fut.exception(timeout=SWITCH_TIMEOUT_S)
-        if err is not None:
-            raise err
+        self._scheduler.call(lambda: self._switch_in(app, health, candidate, on_verdict), SWITCH_TIMEOUT_S)
 
     def commit_config(self, app: str, settings: AppSettings) -> None:
         self._resources.configs[app] = settings  # read by start_instance: every later instance
@@ -95,7 +92,7 @@ class TrialHost:
         return a is not None and a.running
 
     def end_trial(self, app: str) -> None:
-        old = self._scheduler.submit(lambda: self._drop_previous(app)).result(timeout=SWITCH_TIMEOUT_S)
+        old = self._scheduler.call(lambda: self._drop_previous(app), SWITCH_TIMEOUT_S)
         del old  # freed here (Store teardown, unmapping: ~0.2 ms), off the scheduler lane
 
     def on_trial(self, app: str) -> bool:

@@ -41,10 +41,21 @@ S = TypeVar("S", bound=Service)
 
 class Runtime:
     def __init__(
-        self, tick_threads: int = 1, work_threads: int = 1, name: str = "dr", timer_slack_s: float = 0.0
+        self,
+        tick_threads: int = 1,
+        work_threads: int = 1,
+        name: str = "dr",
+        timer_slack_s: float = 0.0,
+        one_pool: bool = False,
     ) -> None:
         """``timer_slack_s``: how late a timer may fire so that timers due close
-        together share a wake-up (lanes.Executor); 0 for a device on its own."""
+        together share a wake-up (lanes.Executor); 0 for a device on its own.
+        ``one_pool``: ``ticks`` is the ``work`` executor (``work_threads``
+        threads): where every thread but one only queues for the GIL, ticks and
+        update work gain nothing from threads of their own and lose a hand-off of
+        the GIL around every system call. A tick then waits for the work task
+        running before it, as it waits for the GIL anyway."""
+        self.one_pool = one_pool
         self.tick_threads = tick_threads
         self.work_threads = work_threads
         self.timer_slack_s = timer_slack_s
@@ -62,6 +73,8 @@ class Runtime:
 
     @property
     def ticks(self) -> Executor:
+        if self.one_pool:
+            return self.work
         return self._executor("ticks", self.tick_threads, self.timer_slack_s)
 
     @property
