@@ -68,15 +68,15 @@ def run(conn: Connection, specs: list[dict[str, Any]], broker_url: str, log_path
     from firmware_shims.base import SkewedClock
 
     sandbox = Sandbox(cache_dir=Path(specs[0]["state_dir"]).parent / "cache")
-    # One thread runs every device's ticks and update work (one_pool): the work is
-    # GIL-bound, and every extra thread turns the GIL into a convoy (a thread that
-    # releases it for a 1 us stat() waits for it again). Measured on a 2,500-device
-    # worker: a second tick thread cost 70% more CPU for the same ticks; a second
-    # work thread 204 instead of 134 context switches and ~6% more CPU per update;
-    # a tick thread of its own beside the work thread 151 instead of 103 context
-    # switches and ~35% more CPU per update. Timers may fire 10 ms late so that the
-    # ticks of many devices share a wake-up.
-    runtime = Runtime(work_threads=1, name="sim", timer_slack_s=0.010, one_pool=True)
+    # One thread runs every device's ticks, update work and MQTT I/O (one_thread):
+    # the work is GIL-bound, and every extra thread turns the GIL into a convoy (a
+    # thread that releases it for a 1 us stat() waits for it again). Measured on a
+    # 2,500-device worker: a second tick thread cost 70% more CPU for the same
+    # ticks; a second work thread 204 instead of 134 context switches and ~6% more
+    # CPU per update; a tick thread of its own beside the work thread 151 instead
+    # of 103 context switches and ~35% more CPU per update. Timers may fire 10 ms
+    # late so that the ticks of many devices share a wake-up.
+    runtime = Runtime(work_threads=1, name="sim", timer_slack_s=0.010, one_thread=True)
     daemons = []
     for spec in specs:
         cfg = config.parse(device_config(spec, broker_url), Path(spec["state_dir"]).parent)

@@ -308,3 +308,43 @@ def test_call_waits_for_a_lane_running_on_another_thread_instead_of_running_it_t
         assert overlaps == []  # it waited for b's running task instead of running beside it
     finally:
         ex.shutdown()
+
+
+def test_a_one_thread_runtime_serves_lanes_and_mqtt_io_on_that_thread(tmp_path: Path) -> None:
+    """Runtime(one_thread=True): the I/O loop has no thread of its own; messages
+    arrive, lane tasks publish, and timers fire, all on the work thread."""
+    broker = Mosquitto(tmp_path / "b").start()
+    rt = Runtime(name="one", one_thread=True, timer_slack_s=0.01)
+    conns: list[Connection] = []
+    got: list[tuple[str, str]] = []
+    try:
+        work = rt.work
+        assert rt.ticks is work
+        lane = work.lane("app")
+        settings = parse_url(broker.url, keepalive_s=30)
+        for i in range(20):
+            c = Connection(
+                settings,
+                f"one{i}",
+                on_message=lambda t, p, r: got.append((t, threading.current_thread().name)),
+                runtime=rt,
+                backoff_max_s=2.0,
+            )
+            c.subscribe([f"t/{i}"], qos=1)
+            conns.append(c)
+            c.start()
+        assert until(lambda: all(c.connected.is_set() for c in conns), 30)
+        assert not [t.name for t in threading.enumerate() if t.name.endswith("-io")]
+        # a lane task of the same thread publishes: its packets go out without a loop thread
+        ticks: list[float] = []
+        lane.every(0.02, lambda: ticks.append(time.monotonic()))
+        for i, c in enumerate(conns):
+            lane.post(lambda c=c, i=i: c.publish(f"t/{i}", b"x", qos=1))  # type: ignore[misc]
+        assert until(lambda: len(got) == 20, 30), got
+        assert {name for _, name in got} == {"one-work-0"}
+        assert until(lambda: len(ticks) >= 5, 5)
+    finally:
+        for c in conns:
+            c.stop(timeout_s=2)
+        rt.close()
+        broker.stop()

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,19 @@ Task = Callable[[], object]
 
 BATCH = 16
 """Tasks a lane runs before it goes to the back of the ready queue."""
+POLL_EVERY_S = 0.002
+"""An executor hosting a Poller serves its I/O at least this often while lanes keep it busy."""
+
+
+class Poller(Protocol):
+    """I/O an executor's one thread serves between tasks (``Executor.host``)."""
+
+    def poll(self, timeout_s: float | None) -> None:
+        """Wait up to ``timeout_s`` (None: no limit) for I/O, serve it, return;
+        return early when ``wake`` is called."""
+
+    def wake(self) -> None:
+        """Make a ``poll`` in progress (or the next one) return soon (any thread)."""
 
 _local = threading.local()
 
@@ -272,6 +285,9 @@ class Executor:
         """Heap of the slot times that have a bucket."""
         self._buckets: dict[float, list[Timer]] = {}
         self._stopping = False
+        self._poller: Poller | None = None
+        self._polling = False
+        """The pool thread is in ``poll`` (outside the lock): waking it takes ``Poller.wake``."""
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)
         ]
@@ -284,16 +300,54 @@ class Executor:
     def alive(self) -> bool:
         return not self._stopping and all(t.is_alive() for t in self._threads)
 
+    def host(self, poller: Poller) -> threading.Thread:
+        """Serve ``poller`` on this executor's one thread: where it waited for
+        work it polls, and while lanes keep it busy it polls (without waiting) at
+        least every POLL_EVERY_S. Returns that thread. One thread can then run a
+        process's lanes and its network I/O: no GIL hand-off between the two."""
+        if len(self._threads) != 1:
+            raise ValueError("only an executor of one thread can host a poller")
+        with self._lock:
+            if self._poller is not None:
+                raise ValueError(f"executor {self.name} already hosts a poller")
+            self._poller = poller
+            self._cond.notify_all()  # a thread waiting for work polls from now on
+        return self._threads[0]
+
+    def unhost(self, timeout_s: float = 5.0) -> bool:
+        """Stop serving the poller; returns once no ``poll`` runs (False on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            poller, self._poller = self._poller, None
+            if poller is not None and self._polling:
+                poller.wake()
+            while self._polling:
+                left = deadline - time.monotonic()
+                if left <= 0 or threading.current_thread() in self._threads:
+                    return False
+                self._idle.wait(left)
+        return True
+
     def shutdown(self, timeout_s: float = 5.0) -> None:
         with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._notify_all()
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
 
     # -- under self._lock --------------------------------------------------------------
+
+    def _notify(self, n: int = 1) -> None:
+        self._cond.notify(n)
+        if self._polling and self._poller is not None:
+            self._poller.wake()
+
+    def _notify_all(self) -> None:
+        self._cond.notify_all()
+        if self._polling and self._poller is not None:
+            self._poller.wake()
 
     def _make_ready(self, lane: Lane, wake: bool = True) -> bool:
         """Queue ``lane`` to run; True if it was queued now. ``wake=False``: the
@@ -303,7 +357,7 @@ class Executor:
         lane._ready = True
         self._ready.append(lane)
         if wake:
-            self._cond.notify()
+            self._notify()
         return True
 
     def _add_timer(self, timer: Timer) -> Timer:
@@ -329,7 +383,7 @@ class Executor:
         self._buckets[slot] = [timer]
         slots = self._slots
         if wake and (not slots or slot < slots[0]):
-            self._cond.notify()  # a waiting thread must shorten its wait
+            self._notify()  # a waiting thread must shorten its wait
         heapq.heappush(slots, slot)
 
     def _fire_due(self, now: float) -> None:
@@ -359,12 +413,14 @@ class Executor:
                     timer.when = nxt
                     self._insert(timer, wake=False)  # its slot is after ``now``: not this loop's again
         if queued > 1:
-            self._cond.notify(queued - 1)
+            self._notify(queued - 1)
 
     # -- pool threads ------------------------------------------------------------------
 
     def _work(self) -> None:
+        polled_at = time.monotonic()
         while True:
+            lane: Lane | None = None
             with self._lock:
                 while True:
                     if self._stopping:
@@ -372,15 +428,47 @@ class Executor:
                     now = time.monotonic()
                     self._fire_due(now)
                     if self._ready:
-                        lane = self._ready.popleft()
-                        lane._ready = False
-                        if lane._running or lane._closed or lane._paused or not lane._tasks:
+                        ready = self._ready.popleft()
+                        ready._ready = False
+                        if ready._running or ready._closed or ready._paused or not ready._tasks:
                             continue  # running: taken by Lane.call, which queues it again after
+                        lane = ready
                         lane._running = True
                         fn = lane._tasks.popleft()  # taken here: one lock round trip less per run
                         break
-                    self._cond.wait(self._slots[0] - now if self._slots else None)
+                    wait = self._slots[0] - now if self._slots else None
+                    poller = self._poller
+                    if poller is None:
+                        self._cond.wait(wait)
+                        continue
+                    # Set in the same critical section that found nothing to run:
+                    # work queued from now on wakes the poll (no lost wake-up).
+                    self._polling = True
+                    break
+            if lane is None:
+                assert poller is not None  # set with _polling above
+                self._poll(poller, wait)
+                polled_at = time.monotonic()
+                continue
             self._run(lane, fn)
+            if self._poller is not None and time.monotonic() - polled_at >= POLL_EVERY_S:
+                with self._lock:
+                    poller = self._poller
+                    self._polling = poller is not None
+                if poller is not None:
+                    self._poll(poller, 0.0)
+                polled_at = time.monotonic()
+
+    def _poll(self, poller: Poller, timeout_s: float | None) -> None:
+        """Called with ``_polling`` set; clears it."""
+        try:
+            poller.poll(timeout_s)
+        except Exception:
+            log.exception("poller of executor %s failed", self.name)
+        finally:
+            with self._lock:
+                self._polling = False
+                self._idle.notify_all()  # unhost() waits for this
 
     def _run(self, lane: Lane, fn: Task) -> None:
         """Run ``fn`` and up to BATCH - 1 more of ``lane``'s tasks; each next task

@@ -46,16 +46,20 @@ class Runtime:
         work_threads: int = 1,
         name: str = "dr",
         timer_slack_s: float = 0.0,
-        one_pool: bool = False,
+        one_thread: bool = False,
     ) -> None:
         """``timer_slack_s``: how late a timer may fire so that timers due close
         together share a wake-up (lanes.Executor); 0 for a device on its own.
-        ``one_pool``: ``ticks`` is the ``work`` executor (``work_threads``
-        threads): where every thread but one only queues for the GIL, ticks and
-        update work gain nothing from threads of their own and lose a hand-off of
-        the GIL around every system call. A tick then waits for the work task
-        running before it, as it waits for the GIL anyway."""
-        self.one_pool = one_pool
+        ``one_thread``: ticks, update work and the MQTT I/O loop share the one
+        ``work`` thread (``ticks`` is ``work``; the transport hosts its loop on
+        it: ``hosts_io``). Where every thread but one only queues for the GIL,
+        they gain nothing from threads of their own and lose a hand-off of the
+        GIL around every system call; a tick then waits for the task running
+        before it, as it waits for the GIL anyway. For many devices in one
+        process (the simulator); a device on its own keeps its tick thread."""
+        if one_thread and work_threads != 1:
+            raise ValueError("one_thread needs work_threads=1")
+        self.one_thread = one_thread
         self.tick_threads = tick_threads
         self.work_threads = work_threads
         self.timer_slack_s = timer_slack_s
@@ -73,13 +77,18 @@ class Runtime:
 
     @property
     def ticks(self) -> Executor:
-        if self.one_pool:
+        if self.one_thread:
             return self.work
         return self._executor("ticks", self.tick_threads, self.timer_slack_s)
 
     @property
     def work(self) -> Executor:
         return self._executor("work", self.work_threads, self.timer_slack_s)
+
+    @property
+    def hosts_io(self) -> Executor | None:
+        """The executor a network I/O loop should run on instead of a thread of its own."""
+        return self.work if self.one_thread else None
 
     @property
     def connect(self) -> Executor:

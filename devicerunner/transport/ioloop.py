@@ -18,6 +18,11 @@ Invariants:
   owner connects on its own lane; the socket arrives via ``on_socket_open``.
 - A client whose I/O fails is reported once to its ``IoOwner`` (on the loop
   thread); reconnecting is the owner's business.
+
+Hosted (``IoLoop(host=executor)``): no thread of its own; the executor's one
+thread polls the selector where it would wait for work, and between tasks
+(lanes.Executor.host). The "loop thread" above is then that thread, and a
+lane task on it that publishes writes at once (it is not inside a read).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import paho.mqtt.client as paho
+
+from devicerunner.runtime.lanes import Executor
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ class IoOwner(Protocol):
 
 
 class IoLoop:
-    def __init__(self, name: str = "mqtt-io") -> None:
+    def __init__(self, name: str = "mqtt-io", host: Executor | None = None) -> None:
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -70,9 +77,16 @@ class IoLoop:
         """Descriptors watched for EVENT_WRITE (loop thread): no ``epoll_ctl`` to
         set what is set already."""
         self._stopping = False
+        self._serving = False
+        """The loop thread is inside a client's read, write or keepalive check."""
         self._misc_every = MISC_MAX_S
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._next_misc = time.monotonic() + self._misc_every
+        self._host = host
+        if host is None:
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+        else:
+            self._thread = host.host(self)
 
     # -- attaching a client (any thread, before it connects) ------------------------------
 
@@ -91,7 +105,7 @@ class IoLoop:
         c.on_socket_close = closing
 
         def writing(_c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
-            if threading.current_thread() is self._thread:
+            if self._serving and threading.current_thread() is self._thread:
                 # queued while the loop serves this client (a PUBACK during a
                 # read): wait for the socket, never write from inside a read
                 self._want_write(sock, owner, True)
@@ -106,9 +120,13 @@ class IoLoop:
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
-        self._wake()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+        if self._host is not None:
+            self._host.unhost(timeout_s)
+            self._run_commands()
+        else:
+            self._wake()
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout_s)
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -146,6 +164,16 @@ class IoLoop:
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"x")
+
+    # -- lanes.Poller (hosted) -------------------------------------------------------------
+
+    def poll(self, timeout_s: float | None) -> None:
+        if not self._stopping:
+            self._step(timeout_s)
+
+    def wake(self) -> None:
+        if threading.current_thread() is not self._thread:  # the loop thread is not in select
+            self._wake()
 
     def _register(self, sock: paho.SocketLike, owner: IoOwner) -> None:
         fd = sock.fileno()
@@ -193,13 +221,23 @@ class IoLoop:
     # -- the loop thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_misc = time.monotonic() + self._misc_every
         while not self._stopping:
-            try:
-                events = self._sel.select(max(0.0, next_misc - time.monotonic()))
-            except OSError as e:  # a socket closed under us: drop it and go on
-                log.debug("select failed: %s", e)
-                events = []
+            self._step(None)
+        self._run_commands()
+
+    def _step(self, timeout_s: float | None) -> None:
+        """Wait for I/O (at most ``timeout_s``, and never past the next keepalive
+        sweep), serve it, run the commands handed over, sweep when due."""
+        wait = max(0.0, self._next_misc - time.monotonic())
+        if timeout_s is not None:
+            wait = min(wait, max(0.0, timeout_s))
+        try:
+            events = self._sel.select(wait)
+        except OSError as e:  # a socket closed under us: drop it and go on
+            log.debug("select failed: %s", e)
+            events = []
+        self._serving = True
+        try:
             for key, mask in events:
                 owner = key.data
                 if owner is None:
@@ -207,22 +245,30 @@ class IoLoop:
                         self._wake_r.recv(4096)
                     continue
                 self._serve(owner, mask)
-            self._run_commands()
-            if time.monotonic() >= next_misc:
-                next_misc = time.monotonic() + self._misc_every
-                for key in list(self._sel.get_map().values()):
-                    owner = key.data
-                    if owner is None:
-                        continue
-                    c = owner.client
-                    rc = c.loop_misc()
-                    if rc == paho.MQTT_ERR_SUCCESS and key.fd not in self._writing and c.want_write():
-                        # paho's "want write" flag and its queue are not updated under
-                        # one lock: a packet queued just as the queue ran empty can
-                        # miss its callback; it goes out here at the latest
-                        rc = c.loop_write()
-                    self._check(owner, rc)
+        finally:
+            self._serving = False
         self._run_commands()
+        if time.monotonic() >= self._next_misc:
+            self._next_misc = time.monotonic() + self._misc_every
+            self._serving = True
+            try:
+                self._sweep()
+            finally:
+                self._serving = False
+
+    def _sweep(self) -> None:
+        for key in list(self._sel.get_map().values()):
+            owner = key.data
+            if owner is None:
+                continue
+            c = owner.client
+            rc = c.loop_misc()
+            if rc == paho.MQTT_ERR_SUCCESS and key.fd not in self._writing and c.want_write():
+                # paho's "want write" flag and its queue are not updated under
+                # one lock: a packet queued just as the queue ran empty can
+                # miss its callback; it goes out here at the latest
+                rc = c.loop_write()
+            self._check(owner, rc)
 
     def _run_commands(self) -> None:
         with self._lock:

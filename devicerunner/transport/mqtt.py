@@ -130,7 +130,8 @@ class Connection:
         """Wall-clock times of the latest successful (re)connections (bounded; for reports)."""
         self._own_runtime = runtime is None
         self.runtime = runtime or Runtime(name=f"mqtt-{client_id}")
-        self._io = self.runtime.shared("io", IoLoop, IoLoop)
+        host = self.runtime.hosts_io  # not inside the factory: shared() holds the runtime's lock
+        self._io = self.runtime.shared("io", lambda name: IoLoop(name, host=host), IoLoop)
         self._lane = self.runtime.connect.lane(f"mqtt-{client_id}")
         self._attempt = 0
         self.stable_s = stable_s
