@@ -58,6 +58,7 @@ class Poller(Protocol):
     def wake(self) -> None:
         """Make a ``poll`` in progress (or the next one) return soon (any thread)."""
 
+
 _local = threading.local()
 
 
