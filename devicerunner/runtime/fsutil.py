@@ -126,12 +126,14 @@ class DirListing:
     could leave them where they were: a listing is reused only when the
     directory was last changed more than ``RACY_S`` before the listing began,
     and never for longer than ``max_age_s`` (whatever the file system does
-    with its times, a change is seen within that). A missing directory lists
-    as empty."""
+    with its times, a change is seen within that: a minute by default, not the
+    poll interval -- a listing renewed on every poll saved nothing on the polls
+    themselves). A missing directory lists as empty."""
 
     RACY_S = 2.0
+    MAX_AGE_S = 60.0
 
-    def __init__(self, directory: Path, max_age_s: float = 1.0) -> None:
+    def __init__(self, directory: Path, max_age_s: float = MAX_AGE_S) -> None:
         self.dir = Path(directory)
         self.max_age_s = max_age_s
         self._key: tuple[int, int, int] | None = None

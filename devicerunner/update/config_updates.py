@@ -63,7 +63,7 @@ from devicerunner.errors import (
     TooLargeError,
     VerificationError,
 )
-from devicerunner.runtime.fsutil import DirListing, atomic_write, makedirs
+from devicerunner.runtime.fsutil import atomic_write, makedirs
 from devicerunner.runtime.statefile import StateFileError, read_bounded
 from devicerunner.trust.appconfig import (
     MAX_CONFIG_BYTES,
@@ -228,7 +228,7 @@ class ConfigUpdates:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._trials: dict[str, ConfigDoc] = {}
         self.inbox = settings.state_dir / "inbox"
-        self._listing = DirListing(self.inbox, max_age_s=settings.inbox_scan_s)
+        self._listing = updater.inbox_listing
         updater.listeners.append(self._on_update_event)
         updater.inbox_scanners.append(self._scan_inbox)
         updater.inbox_suffixes.add(INBOX_SUFFIX)

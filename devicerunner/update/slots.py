@@ -93,7 +93,8 @@ class AppSlots:
         except (OSError, ValueError) as e:
             why = f"state.json unreadable ({type(e).__name__}: {e})"
         if why is None:
-            return AppState(), None
+            self._known = st = AppState()  # nothing on disk yet: until save() writes it
+            return st, None
         st = self._reconstruct()
         log.error(
             "app %s: %s; fell back to %s",

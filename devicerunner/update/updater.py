@@ -138,7 +138,8 @@ class Updater:
         self.clock = clock
         self.device_id = settings.identity.device_id
         self.inbox = settings.state_dir / "inbox"
-        self._listing = DirListing(self.inbox, max_age_s=settings.inbox_scan_s)
+        self.inbox_listing = DirListing(self.inbox)
+        """The inbox's entries, for every scanner of it (config updates too)."""
         self.slots = {name: AppSlots(settings.state_dir, name) for name in settings.channels}
         self.verifier = Verifier(settings, trust_store, self.slots, clock)
         self._lane = lane
@@ -335,7 +336,7 @@ class Updater:
         try:
             return any(
                 p.suffix in self.inbox_suffixes and not self._still_refused(p)
-                for p in map(self.inbox.joinpath, self._listing.names())
+                for p in map(self.inbox.joinpath, self.inbox_listing.names())
             )
         except OSError:
             return False
@@ -346,7 +347,7 @@ class Updater:
         for scan in self.inbox_scanners:
             scan()
         try:
-            entries = self._listing.paths(".bundle")
+            entries = self.inbox_listing.paths(".bundle")
         except OSError:
             return
         now = time.monotonic()
