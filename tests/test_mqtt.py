@@ -599,3 +599,37 @@ def test_failed_staging_write_keeps_the_downloaded_chunks_and_is_retried_with_ba
         d.stop()
         rt.close()
     assert AppSlots(kit.state_dir, "app").load()[0].active_sequence == 1
+
+
+def test_the_heartbeat_counts_from_the_last_status_published_not_from_a_fixed_clock(
+    tmp_path: Path, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's statuses during an update make a heartbeat right after them
+    redundant: the heartbeat comes HEARTBEAT_S after the last status, whatever
+    published it (10,000 devices sent ~20,000 such statuses in one rollout)."""
+    from devicerunner.transport import channel
+
+    beat = 1.5
+    monkeypatch.setattr(channel, "HEARTBEAT_S", beat)
+    kit = mqtt_kit(tmp_path, broker.url)
+    seen = Listener(broker.url, topics.status(P, "dev-1"))
+    arrivals: list[float] = []
+    seen.c.on_message = lambda _c, _u, m: arrivals.append(time.monotonic())
+    d = Daemon(kit.cfg)
+    d.start()
+    try:
+        assert until(lambda: len(arrivals) >= 1, 10)  # the status on connect
+        first = arrivals[-1]
+        time.sleep(beat / 2)
+        n = len(arrivals)
+        with operator.Session(parse_url(broker.url)) as s:  # ask for a status now
+            s.client.publish(topics.status_request(P), json.dumps({"spread_s": 0}).encode(), qos=1)
+        assert until(lambda: len(arrivals) > n, 10)
+        answered = arrivals[n]
+        assert answered - first < beat  # the answer came before a fixed-clock heartbeat would
+        assert until(lambda: len(arrivals) > n + 1, 10)
+        # the next one is the heartbeat, a whole period after the answer
+        assert arrivals[n + 1] - answered >= beat * 0.9, (first, arrivals)
+    finally:
+        d.stop()
+        seen.close()
