@@ -1,7 +1,8 @@
 """A worker process hosting many simulated devices (real daemons: real sandbox,
 real slots on disk, real MQTT session), sharing one wasmtime engine and one
-``Runtime``: a fixed handful of threads (ticks, work, connect, one selector
-loop for every MQTT socket) however many devices it hosts."""
+``Runtime``: one thread runs every device's ticks, update work and MQTT I/O
+(one epoll loop for every socket), beside a connect thread and the engine's
+epoch ticker, however many devices it hosts."""
 
 from __future__ import annotations
 
