@@ -348,3 +348,52 @@ def test_a_one_thread_runtime_serves_lanes_and_mqtt_io_on_that_thread(tmp_path: 
             c.stop(timeout_s=2)
         rt.close()
         broker.stop()
+
+
+def test_call_on_the_only_thread_refuses_a_busy_lane_at_once_instead_of_stalling_the_executor(
+    one: Executor,
+) -> None:
+    a, b = one.lane("a"), one.lane("b")
+
+    def nested() -> str:
+        # b is running (further up this very stack): waiting for it could never end
+        return a.call(lambda: b.call(lambda: "never", 30), 5)
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="busy or paused"):
+        b.submit(nested).result(10)
+    assert time.monotonic() - t0 < 5  # refused, not timed out (30 s)
+
+
+class _Waiting:
+    """A Poller that only waits to be woken: nothing but ``wake`` ends a poll."""
+
+    def __init__(self) -> None:
+        self.woken = threading.Event()
+        self.polls = 0
+
+    def poll(self, timeout_s: float | None) -> None:
+        self.polls += 1
+        self.woken.wait(timeout_s)
+        self.woken.clear()
+
+    def wake(self) -> None:
+        self.woken.set()
+
+
+def test_work_posted_while_the_executor_polls_wakes_the_poll_and_unhost_returns_it_to_waiting(
+    one: Executor,
+) -> None:
+    poller = _Waiting()
+    one.host(poller)
+    lane = one.lane("l")
+    assert until(lambda: poller.polls >= 1, 5)  # idle: in poll, with no timer to end it
+    ran = threading.Event()
+    lane.post(ran.set)
+    assert ran.wait(5)  # only a wake-up ends that poll
+    assert one.unhost(5)
+    polls = poller.polls
+    again = threading.Event()
+    lane.post(again.set)
+    assert again.wait(5)  # served by the condition wait again
+    assert poller.polls == polls

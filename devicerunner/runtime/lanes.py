@@ -23,7 +23,11 @@ Invariants:
   whose threads could all be taken by such waiters, only with ``call``:
   when that lane is idle, ``call`` runs its queued tasks and then the one
   asked for in the calling thread, as that lane (so one thread can serve
-  both the updater's lanes and the schedulers': a simulator worker's does).
+  both the updater's lanes and the schedulers': a simulator worker's does);
+  when it is busy or paused and no other thread exists, ``call`` refuses.
+- An executor of one thread may host a ``Poller`` (an I/O loop): the thread
+  polls where it would wait for work, and at least every POLL_EVERY_S while
+  lanes keep it busy; work queued while it polls wakes the poll.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ class Timer:
         self.queued = False
 
     def cancel(self) -> None:
-        self.cancelled = True  # dropped lazily when it reaches the top of the heap
+        self.cancelled = True  # dropped lazily when its slot fires
 
     def _run_periodic(self) -> None:
         self.queued = False
@@ -159,15 +163,23 @@ class Lane:
     def call(self, fn: Callable[[], T], timeout_s: float) -> T:
         """Run ``fn`` on this lane and return its result (or raise its exception;
         TimeoutError after ``timeout_s``, LaneClosedError if the lane closes
-        first). Called from a task of another lane of the same executor while
-        this lane is idle, it runs here and now, after the tasks already queued
-        on this lane (their order holds), instead of waiting for a pool
-        thread that may be this very one."""
+        first). Called on a thread of this lane's executor (a task of another
+        lane, a poller's callback) while this lane is idle, it runs here and
+        now, after every task queued on this lane (their order holds; no
+        timeout applies then), instead of waiting for a pool thread that may be
+        this very one; if this lane is busy or paused and the executor has no
+        other thread, it raises RuntimeError at once rather than stall it."""
         if self.current:
             return fn()
-        caller = getattr(_local, "lane", None)
-        if caller is not None and caller.executor is self.executor and self._take():
-            return self._run_here(fn, caller)
+        ex = self.executor
+        if threading.current_thread() in ex._threads:
+            if self._take():
+                return self._run_here(fn, getattr(_local, "lane", None))
+            if self._closed:
+                raise LaneClosedError(f"lane {self.name} closed before the task ran")
+            if len(ex._threads) == 1:
+                # waiting would hold the only thread that could run it for the whole timeout
+                raise RuntimeError(f"lane {self.name} is busy or paused; its executor has no other thread")
         return self.submit(fn).result(timeout_s)
 
     def _take(self) -> bool:
@@ -178,7 +190,7 @@ class Lane:
             self._running = True  # a pool thread that pops it from the ready queue skips it
             return True
 
-    def _run_here(self, fn: Callable[[], T], caller: Lane) -> T:
+    def _run_here(self, fn: Callable[[], T], caller: Lane | None) -> T:
         ex = self.executor
         _local.lane = self
         try:
@@ -277,7 +289,7 @@ class Executor:
         self.name = name
         self.slack_s = slack_s
         self._lock = threading.Lock()
-        """Guards lanes, the ready queue and the heap. Taken directly in ``with``
+        """Guards lanes, the ready queue and the timers. Taken directly in ``with``
         (not through the Condition: a Python-level __enter__ per acquisition)."""
         self._cond = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
@@ -301,19 +313,23 @@ class Executor:
     def alive(self) -> bool:
         return not self._stopping and all(t.is_alive() for t in self._threads)
 
-    def host(self, poller: Poller) -> threading.Thread:
+    def sole_thread(self) -> threading.Thread:
+        """The executor's thread; ValueError if it has several."""
+        if len(self._threads) != 1:
+            raise ValueError(f"executor {self.name} has {len(self._threads)} threads, not one")
+        return self._threads[0]
+
+    def host(self, poller: Poller) -> None:
         """Serve ``poller`` on this executor's one thread: where it waited for
         work it polls, and while lanes keep it busy it polls (without waiting) at
-        least every POLL_EVERY_S. Returns that thread. One thread can then run a
-        process's lanes and its network I/O: no GIL hand-off between the two."""
-        if len(self._threads) != 1:
-            raise ValueError("only an executor of one thread can host a poller")
+        least every POLL_EVERY_S. One thread can then run a process's lanes and
+        its network I/O: no GIL hand-off between the two."""
+        self.sole_thread()
         with self._lock:
             if self._poller is not None:
                 raise ValueError(f"executor {self.name} already hosts a poller")
             self._poller = poller
             self._cond.notify_all()  # a thread waiting for work polls from now on
-        return self._threads[0]
 
     def unhost(self, timeout_s: float = 5.0) -> bool:
         """Stop serving the poller; returns once no ``poll`` runs (False on timeout)."""
@@ -370,7 +386,7 @@ class Executor:
         return timer
 
     def _slot(self, when: float) -> float:
-        """The time ``when``'s bucket fires: at or after it, less than ``slack_s`` later."""
+        """The time ``when``'s bucket fires: at or after it, by at most ``slack_s``."""
         slack = self.slack_s
         return (when // slack + 1) * slack if slack > 0 else when
 

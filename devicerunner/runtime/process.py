@@ -16,9 +16,14 @@ timers, not threads: a thousand devices fit on a 2-core machine.
   holds up the updater.
 - shared services: one per process and key, created on first use by the
   layer that needs it (``shared``) and closed with the runtime -- e.g. the
-  transport's one selector thread for every MQTT socket (transport/ioloop.py).
+  transport's one selector loop for every MQTT socket (transport/ioloop.py),
+  on a thread of its own, or hosted by ``hosts_io``.
   The runtime knows only that they can be closed, so no arrow runs up to
   the layers that define them.
+
+``one_thread=True`` (the simulator's workers): ``ticks`` is ``work``, and the
+I/O loop runs on that thread too; only ``connect`` (and the wasmtime engine's
+epoch ticker) keep threads of their own. ``tick_threads`` is then unused.
 
 Each is created on first use, so a device without a broker has no I/O thread.
 """

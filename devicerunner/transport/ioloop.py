@@ -1,4 +1,4 @@
-"""One thread, one ``selectors`` loop, the network I/O of many paho clients.
+"""One ``selectors`` loop (on a thread of its own, or hosted), the network I/O of many paho clients.
 
 paho's own loops (``loop_start``/``loop``) cost a thread per client and use
 ``select()``, which cannot watch a descriptor >= 1024: past ~339 clients a
@@ -83,12 +83,15 @@ class IoLoop:
         """The loop thread is inside a client's read, write or keepalive check."""
         self._misc_every = MISC_MAX_S
         self._next_misc = time.monotonic() + self._misc_every
+        self._closed = False
+        """Closed: commands are dropped (the selector is gone), never queued for nobody."""
         self._host = host
         if host is None:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
         else:
-            self._thread = host.host(self)
+            self._thread = host.sole_thread()  # before host(): the executor may call wake() at once
+            host.host(self)
 
     # -- attaching a client (any thread, before it connects) ------------------------------
 
@@ -121,10 +124,16 @@ class IoLoop:
         c.on_socket_unregister_write = written
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving. Hosted, the executor's thread lives on (it runs lanes until
+        the runtime shuts it down): from here on every command is dropped, so
+        no two threads ever touch the selector, and no caller waits for a loop
+        that is gone."""
         self._stopping = True
         if self._host is not None:
             self._host.unhost(timeout_s)
-            self._run_commands()
+            with self._lock:
+                self._closed = True
+                self._cmds.clear()
         else:
             self._wake()
             if self._thread is not threading.current_thread():
@@ -144,6 +153,8 @@ class IoLoop:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], None], wait: bool = False, timeout_s: float = 5.0) -> bool:
+        if self._closed:
+            return True
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             fn()
             return True
@@ -174,7 +185,11 @@ class IoLoop:
             self._step(timeout_s)
 
     def wake(self) -> None:
-        if threading.current_thread() is not self._thread:  # the loop thread is not in select
+        if threading.current_thread() is self._thread:
+            return  # the loop thread is not in select
+        with self._lock:
+            wake, self._woken = not self._woken, True  # one byte until the loop runs its commands
+        if wake:
             self._wake()
 
     def _register(self, sock: paho.SocketLike, owner: IoOwner) -> None:
@@ -186,6 +201,10 @@ class IoLoop:
             self._sel.unregister(stale.fileobj)
         self._sel.register(sock, selectors.EVENT_READ, owner)
         self._writing.discard(fd)
+        if owner.client.want_write():
+            # asked for before the socket was registered (a hosted loop's lane
+            # published in between): paho asks only once, so write it now
+            self._flush(sock, owner)
         keepalive = getattr(owner.client, "keepalive", 0) or MISC_MAX_S * 10
         self._misc_every = min(self._misc_every, max(MISC_MIN_S, keepalive / MISC_PER_KEEPALIVE))
 
@@ -210,8 +229,8 @@ class IoLoop:
         it, and waiting for EVENT_WRITE costs two ``epoll_ctl`` and a wake-up."""
         try:
             key = self._sel.get_key(sock)
-        except (KeyError, ValueError):
-            return  # closed meanwhile
+        except (KeyError, ValueError, RuntimeError):
+            return  # closed meanwhile (RuntimeError: the selector itself)
         if key.data is not owner:
             return
         c = owner.client
