@@ -127,7 +127,7 @@ def swap_pause(swaps: int = 200) -> tuple[Stat, int]:
         # make (off the scheduler thread, old version ticking), then break
         inst = start_instance(sb, specs[i % 2], res, kv)
         t0 = time.perf_counter()
-        sched.submit(lambda inst=inst, i=i: switch(inst, specs[i % 2])).result(5)  # type: ignore[misc]
+        sched.call(lambda inst=inst, i=i: switch(inst, specs[i % 2]), 5)  # type: ignore[misc]
         handoff.append((time.perf_counter() - t0) * 1e6)
         olds.clear()  # the old instance is freed here, as the updater does
         time.sleep(0.015)

@@ -10,7 +10,7 @@ Invariants:
   between threads, never be used from two at once). The one exception is
   make-before-break: a new version is instantiated and its ``dr_init`` run
   on the updater lane, in its own Store, before it is handed to the
-  scheduler. Others hand work over with ``Scheduler.submit`` (no polling).
+  scheduler. Others hand work over with ``Scheduler.call`` (no polling).
 - A tick's failure (trap, overrun, non-zero) is counted on every tick and
   logged (at most once per outcome per FAILURE_LOG_EVERY_S, with a count of
   the lines suppressed) against that app only; it never stops the scheduler
@@ -27,7 +27,6 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,7 +272,7 @@ class Scheduler:
     """Runs every app's ticks on one lane, on time, and work handed to it.
 
     The lane (on the runtime's ``ticks`` executor) is this device's
-    "scheduler thread": ticks, swaps and anything ``submit``-ted run there one
+    "scheduler thread": ticks, swaps and anything handed over with ``call`` run there one
     at a time. Without a lane the scheduler brings a one-thread executor of
     its own."""
 
@@ -293,21 +292,6 @@ class Scheduler:
         self._timer_due = 0.0
 
     # -- called from any thread ------------------------------------------
-
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the scheduler lane between ticks; its result via the Future."""
-        if not self._started or self._lane.current:
-            fut: Future[Any] = Future()
-            _run_into(fn, fut)
-            return fut
-
-        def job() -> Any:
-            try:
-                return fn()
-            finally:
-                self._arm()  # fn may have added or resumed an app
-
-        return self._lane.submit(job)
 
     def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
         """Run ``fn`` on the scheduler lane between ticks and return its result
@@ -385,10 +369,3 @@ class Scheduler:
                 app.counters.missed += skipped
                 app.next_due += skipped * app.interval_s
             heapq.heappush(self._heap, (app.next_due, next(self._seq), name))
-
-
-def _run_into(fn: Callable[[], Any], fut: Future[Any]) -> None:
-    try:
-        fut.set_result(fn())
-    except BaseException as e:
-        fut.set_exception(e)

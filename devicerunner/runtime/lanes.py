@@ -358,11 +358,13 @@ class Executor:
 
     def _notify(self, n: int = 1) -> None:
         self._cond.notify(n)
-        if self._polling and self._poller is not None:
-            self._poller.wake()
+        self._wake_poll()
 
     def _notify_all(self) -> None:
         self._cond.notify_all()
+        self._wake_poll()
+
+    def _wake_poll(self) -> None:
         if self._polling and self._poller is not None:
             self._poller.wake()
 

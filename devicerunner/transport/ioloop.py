@@ -169,10 +169,15 @@ class IoLoop:
 
         with self._lock:
             self._cmds.append(run)
+        self._wake_once()
+        return done.wait(timeout_s) if done is not None else True
+
+    def _wake_once(self) -> None:
+        """Wake the loop, unless a wake-up byte is on its way already (``_woken``)."""
+        with self._lock:
             wake, self._woken = not self._woken, True
         if wake:
             self._wake()
-        return done.wait(timeout_s) if done is not None else True
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -185,12 +190,8 @@ class IoLoop:
             self._step(timeout_s)
 
     def wake(self) -> None:
-        if threading.current_thread() is self._thread:
-            return  # the loop thread is not in select
-        with self._lock:
-            wake, self._woken = not self._woken, True  # one byte until the loop runs its commands
-        if wake:
-            self._wake()
+        if threading.current_thread() is not self._thread:  # the loop thread is not in select
+            self._wake_once()
 
     def _register(self, sock: paho.SocketLike, owner: IoOwner) -> None:
         fd = sock.fileno()

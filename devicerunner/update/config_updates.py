@@ -227,7 +227,7 @@ class ConfigUpdates:
         """app -> the newest config that arrived while a trial was running."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._trials: dict[str, ConfigDoc] = {}
-        self.inbox = settings.state_dir / "inbox"
+        self.inbox = updater.inbox
         self._listing = updater.inbox_listing
         updater.listeners.append(self._on_update_event)
         updater.inbox_scanners.append(self._scan_inbox)
